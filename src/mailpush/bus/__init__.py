@@ -1,0 +1,25 @@
+"""The message bus between the mail store and mailpush.
+
+``Bus`` is the interface; ``embedded`` is the in-process default (``make
+run`` needs nothing else), ``fake`` the recording stand-in the integration
+tests use. A bus delivers batches of publish items ``(subscriber, event,
+data)`` to one sink: the bus-client task of :mod:`mailpush.dispatch`.
+"""
+
+from __future__ import annotations
+
+from ..errors import ConfigError
+from .base import Bus, Item, Sink
+from .embedded import EmbeddedBus
+from .fake import FakeBus
+
+__all__ = ["Bus", "Item", "Sink", "EmbeddedBus", "FakeBus", "make_bus"]
+
+
+def make_bus(url: str) -> Bus:
+    """The bus named by ``--bus``."""
+    if url == "embedded":
+        return EmbeddedBus()
+    if url == "fake":
+        return FakeBus()
+    raise ConfigError(f"unknown --bus {url!r}: use 'embedded' (this release has the embedded bus; 'fake' is for tests)")

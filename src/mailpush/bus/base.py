@@ -1,0 +1,45 @@
+"""The Bus interface every bus implements."""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import trio
+
+__all__ = ["Bus", "Item", "Sink"]
+
+# One publish item: (subscriber id, event name, data object).
+Item = tuple[str, str, Any]
+# Where a bus hands what it receives: called synchronously, one batch a call.
+Sink = Callable[[Sequence[Item]], None]
+
+
+class Bus(abc.ABC):
+    """A publish/subscribe channel keyed by subscriber id.
+
+    ``routes_by_subscription``: True when the bus delivers only the
+    subscribers this process subscribed to (a real network bus); the
+    dispatcher then keeps the bus's subscriptions equal to the set of
+    subscribers connected here, with reference counts and batching.
+    """
+
+    routes_by_subscription: bool = False
+
+    @abc.abstractmethod
+    async def run(self, sink: Sink, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """The bus-client task: receive notifications, hand them to ``sink``."""
+
+    @abc.abstractmethod
+    async def publish(self, items: Sequence[Item]) -> None:
+        """Publish validated items (all of them, or raise)."""
+
+    async def subscribe(self, subscribers: Sequence[str]) -> None:  # noqa: B027 - optional
+        """Start receiving events for these subscribers."""
+
+    async def unsubscribe(self, subscribers: Sequence[str]) -> None:  # noqa: B027 - optional
+        """Stop receiving events for these subscribers."""
+
+    async def aclose(self) -> None:  # noqa: B027 - optional
+        """Release the bus's resources."""

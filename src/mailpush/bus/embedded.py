@@ -1,0 +1,31 @@
+"""The in-process bus: publishes from this process's admin API go straight
+to this process's bus-client task, one batch per channel message."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import trio
+
+from .base import Bus, Item, Sink
+
+__all__ = ["EmbeddedBus"]
+
+# Batches in flight between the admin API and the bus-client task. A full
+# channel makes publishers wait (backpressure) instead of growing memory.
+CHANNEL_BATCHES = 1024
+
+
+class EmbeddedBus(Bus):
+    routes_by_subscription = False
+
+    def __init__(self) -> None:
+        self._send, self._receive = trio.open_memory_channel[Sequence[Item]](CHANNEL_BATCHES)
+
+    async def run(self, sink: Sink, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        async for batch in self._receive:
+            sink(batch)
+
+    async def publish(self, items: Sequence[Item]) -> None:
+        await self._send.send(items)

@@ -1,0 +1,204 @@
+"""Command line: ``mailpush serve | token | publish`` and ``trio-run mailpush``.
+
+Every option can also come from a ``MAILPUSH_<OPTION>`` environment variable
+(``--max-connections`` ↔ ``MAILPUSH_MAX_CONNECTIONS``); the command line wins.
+Bad values exit with status 2 and a message that says what to fix.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import os
+import secrets
+import signal
+import sys
+from collections.abc import Sequence
+
+import orjson
+import trio
+
+from . import log
+from .auth import load_secret, mint
+from .config import Config, parse_hostport
+from .errors import ConfigError, PublishError
+from .packets import parse_item
+
+__all__ = ["main", "trio_app", "build_parser"]
+
+_D = Config()  # defaults, for the help texts
+
+
+def _env(name: str, default: object) -> object:
+    return os.environ.get("MAILPUSH_" + name.upper().replace("-", "_"), default)
+
+
+def _serve_options(p: argparse.ArgumentParser) -> None:
+    def opt(name: str, default: object, help: str, type=str, **kw) -> None:  # noqa: A002
+        env = "MAILPUSH_" + name.upper().replace("-", "_")
+        p.add_argument("--" + name, default=_env(name, default), type=type, help=f"{help} [env {env}; default {default}]", **kw)
+
+    opt("listen", f"{_D.listen[0]}:{_D.listen[1]}", "HOST:PORT for browsers' WebSockets")
+    opt("admin", f"{_D.admin[0]}:{_D.admin[1]}", "HOST:PORT of the admin API (publish, health, metrics, demo); 'off' for none")
+    opt("bus", _D.bus, "message bus: 'embedded' (in-process)")
+    opt("secret", None, "HS256 secret for tokens, at least 32 bytes")
+    opt("secret-file", None, "file whose first line is the secret")
+    opt("ws-path", _D.ws_path, "upgrade path of the push WebSocket")
+    opt("echo-path", None, "TEST ONLY: path of an echo endpoint without tokens, for the conformance runner")
+    opt("allowed-origins", "", "comma-separated Origins allowed to connect; empty: any")
+    opt("workers", _D.workers, "worker processes (this release: 1)", type=int)
+    opt("max-connections", _D.max_connections, "open connections per process; beyond it upgrades get 503", type=int)
+    opt("max-handshakes", _D.max_handshakes, "handshakes in progress at once; more wait in the kernel backlog", type=int)
+    opt("handshake-timeout", _D.handshake_timeout, "seconds for the whole upgrade request", type=float)
+    opt("pool-size", _D.pool_size, "connections processed at once (each borrows a read buffer)", type=int)
+    opt("buffer-size", _D.buffer_size, "bytes of each pooled read buffer", type=int)
+    opt("max-message-size", _D.max_message_size, "largest client message in bytes (close 1009 beyond)", type=int)
+    opt("send-queue-bytes", _D.send_queue_bytes, "bytes queued for a client that does not read before it is dropped", type=int)
+    opt("max-packet-errors", _D.max_packet_errors, "bad packets before close 1008", type=int)
+    opt("ping-interval", _D.ping_interval, "seconds between keepalive pings; 0: off", type=float)
+    opt("pong-timeout", _D.pong_timeout, "seconds a client has to answer a ping", type=float)
+    opt("drain-seconds", _D.drain_seconds, "on SIGTERM/SIGINT, spread closes over this many seconds", type=float)
+    opt("log-level", _D.log_level, "debug, info, warning or error")
+    opt("log-format", _D.log_format, "auto (console on a terminal, else JSON), json or console")
+    p.add_argument("--demo", action="store_true", help="development: make a random secret if none is set, print the demo page URL and a ready token")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mailpush", description="WebSocket push gateway for mail.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    serve = sub.add_parser("serve", help="run the server", description="Run the push server.")
+    _serve_options(serve)
+
+    token = sub.add_parser("token", help="print a token for a subscriber", description="Print a JWT (HS256) for SUBSCRIBER.")
+    token.add_argument("subscriber", help="subscriber id (the mailbox owner)")
+    token.add_argument("--ttl", type=float, default=3600.0, help="seconds until the token expires [default 3600]")
+    token.add_argument("--secret", default=_env("secret", None), help="HS256 secret [env MAILPUSH_SECRET]")
+    token.add_argument("--secret-file", default=_env("secret-file", None), help="file whose first line is the secret [env MAILPUSH_SECRET_FILE]")
+
+    pub = sub.add_parser("publish", help="publish one event", description="Publish one event through the admin API of a running server.")
+    pub.add_argument("subscriber", help="subscriber id")
+    pub.add_argument("event", help="event name, e.g. new_letter")
+    pub.add_argument("--data", default="{}", help="event data, a JSON object [default {}]")
+    pub.add_argument("--admin", default=_env("admin", f"{_D.admin[0]}:{_D.admin[1]}"), help="HOST:PORT of the server's admin API [env MAILPUSH_ADMIN]")
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    secret = args.secret
+    if args.demo and not secret and not args.secret_file:
+        secret = secrets.token_urlsafe(32)
+    secret = load_secret(secret, args.secret_file)
+    admin = None if str(args.admin).lower() in ("off", "none", "") else parse_hostport(args.admin, "--admin")
+    origins = frozenset(o.strip() for o in str(args.allowed_origins).split(",") if o.strip())
+    if args.workers != 1:
+        raise ConfigError("--workers: this release runs one process; run several behind the load balancer")
+    return Config(
+        listen=parse_hostport(args.listen, "--listen"),
+        admin=admin,
+        bus=args.bus,
+        secret=secret,
+        ws_path=args.ws_path,
+        echo_path=args.echo_path or None,
+        allowed_origins=origins,
+        workers=args.workers,
+        max_connections=args.max_connections,
+        max_handshakes=args.max_handshakes,
+        handshake_timeout=args.handshake_timeout,
+        pool_size=args.pool_size,
+        buffer_size=args.buffer_size,
+        max_message_size=args.max_message_size,
+        send_queue_bytes=args.send_queue_bytes,
+        max_packet_errors=args.max_packet_errors,
+        ping_interval=args.ping_interval,
+        pong_timeout=args.pong_timeout,
+        drain_seconds=args.drain_seconds,
+        log_level=args.log_level,
+        log_format=args.log_format,
+    )
+
+
+async def run_server(config: Config, demo: bool = False) -> None:
+    """Serve until SIGTERM/SIGINT, then drain and return."""
+    from .server import Server
+
+    server = Server(config)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(server.serve)
+        if demo:
+            _print_demo(server)
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async for _ in signals:
+                nursery.start_soon(server.drain)
+                break
+            # A second signal while draining: stop at once.
+            async for _ in signals:
+                server.stop()
+                break
+
+
+def _print_demo(server) -> None:
+    host, port = server.admin_address or ("127.0.0.1", 0)
+    lhost, lport = server.listen_address
+    lhost = "127.0.0.1" if lhost in ("0.0.0.0", "::") else lhost
+    token = mint(server.config.secret, "demo@example.com", 86400)
+    print(f"\nmailpush is running.\n  demo page:  http://{host}:{port}/\n  WebSocket:  ws://{lhost}:{lport}{server.config.ws_path}?token={token}\n  (a token for subscriber demo@example.com, valid 24 h)\n  publish:    curl -d '{{\"subscriber\":\"demo@example.com\",\"event\":\"new_letter\"}}' http://{host}:{port}/v1/publish\n", flush=True)
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    config = config_from_args(args)
+    log.configure(config.log_level, config.log_format)
+    trio.run(run_server, config, args.demo)
+    return 0
+
+
+def _cmd_token(args: argparse.Namespace) -> int:
+    secret = load_secret(args.secret, args.secret_file)
+    print(mint(secret, args.subscriber, args.ttl))
+    return 0
+
+
+def _cmd_publish(args: argparse.Namespace) -> int:
+    try:
+        data = orjson.loads(args.data)
+    except orjson.JSONDecodeError as e:
+        raise ConfigError(f"--data is not valid JSON: {e}") from None
+    try:
+        item = parse_item({"subscriber": args.subscriber, "event": args.event, "data": data}, "event")
+    except PublishError as e:
+        raise ConfigError(str(e)) from None
+    host, port = parse_hostport(args.admin, "--admin")
+    body = orjson.dumps({"subscriber": item[0], "event": item[1], "data": item[2]})
+    conn = http.client.HTTPConnection(host if host != "0.0.0.0" else "127.0.0.1", port, timeout=10)
+    try:
+        conn.request("POST", "/v1/publish", body, {"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        text = resp.read().decode("utf-8", "replace").strip()
+    except OSError as e:
+        print(f"mailpush publish: cannot reach the admin API at {args.admin}: {e}", file=sys.stderr)
+        return 1
+    finally:
+        conn.close()
+    if resp.status != 202:
+        print(f"mailpush publish: refused ({resp.status}): {text}", file=sys.stderr)
+        return 1
+    print(text)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return {"serve": _cmd_serve, "token": _cmd_token, "publish": _cmd_publish}[args.command](args)
+    except ConfigError as e:
+        print(f"mailpush {args.command}: {e}", file=sys.stderr)
+        return 2
+
+
+def trio_app(argv: Sequence[str]) -> int:
+    """``trio-run mailpush [OPTIONS]``: the same as ``mailpush serve``."""
+    return main(["serve", *argv])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,93 @@
+"""Server configuration: one attrs class, every limit named and explained.
+
+The CLI (``cli.py``) fills it from options and ``MAILPUSH_*`` variables; the
+tests build it directly. Each default says why it has that value.
+"""
+
+from __future__ import annotations
+
+import attrs
+
+from .errors import ConfigError
+
+__all__ = ["Config", "parse_hostport"]
+
+
+def parse_hostport(value: str, what: str) -> tuple[str, int]:
+    """``HOST:PORT`` (IPv6 as ``[::1]:PORT``) → ``(host, port)``."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ConfigError(f"{what} must be HOST:PORT with a port from 0 to 65535, got {value!r}")
+    host = host.strip("[]") or "0.0.0.0"
+    return host, int(port)
+
+
+@attrs.frozen(kw_only=True)
+class Config:
+    # Where browsers connect (behind the TCP load balancer).
+    listen: tuple[str, int] = ("0.0.0.0", 8080)
+    # Admin HTTP (publish, health, metrics, demo): loopback only by default,
+    # it can publish to anyone. None: no admin listener.
+    admin: tuple[str, int] | None = ("127.0.0.1", 8081)
+    # "embedded" (in-process) or a bus URL; the fake bus is passed in by tests.
+    bus: str = "embedded"
+    secret: str = ""
+    # Upgrade path of the push WebSocket (the external contract).
+    ws_path: str = "/v1/ws"
+    # Test-only echo endpoint for the conformance runner; off by default.
+    echo_path: str | None = None
+    # Origins allowed to open the WebSocket; empty: any (tokens still apply).
+    allowed_origins: frozenset[str] = frozenset()
+    # Worker processes sharing the listen port (SO_REUSEPORT).
+    workers: int = 1
+    # Open connections (handshaking + upgraded) per process. 18,000 stays
+    # under this machine's 20,000-file limit with room for listeners, the
+    # bus and admin sockets.
+    max_connections: int = 18_000
+    # Handshakes in progress at once: the accept loop waits for a slot and
+    # leaves further connections in the kernel backlog. Enough to keep both
+    # cores busy through a reconnect avalanche without piling up tasks.
+    max_handshakes: int = 256
+    # Seconds for the whole upgrade request (slowloris bound).
+    handshake_timeout: float = 5.0
+    # Connections processed at once (the worker pool) and the size of the
+    # read buffer each borrows: 64 × 16 KiB = 1 MiB at most for reading,
+    # however many connections are readable at once.
+    pool_size: int = 64
+    buffer_size: int = 16_384
+    # Largest client message. Browsers send small packets here (subscribe,
+    # ping); 4 KiB is generous and bounds what one client can make us hold.
+    max_message_size: int = 4096
+    # Bytes queued for one connection that does not read before it is
+    # closed as a slow consumer (about 250 ordinary events).
+    send_queue_bytes: int = 65_536
+    # Error packets a connection may provoke before it is closed with 1008.
+    max_packet_errors: int = 10
+    # Keepalive: ping every interval; close when nothing came back within
+    # pong_timeout after a ping. 0 disables pings.
+    ping_interval: float = 30.0
+    pong_timeout: float = 20.0
+    # Drain: spread closes over this many seconds on SIGTERM/SIGINT.
+    drain_seconds: float = 10.0
+    log_level: str = "info"
+    log_format: str = "auto"  # auto | json | console
+
+    def __attrs_post_init__(self) -> None:
+        for name in ("max_connections", "max_handshakes", "pool_size", "workers"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
+        if self.buffer_size < 1024:
+            raise ConfigError("--buffer-size must be at least 1024 bytes")
+        if self.max_message_size < 125:
+            raise ConfigError("--max-message-size must be at least 125 bytes")
+        if self.send_queue_bytes < self.max_message_size:
+            raise ConfigError("--send-queue-bytes must be at least --max-message-size")
+        for name in ("handshake_timeout", "pong_timeout", "drain_seconds"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"--{name.replace('_', '-')} must be a positive number of seconds")
+        if self.ping_interval < 0:
+            raise ConfigError("--ping-interval must be 0 (off) or a positive number of seconds")
+        if not self.ws_path.startswith("/"):
+            raise ConfigError("--ws-path must start with '/'")
+        if self.echo_path is not None and (not self.echo_path.startswith("/") or self.echo_path == self.ws_path):
+            raise ConfigError("--echo-path must start with '/' and differ from the push path")

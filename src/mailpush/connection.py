@@ -1,0 +1,385 @@
+"""One WebSocket connection: the parked reader, the send queue, writers on demand.
+
+Each accepted socket gets exactly one task, :func:`serve_socket`. It reads
+the upgrade request, answers it, and then parks on
+``trio.lowlevel.wait_readable`` holding no buffer. When bytes arrive it
+borrows a buffer from the :class:`~mailpush.pool.Pool`, reads, handles the
+packets, and gives the buffer back before parking again.
+
+Sending is synchronous: :meth:`Connection.send` tries a non-blocking
+``send()`` first, and only when the socket cannot take the whole frame does
+it queue the rest and spawn a writer task, which exits as soon as the queue
+is drained. An idle connection is this one parked task, a plain socket and a
+:class:`Connection` of a few fields; the frame decoder and the send queue
+exist only while they hold something.
+
+Error handling: a peer that breaks RFC 6455 gets the close code of the
+:class:`~mailpush.errors.ProtocolError`; a bad packet gets an ``error``
+packet, and after ``max_packet_errors`` of them close 1008; a socket error
+ends the connection quietly. None of them touches another connection.
+"""
+
+from __future__ import annotations
+
+import errno
+import socket
+from collections import deque
+from itertools import islice
+from typing import TYPE_CHECKING
+
+import attrs
+import trio
+
+from . import handshake as hs
+from .auth import token_from_request
+from .errors import HandshakeError, PacketError, ProtocolError
+from .frames import CloseCode, Decoder, Opcode, encode_close, encode_frame, parse_close
+from .packets import PONG_FRAME, Ping, Subscribe, error_frame, parse_client_packet, subscribed_frame, unsubscribed_frame
+
+if TYPE_CHECKING:
+    from .server import Server
+
+__all__ = ["Connection", "serve_socket", "OPEN", "CLOSING", "CLOSED"]
+
+# Connection states.
+OPEN = 0
+CLOSING = 1  # our Close frame is out (or queued); waiting for the peer's
+CLOSED = 2  # socket closed
+
+# Flag bits.
+F_SEEN = 1  # something arrived since the keepalive last looked
+F_PING = 2  # a ping is out and unanswered
+F_ECHO = 4  # the test echo endpoint
+F_CLOSE_AFTER_FLUSH = 8  # close the socket once the queue is written
+
+# sendmsg() buffers per call; Linux's IOV_MAX is 1024, a few dozen frames per
+# syscall is where batching stops paying.
+_SENDMSG_BUFFERS = 64
+
+_wait_readable = trio.lowlevel.wait_readable
+_wait_writable = trio.lowlevel.wait_writable
+_notify_closing = trio.lowlevel.notify_closing
+
+
+@attrs.define(slots=True, eq=False, weakref_slot=False)
+class Connection:
+    """The per-connection state: only what an idle connection needs."""
+
+    sock: socket.socket
+    server: Server
+    subscriber: str
+    events: frozenset[str] | None = None  # event filter; None: all
+    decoder: Decoder | None = None  # only while a frame is incomplete
+    queue: deque | None = None  # only while a writer runs
+    queued: int = 0  # bytes in ``queue``
+    state: int = OPEN
+    flags: int = 0
+    strikes: int = 0  # error packets sent
+
+    # -- sending ------------------------------------------------------------
+
+    def send(self, frame: bytes) -> bool:
+        """Send or queue one frame; False if the connection cannot take it."""
+        if self.state != OPEN:
+            return False
+        return self._push(frame)
+
+    def _push(self, frame: bytes) -> bool:
+        q = self.queue
+        if q is None:
+            try:
+                n = self.sock.send(frame)
+            except BlockingIOError:
+                n = 0
+            except OSError:
+                self.abort()
+                return False
+            if n == len(frame):
+                return True
+            self.queue = deque((memoryview(frame)[n:],))
+            self.queued = len(frame) - n
+            self.server.stats.writers += 1
+            self.server.connections_nursery.start_soon(_writer, self)
+            return True
+        if self.queued + len(frame) > self.server.config.send_queue_bytes:
+            # The client stopped reading. Nothing more can reach it, not even
+            # a Close frame: drop it so it holds neither memory nor others.
+            self.server.stats.slow_consumers += 1
+            self.server.stats.closes[CloseCode.POLICY_VIOLATION] += 1
+            self.server.log.warning("slow_consumer", subscriber=self.subscriber, queued=self.queued)
+            self.abort()
+            return False
+        q.append(frame)
+        self.queued += len(frame)
+        return True
+
+    # -- closing ------------------------------------------------------------
+
+    def close(self, code: int, reason: str = "", *, wait_for_peer: bool = True) -> None:
+        """Start the closing handshake with ``code`` (§7.1.2).
+
+        Frames already queued go out first. With ``wait_for_peer`` the socket
+        stays open for the peer's Close (bounded by the server's close
+        timeout); otherwise it is closed once our Close frame is written.
+        """
+        if self.state != OPEN:
+            return
+        self.state = CLOSING
+        self.server.stats.closes[code] += 1
+        if not wait_for_peer:
+            self.flags |= F_CLOSE_AFTER_FLUSH
+        self._push(encode_close(code, reason))
+        if self.state == CLOSED:
+            return
+        if not wait_for_peer:
+            if self.queue is None:
+                self.abort()
+        else:
+            self.server.closing(self)
+
+    def abort(self) -> None:
+        """Close the socket now; wakes the parked reader and any writer."""
+        if self.state == CLOSED:
+            return
+        self.state = CLOSED
+        _notify_closing(self.sock)
+        self.sock.close()
+
+    # -- receiving ----------------------------------------------------------
+
+    def on_data(self, data: memoryview | bytes) -> None:
+        """Handle bytes read from the socket (any number of frames)."""
+        self.flags = (self.flags | F_SEEN) & ~F_PING
+        dec = self.decoder
+        if dec is None:
+            dec = Decoder(self.server.config.max_message_size)
+        try:
+            messages = dec.feed(data)
+        except ProtocolError as e:
+            self.server.log.info("protocol_error", code=e.code, reason=e.reason, subscriber=self.subscriber)
+            self.decoder = None
+            if self.state == OPEN:
+                self.close(e.code, e.reason, wait_for_peer=False)
+            else:
+                self.abort()
+            return
+        self.decoder = None if dec.idle else dec
+        for opcode, payload in messages:
+            if opcode == Opcode.TEXT or opcode == Opcode.BINARY:
+                if self.state != OPEN:
+                    continue  # §5.5.1: data after our Close is discarded
+                if self.flags & F_ECHO:
+                    self.send(encode_frame(opcode, payload))
+                elif opcode == Opcode.TEXT:
+                    self._on_packet(payload)
+                else:
+                    self._bad_packet(PacketError("binary_unsupported", "binary messages are not part of the protocol, send JSON text"))
+            elif opcode == Opcode.PING:
+                self.send(encode_frame(Opcode.PONG, payload))
+            elif opcode == Opcode.CLOSE:
+                self._on_close(payload)
+                return
+            # PONG: F_SEEN above is all keepalive needs.
+            if self.state == CLOSED:
+                return
+
+    def _on_close(self, payload: bytes) -> None:
+        try:
+            code, _ = parse_close(payload)
+        except ProtocolError as e:
+            code = e.code
+        else:
+            if code == CloseCode.NO_STATUS:
+                code = CloseCode.NORMAL
+        if self.state == OPEN:
+            # Echo the code and close the TCP connection after it (§5.5.1, §7.1.1).
+            self.close(code, wait_for_peer=False)
+        else:
+            self.abort()  # the answer to our own Close
+
+    def _on_packet(self, payload: bytes) -> None:
+        server = self.server
+        try:
+            packet = parse_client_packet(payload)
+        except PacketError as e:
+            self._bad_packet(e)
+            return
+        if type(packet) is Subscribe:
+            self.events = packet.events
+            if server.registry.add(self):
+                server.dispatcher.changed(self.subscriber)
+            self.send(subscribed_frame(self.subscriber, packet.events))
+        elif type(packet) is Ping:
+            self.send(PONG_FRAME)
+        else:  # Unsubscribe
+            if server.registry.remove(self):
+                server.dispatcher.changed(self.subscriber)
+            self.send(unsubscribed_frame(self.subscriber))
+
+    def _bad_packet(self, e: PacketError) -> None:
+        self.server.stats.packet_errors += 1
+        self.strikes += 1
+        self.send(error_frame(e.code, e.message))
+        limit = self.server.config.max_packet_errors
+        if self.strikes >= limit:
+            self.close(CloseCode.POLICY_VIOLATION, f"more than {limit - 1} bad packets")
+
+
+async def _writer(conn: Connection) -> None:
+    """Drain ``conn.queue`` as the socket takes it, then exit."""
+    sock = conn.sock
+    q = conn.queue
+    try:
+        while q:
+            await _wait_writable(sock)
+            try:
+                n = sock.sendmsg(list(islice(q, _SENDMSG_BUFFERS)))
+            except BlockingIOError:
+                continue
+            except OSError:
+                conn.abort()
+                return
+            conn.queued -= n
+            while n:
+                head = q[0]
+                if n >= len(head):
+                    n -= len(head)
+                    q.popleft()
+                else:
+                    q[0] = memoryview(head)[n:]
+                    n = 0
+    except trio.ClosedResourceError:
+        return
+    conn.queue = None
+    conn.queued = 0
+    if conn.flags & F_CLOSE_AFTER_FLUSH:
+        conn.abort()
+
+
+def _refuse(server: Server, sock: socket.socket, err: HandshakeError, reason_label: str) -> None:
+    server.stats.rejections[reason_label] += 1
+    server.log.warning("handshake_refused", status=err.status, reason=err.reason)
+    _send_and_close(sock, hs.response_error(err))
+
+
+def _send_and_close(sock: socket.socket, data: bytes) -> None:
+    """Best-effort send of a small response, then FIN and close."""
+    try:
+        sock.send(data)
+        sock.shutdown(socket.SHUT_WR)
+    except OSError:
+        pass
+    sock.close()
+
+
+# Rejection reasons by HTTP status, for the metrics label.
+_REASONS = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found", 405: "method", 408: "timeout", 426: "version", 431: "too_large", 503: "overloaded", 505: "http_version"}
+
+
+async def _handshake(server: Server, sock: socket.socket) -> tuple[Connection | None, bytes]:
+    """Read and answer the upgrade request.
+
+    Returns the new connection (or None when refused or closed, the socket
+    then closed) and any bytes the client sent after the request head.
+    """
+    data = b""
+    while True:
+        try:
+            chunk = sock.recv(hs.MAX_HEAD_BYTES + 1 - len(data))
+        except BlockingIOError:
+            await _wait_readable(sock)
+            continue
+        except OSError:
+            sock.close()
+            return None, b""
+        if not chunk:  # closed before finishing: costs nothing lasting
+            sock.close()
+            return None, b""
+        data = chunk if not data else data + chunk
+        try:
+            end = hs.find_head_end(data, len(data))
+        except HandshakeError as e:
+            _refuse(server, sock, e, _REASONS[e.status])
+            return None, b""
+        if end >= 0:
+            break
+    try:
+        req = hs.parse_request(data[:end])
+        conn = _upgrade(server, sock, req)
+    except HandshakeError as e:
+        _refuse(server, sock, e, _REASONS.get(e.status, str(e.status)))
+        return None, b""
+    if conn is None:
+        return None, b""
+    return conn, data[end:]
+
+
+def _upgrade(server: Server, sock: socket.socket, req: hs.Request) -> Connection | None:
+    config = server.config
+    if not req.wants_websocket:
+        if req.path == "/healthz" and req.method in ("GET", "HEAD"):
+            status, body = server.health()
+            _send_and_close(sock, hs.response_text(status, body + "\n"))
+            return None
+    flags = 0
+    if req.path == config.ws_path:
+        pass
+    elif config.echo_path is not None and req.path == config.echo_path:
+        flags = F_ECHO
+    else:
+        raise HandshakeError(404, f"no WebSocket endpoint at {req.path[:100]}, connect to {config.ws_path}")
+    hs.check_upgrade(req)
+    if config.allowed_origins and req.origin not in config.allowed_origins:
+        raise HandshakeError(403, f"origin {req.origin[:100] or '(none)'} is not allowed")
+    if server.draining:
+        raise HandshakeError(503, "server is draining, reconnect to another instance", (("Retry-After", "1"),))
+    subscriber = "" if flags else server.verifier.verify(token_from_request(req))
+    try:
+        sock.send(hs.response_101(req.key))
+    except OSError:
+        sock.close()
+        return None
+    conn = Connection(sock, server, subscriber)
+    conn.flags = flags
+    return conn
+
+
+async def serve_socket(server: Server, sock: socket.socket, slot: object) -> None:
+    """The one task of a connection, from accept to close."""
+    conn = None
+    try:
+        with trio.move_on_after(server.config.handshake_timeout) as scope:
+            conn, rest = await _handshake(server, sock)
+        if scope.cancelled_caught:
+            _refuse(server, sock, HandshakeError(408, f"handshake not finished within {server.config.handshake_timeout:g} s"), "timeout")
+    finally:
+        server.handshakes.release_on_behalf_of(slot)
+    if conn is None:
+        server.open_sockets -= 1
+        return
+    server.added(conn)
+    try:
+        if rest:
+            conn.on_data(rest)
+        pool = server.pool
+        while conn.state != CLOSED:
+            await _wait_readable(sock)
+            buf = pool.try_acquire() or await pool.acquire()
+            try:
+                n = sock.recv_into(buf)
+                if n:
+                    conn.on_data(memoryview(buf)[:n])
+                else:
+                    break  # EOF: the peer is gone
+            except BlockingIOError:
+                pass
+            finally:
+                pool.release(buf)
+    except trio.ClosedResourceError:
+        pass
+    except OSError as e:
+        if e.errno not in (errno.ECONNRESET, errno.EPIPE, errno.EBADF, errno.ETIMEDOUT):
+            server.log.warning("socket_error", error=str(e))
+    finally:
+        conn.abort()
+        server.removed(conn)

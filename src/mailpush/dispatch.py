@@ -1,0 +1,93 @@
+"""The bus-client side of mailpush: events in, frames out, by subscriber id.
+
+:class:`Dispatcher` is the sink the bus-client task hands every received
+batch to: it looks each item's subscriber up in the registry, builds the
+event's frame once if any local tab wants it, and hands the same bytes to
+each of them. It also keeps the bus's subscriptions equal to the set of
+subscribers connected here: the first local tab subscribing subscribes the
+bus, the last one leaving unsubscribes it, and changes are sent in batches
+by one task.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import trio
+
+from .bus import Bus, Item
+from .metrics import Stats
+from .packets import event_frame
+from .registry import Registry
+
+__all__ = ["Dispatcher"]
+
+# Subscription changes sent to the bus in one call at most; a reconnect
+# avalanche of 15,000 tabs becomes a few dozen bus commands.
+SUBSCRIBE_BATCH = 1000
+
+
+class Dispatcher:
+    def __init__(self, registry: Registry, bus: Bus, stats: Stats) -> None:
+        self.registry = registry
+        self.bus = bus
+        self.stats = stats
+        self._track = bus.routes_by_subscription
+        self._bus_subscribed: set[str] = set()
+        self._dirty: set[str] = set()
+        self._wakeup = trio.Event()
+
+    def deliver(self, batch: Sequence[Item]) -> None:
+        """The sink: route one batch of items to local connections."""
+        get = self.registry.get
+        stats = self.stats
+        stats.received += len(batch)
+        delivered = 0
+        dropped = 0
+        for sub, event, data in batch:
+            conns = get(sub)
+            if conns is None:
+                dropped += 1
+                continue
+            frame = None
+            for conn in conns:
+                events = conn.events
+                if events is None or event in events:
+                    if frame is None:
+                        frame = event_frame(sub, event, data)
+                    if conn.send(frame):
+                        delivered += 1
+        stats.delivered += delivered
+        stats.dropped += dropped
+
+    # -- bus subscriptions --------------------------------------------------
+
+    def changed(self, subscriber: str) -> None:
+        """A subscriber got its first or lost its last local connection."""
+        if self._track:
+            self._dirty.add(subscriber)
+            self._wakeup.set()
+
+    async def run_subscriptions(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Keep the bus subscribed to exactly the locally connected subscribers."""
+        task_status.started()
+        if not self._track:
+            return
+        while True:
+            await self._wakeup.wait()
+            self._wakeup = trio.Event()
+            await self.flush()
+
+    async def flush(self) -> None:
+        while self._dirty:
+            dirty, self._dirty = self._dirty, set()
+            want = [s for s in dirty if s in self.registry and s not in self._bus_subscribed]
+            drop = [s for s in dirty if s not in self.registry and s in self._bus_subscribed]
+            for i in range(0, len(want), SUBSCRIBE_BATCH):
+                chunk = want[i : i + SUBSCRIBE_BATCH]
+                await self.bus.subscribe(chunk)
+                self._bus_subscribed.update(chunk)
+            for i in range(0, len(drop), SUBSCRIBE_BATCH):
+                chunk = drop[i : i + SUBSCRIBE_BATCH]
+                await self.bus.unsubscribe(chunk)
+                self._bus_subscribed.difference_update(chunk)

@@ -1,0 +1,79 @@
+"""The one error hierarchy of mailpush.
+
+::
+
+    MailpushError
+    ├── ConfigError            bad option or environment value (CLI message, exit 2)
+    ├── HandshakeError         the HTTP Upgrade is refused: carries the HTTP status
+    │   └── AuthError          401: missing, malformed, badly signed or expired token
+    ├── ProtocolError          the peer broke RFC 6455: carries the close code
+    ├── PacketError            a bad JSON packet: answered with an ``error`` packet
+    └── PublishError           a bad publish item or body: 400 with what is wrong
+
+Each error that reaches a client says what was wrong and which rule or limit
+it broke; the text is sent as-is (HTTP reason body, close reason, error
+packet message), so it never contains a token or other secret.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "MailpushError",
+    "ConfigError",
+    "HandshakeError",
+    "AuthError",
+    "ProtocolError",
+    "PacketError",
+    "PublishError",
+]
+
+
+class MailpushError(Exception):
+    """Base of every error mailpush raises on purpose."""
+
+
+class ConfigError(MailpushError):
+    """An option, environment variable or secret file is unusable."""
+
+
+class HandshakeError(MailpushError):
+    """The opening handshake is refused with HTTP ``status``.
+
+    ``headers`` are extra response headers, e.g. ``Sec-WebSocket-Version``
+    with 426 or ``Retry-After`` with 503.
+    """
+
+    def __init__(self, status: int, reason: str, headers: tuple[tuple[str, str], ...] = ()) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+        self.headers = headers
+
+
+class AuthError(HandshakeError):
+    """The token is missing or not acceptable (401)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(401, reason, (("WWW-Authenticate", 'Bearer realm="mailpush"'),))
+
+
+class ProtocolError(MailpushError):
+    """The peer violated RFC 6455; close the connection with ``code``."""
+
+    def __init__(self, code: int, reason: str) -> None:
+        super().__init__(reason)
+        self.code = int(code)
+        self.reason = reason
+
+
+class PacketError(MailpushError):
+    """A packet could not be understood; ``code`` names the rule it broke."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class PublishError(MailpushError):
+    """A publish request is malformed (HTTP 400)."""

@@ -1,0 +1,43 @@
+"""Logging with structlog: JSON lines when not on a terminal, readable
+console lines on one. Lifecycle events at debug, refusals and errors at
+warning with the reason. Tokens are never logged."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import structlog
+
+__all__ = ["configure", "get_logger"]
+
+_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
+
+
+def configure(level: str = "info", fmt: str = "auto") -> None:
+    """Set the level and the output format ("auto", "json" or "console")."""
+    if level not in _LEVELS:
+        from .errors import ConfigError
+
+        raise ConfigError(f"--log-level must be one of {', '.join(_LEVELS)}, got {level!r}")
+    if fmt == "auto":
+        fmt = "console" if sys.stderr.isatty() else "json"
+    if fmt not in ("json", "console"):
+        from .errors import ConfigError
+
+        raise ConfigError(f"--log-format must be auto, json or console, got {fmt!r}")
+    renderer = structlog.dev.ConsoleRenderer() if fmt == "console" else structlog.processors.JSONRenderer()
+    structlog.configure(
+        processors=[
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),
+        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        cache_logger_on_first_use=True,
+    )
+
+
+def get_logger() -> structlog.typing.FilteringBoundLogger:
+    return structlog.get_logger("mailpush")

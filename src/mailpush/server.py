@@ -1,0 +1,340 @@
+"""The server: listeners, the accept loop, the nursery tree, keepalive, drain.
+
+Nursery tree::
+
+    Server.serve
+    ├── bus-client task          Bus.run → Dispatcher.deliver
+    ├── subscription flusher     Dispatcher.run_subscriptions
+    ├── admin HTTP server        admin.serve
+    ├── keepalive                Server._keepalive (one task for all connections)
+    └── connections nursery
+        ├── accept loop          bounded by the handshake CapacityLimiter
+        ├── serve_socket × N     one parked reader per connection
+        └── _writer × k          only for connections with unsent bytes
+"""
+
+from __future__ import annotations
+
+import errno
+import math
+import random
+import socket
+from collections import deque
+
+import trio
+
+from .auth import Verifier
+from .bus import Bus, make_bus
+from .config import Config
+from .connection import CLOSED, OPEN, F_PING, F_SEEN, Connection, _send_and_close, serve_socket
+from .dispatch import Dispatcher
+from .frames import PING_FRAME, CloseCode
+from .handshake import response_text
+from .log import get_logger
+from .metrics import Stats
+from .pool import Pool
+from .registry import Registry
+
+__all__ = ["Server"]
+
+# Kernel accept backlog; the kernel caps it at net.core.somaxconn (4096 here).
+# While all handshake slots are busy, new connections wait here, not in tasks.
+LISTEN_BACKLOG = 4096
+# Accepts in one go before going back to the scheduler, so a connection
+# avalanche cannot starve the connections already open.
+ACCEPT_BATCH = 64
+# After EMFILE/ENFILE, wait this long before accepting again (a file
+# descriptor must be freed first; retrying at once would spin).
+ACCEPT_ERROR_PAUSE = 0.1
+# How long a connection that we sent a Close may take to answer it (§7.1.1).
+CLOSE_TIMEOUT = 5.0
+# Keepalive visits connections in this many slices per interval, so pings
+# go out spread over the interval rather than all at once.
+KEEPALIVE_SLICES = 50
+# A keepalive tick later than this (seconds) means the server itself
+# stalled: missed pongs of that period are not held against the clients.
+LAG_TOLERANCE = 1.0
+# Drain: closes are issued in ticks of this length, a group per tick.
+DRAIN_TICK = 0.01
+
+_RESPONSE_FULL = response_text(503, "server at its connection limit, retry shortly\n", (("Retry-After", "1"),))
+
+
+class Server:
+    """One mailpush process.
+
+    Args:
+      config: the options.
+      bus: the bus to use; by default the one ``config.bus`` names.
+    """
+
+    def __init__(self, config: Config, bus: Bus | None = None) -> None:
+        self.config = config
+        self.bus = bus if bus is not None else make_bus(config.bus)
+        self.log = get_logger()
+        self.stats = Stats()
+        self.pool = Pool(config.pool_size, config.buffer_size)
+        self.registry = Registry()
+        self.dispatcher = Dispatcher(self.registry, self.bus, self.stats)
+        self.verifier = Verifier(config.secret) if config.secret else None
+        self.handshakes = trio.CapacityLimiter(config.max_handshakes)
+        self.connections: set[Connection] = set()
+        self.open_sockets = 0  # accepted and not yet closed (handshaking + open)
+        self.draining = False
+        self.paused = False  # accept loop waiting for a handshake slot
+        self.listen_address: tuple[str, int] | None = None
+        self.admin_address: tuple[str, int] | None = None
+        self.connections_nursery: trio.Nursery = None  # type: ignore[assignment]
+        self._closing: deque[tuple[float, Connection]] = deque()
+        self._listener: socket.socket | None = None
+        self._cancel = trio.CancelScope()
+        self._drained = trio.Event()
+        self._seq = 0
+
+    # -- lifecycle ----------------------------------------------------------
+
+    async def serve(self, *, task_status: trio.TaskStatus[Server] = trio.TASK_STATUS_IGNORED) -> None:
+        """Run until :meth:`drain` finishes or the caller cancels.
+
+        ``task_status.started(self)`` once both ports are bound, with
+        :attr:`listen_address` and :attr:`admin_address` filled in.
+        """
+        if self.verifier is None:
+            from .errors import ConfigError
+
+            raise ConfigError("no token secret: set --secret, MAILPUSH_SECRET or --secret-file")
+        listener = self._bind(self.config.listen)
+        self._listener = listener
+        self.listen_address = listener.getsockname()[:2]
+        with self._cancel:
+            async with trio.open_nursery() as root:
+                await root.start(self.bus.run, self.dispatcher.deliver)
+                await root.start(self.dispatcher.run_subscriptions)
+                if self.config.admin is not None:
+                    from .admin import serve_admin
+
+                    self.admin_address = await root.start(serve_admin, self, self.config.admin)
+                root.start_soon(self._keepalive)
+                async with trio.open_nursery() as conns:
+                    self.connections_nursery = conns
+                    conns.start_soon(self._accept_loop, listener)
+                    self.log.info("listening", listen=_fmt(self.listen_address), admin=_fmt(self.admin_address), bus=self.config.bus)
+                    task_status.started(self)
+                    await self._drained.wait()
+                    root.cancel_scope.cancel()
+        await self.bus.aclose()
+
+    def _bind(self, address: tuple[str, int]) -> socket.socket:
+        host, port = address
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if self.config.workers > 1:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as e:
+            sock.close()
+            from .errors import ConfigError
+
+            raise ConfigError(f"cannot listen on {host}:{port}: {e.strerror}") from None
+        sock.listen(LISTEN_BACKLOG)
+        sock.setblocking(False)
+        return sock
+
+    def health(self) -> tuple[int, str]:
+        """What /healthz answers on both ports."""
+        if self.draining:
+            return 503, "draining"
+        if self.open_sockets >= self.config.max_connections:
+            return 503, "at connection limit"
+        if self.paused:
+            return 503, "overloaded: all handshake slots busy"
+        return 200, "ok"
+
+    def gauges(self) -> dict[str, tuple[str, float]]:
+        """Live values for /metrics."""
+        return {
+            "mailpush_connections": ("Open WebSocket connections", len(self.connections)),
+            "mailpush_sockets": ("Accepted sockets, handshaking or open", self.open_sockets),
+            "mailpush_subscribers": ("Subscribers with at least one subscribed connection here", len(self.registry)),
+            "mailpush_handshakes_in_progress": ("Handshake slots in use", self.handshakes.borrowed_tokens),
+            "mailpush_pool_busy": ("Connections being processed now (worker pool slots in use)", self.pool.busy),
+            "mailpush_pool_size": ("Worker pool slots", self.pool.size),
+            "mailpush_pool_buffers": ("Read buffers allocated (never more than the pool size)", self.pool.created),
+            "mailpush_pool_waits": ("Times a reader waited for a pool slot", self.pool.waits),
+            "mailpush_draining": ("1 while draining", int(self.draining)),
+        }
+
+    # -- accepting ----------------------------------------------------------
+
+    async def _accept_loop(self, listener: socket.socket) -> None:
+        limiter = self.handshakes
+        nursery = self.connections_nursery
+        max_conns = self.config.max_connections
+        stats = self.stats
+        try:
+            while not self.draining:
+                await trio.lowlevel.wait_readable(listener)
+                for _ in range(ACCEPT_BATCH):
+                    try:
+                        sock, _addr = listener.accept()
+                    except BlockingIOError:
+                        break
+                    except OSError as e:
+                        if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                            self.log.warning("accept_failed", error=e.strerror)
+                            await trio.sleep(ACCEPT_ERROR_PAUSE)
+                            break
+                        continue  # ECONNABORTED and the like: that client is gone
+                    if self.open_sockets >= max_conns:
+                        stats.rejections["full"] += 1
+                        _refuse_fast(sock)
+                        continue
+                    self._seq += 1
+                    slot = self._seq
+                    try:
+                        limiter.acquire_on_behalf_of_nowait(slot)
+                    except trio.WouldBlock:
+                        # Every handshake slot is busy: wait here, leaving the
+                        # next connections in the kernel backlog.
+                        stats.accept_pauses += 1
+                        self.paused = True
+                        try:
+                            await limiter.acquire_on_behalf_of(slot)
+                        except BaseException:
+                            sock.close()
+                            raise
+                        finally:
+                            self.paused = False
+                    sock.setblocking(False)
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                    self.open_sockets += 1
+                    nursery.start_soon(serve_socket, self, sock, slot)
+        except trio.ClosedResourceError:
+            pass  # the listener was closed by drain
+
+    # -- connection bookkeeping (called by serve_socket) --------------------
+
+    def added(self, conn: Connection) -> None:
+        self.connections.add(conn)
+        self.stats.upgrades += 1
+
+    def removed(self, conn: Connection) -> None:
+        self.connections.discard(conn)
+        self.open_sockets -= 1
+        if self.registry.remove(conn):
+            self.dispatcher.changed(conn.subscriber)
+
+    def closing(self, conn: Connection) -> None:
+        """``conn`` sent its Close; give the peer CLOSE_TIMEOUT to answer."""
+        self._closing.append((trio.current_time() + CLOSE_TIMEOUT, conn))
+
+    # -- keepalive ----------------------------------------------------------
+
+    async def _keepalive(self) -> None:
+        """One task pings every connection once per interval, in slices.
+
+        Every tick pings one slice of the connections and, ``pong_timeout``
+        later, checks that each of them has sent something since (a pong or
+        anything else); those that have not are closed with 1001. If a tick
+        comes late by more than LAG_TOLERANCE, the server itself stalled:
+        the pending checks are dropped, so no client pays for our stall.
+        The same ticks expire closing handshakes the peer never answered.
+        """
+        interval = self.config.ping_interval
+        tick = (interval / KEEPALIVE_SLICES) if interval else 1.0
+        pong_timeout = self.config.pong_timeout
+        stats = self.stats
+        pending: list[Connection] = []
+        checks: deque[tuple[float, list[Connection]]] = deque()
+        round_at = trio.current_time()
+        while True:
+            expected = trio.current_time() + tick
+            await trio.sleep_until(expected)
+            now = trio.current_time()
+            while self._closing and self._closing[0][0] <= now:
+                self._closing.popleft()[1].abort()
+            if not interval:
+                continue
+            if now - expected > LAG_TOLERANCE:
+                stats.lag_skips += 1
+                self.log.warning("keepalive_lag", seconds=round(now - expected, 3), skipped_checks=sum(len(b) for _, b in checks))
+                checks.clear()
+                continue
+            while checks and checks[0][0] <= now:
+                for conn in checks.popleft()[1]:
+                    if conn.state == OPEN and conn.flags & F_PING and not conn.flags & F_SEEN:
+                        stats.pong_timeouts += 1
+                        conn.close(CloseCode.GOING_AWAY, f"no pong within {pong_timeout:g} s", wait_for_peer=False)
+            if not pending:
+                if now - round_at < interval - tick / 2:
+                    continue
+                pending = list(self.connections)
+                round_at = now
+            n = max(1, math.ceil(len(pending) * tick / interval))
+            batch, pending = pending[-n:], pending[:-n]
+            pinged = []
+            for conn in batch:
+                if conn.state == OPEN:
+                    conn.flags = (conn.flags | F_PING) & ~F_SEEN
+                    if conn.send(PING_FRAME):
+                        pinged.append(conn)
+            stats.pings += len(pinged)
+            checks.append((now + pong_timeout, pinged))
+
+    # -- drain ----------------------------------------------------------------
+
+    async def drain(self, seconds: float | None = None) -> None:
+        """Stop accepting, then close every connection, spread over ``seconds``.
+
+        Each connection gets 1012 (service restart) with a suggested reconnect
+        delay; its queued events go out before the Close frame. Returns when
+        all connections are closed (or seconds + CLOSE_TIMEOUT have passed),
+        then stops :meth:`serve`.
+        """
+        if self.draining:
+            return
+        seconds = self.config.drain_seconds if seconds is None else seconds
+        self.draining = True
+        self.log.info("draining", connections=len(self.connections), seconds=seconds)
+        if self._listener is not None:
+            trio.lowlevel.notify_closing(self._listener)
+            self._listener.close()
+        conns = list(self.connections)
+        random.shuffle(conns)
+        start = trio.current_time()
+        n = len(conns)
+        for i, conn in enumerate(conns):
+            # Connection i closes at i/n of the window: an even spread, the
+            # order random, so reconnects arrive evenly over the window.
+            at = start + seconds * i / n
+            if at - trio.current_time() > DRAIN_TICK:
+                await trio.sleep_until(at)
+            if conn.state == OPEN:
+                delay = random.uniform(1.0, max(1.0, seconds))
+                conn.close(CloseCode.SERVICE_RESTART, f"restarting; reconnect in {delay:.0f} s")
+        with trio.move_on_after(CLOSE_TIMEOUT + 1):
+            while self.connections:
+                await trio.sleep(0.05)
+        for conn in list(self.connections):
+            conn.abort()
+        self._drained.set()
+
+    def stop(self) -> None:
+        """Stop at once, without draining."""
+        self._cancel.cancel()
+
+
+def _refuse_fast(sock: socket.socket) -> None:
+    """The cheap refusal at the connection limit: no task, no parsing."""
+    try:
+        sock.setblocking(False)
+        sock.recv(8192)  # take the request if it is there, so close sends FIN, not RST
+    except OSError:
+        pass
+    _send_and_close(sock, _RESPONSE_FULL)
+
+
+def _fmt(address: tuple[str, int] | None) -> str | None:
+    return None if address is None else f"{address[0]}:{address[1]}"
