@@ -1,0 +1,721 @@
+"""Load generator: many WebSocket client connections for almost nothing.
+
+Each client process is one ``select.epoll`` loop over raw non-blocking
+sockets. A connection is a file descriptor and an int in a dict (its state);
+there is no task, no coroutine and no library object per socket, and the
+socket object itself is detached right after ``connect()`` so only the bare
+fd stays. A partial frame is kept in a side dict only while it is partial.
+That keeps the client far cheaper than any server it measures, so the
+numbers are the server's.
+
+The parent drives N such processes (:class:`LoadGen`) over pipes. Each
+process binds its sockets to its own 127.0.0.x source addresses with
+``IP_BIND_ADDRESS_NO_PORT`` (the port is picked at ``connect()`` time, per
+destination, so the ephemeral range is per 4-tuple, not per source address)
+and never holds more than :data:`MAX_SOCKETS_PER_PROC` sockets, well under
+the 20,000 open files one process may have here.
+
+What a client does, per connection: connect, send the upgrade request
+(``GET PATH?token=JWT``, the token minted here with PyJWT for the
+connection's own subscriber id), wait for ``101``, optionally send the masked
+text frame ``{"type":"subscribe"}`` and wait for the first text frame back
+(the ``subscribed`` answer); then it is *open*. Open connections count every
+complete data message they receive; answer pings with pongs (servers with a
+keepalive close silent clients); answer a close frame and drop the socket.
+In latency mode they also parse ``"t":NANOSECONDS`` out of each message and
+record ``time.monotonic_ns() - t``; CLOCK_MONOTONIC is system-wide on Linux,
+so a publisher in another process can stamp it.
+
+Run standalone for a quick look::
+
+    python bench/loadgen.py --url ws://127.0.0.1:8080/v1/ws --secret S -n 2000
+
+Resource handling: every socket a worker opens is closed by ``close_all``
+or when the worker exits; workers exit when their pipe closes (the parent
+died) or on ``stop()``; every wait in parent and worker has a deadline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import array
+import errno
+import multiprocessing
+import multiprocessing.connection
+import os
+import re
+import select
+import socket
+import sys
+import time
+from typing import Any
+
+import jwt
+
+# The hard per-process limit here is 20,000 open files and cannot be raised;
+# a worker stays at 18,000 sockets so its pipe, epoll fd, stdio and the
+# interpreter's own files always fit.
+MAX_SOCKETS_PER_PROC = 18_000
+
+# One read drains everything queued on a socket: far more than a burst of
+# small events, and a single allocation per readable socket.
+RECV_SIZE = 65_536
+
+# Handshakes in flight per worker while opening. Enough to keep a fast
+# server busy (2 workers x 256 = 512 outstanding), few enough that the
+# accept queue (backlog 4,096 on every server here) never overflows, which
+# would turn into dropped SYNs and 1-second retransmits, i.e. measure the
+# kernel's retry timer instead of the server.
+DEFAULT_WINDOW = 256
+
+# Each worker spreads its sockets over this many source addresses
+# (127.0.W.1 .. 127.0.W.4 for worker W, all on the loopback /8), so even
+# without IP_BIND_ADDRESS_NO_PORT no address needs more than ~4,500 ports.
+SOURCE_ADDRS_PER_PROC = 4
+
+# A fixed Sec-WebSocket-Key (RFC 6455 §1.3 example) and its accept value:
+# servers don't care that every client uses the same nonce, and checking the
+# answer is then a bytes search.
+WS_KEY = "dGhlIHNhbXBsZSBub25jZQ=="
+WS_ACCEPT = b"s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
+
+# Client frames must be masked (RFC 6455 §5.3); an all-zero masking key is a
+# valid key and makes masking a no-op, so frames can be prebuilt.
+_ZERO_MASK = b"\x00\x00\x00\x00"
+SUBSCRIBE_MSG = b'{"type":"subscribe"}'
+SUBSCRIBE_FRAME = bytes([0x81, 0x80 | len(SUBSCRIBE_MSG)]) + _ZERO_MASK + SUBSCRIBE_MSG
+
+# Token lifetime: longer than any bench run.
+TOKEN_TTL_S = 3600
+
+# Linux socket option (include/uapi/linux/in.h); Python 3.11 lacks the name.
+IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)
+
+# Connection states (the only per-socket data besides a partial frame).
+_CONNECTING, _HANDSHAKE, _SUBSCRIBING, _OPEN = range(4)
+
+_T_RE = re.compile(rb'"t":(\d+)')
+
+
+def _client_frame(opcode: int, payload: bytes) -> bytes:
+    """A masked (zero key) client frame; control payloads are < 126 bytes."""
+    return bytes([0x80 | opcode, 0x80 | len(payload)]) + _ZERO_MASK + payload
+
+
+_CLOSE_REPLY = _client_frame(0x8, b"\x03\xe8")  # 1000 normal closure
+
+
+class _Worker:
+    """One client process: an epoll loop and a few dicts keyed by fd."""
+
+    def __init__(self, pipe, index: int, host: str, port: int, path: str,
+                 secret: str, subscribe: bool, prefix: str):
+        self.pipe = pipe
+        self.index = index
+        self.dst = (host, port)
+        self.host_header = f"{host}:{port}"
+        self.path = path
+        self.secret = secret
+        self.subscribe = subscribe
+        self.prefix = prefix
+        self.sources = [f"127.0.{index + 1}.{k + 1}" for k in range(SOURCE_ADDRS_PER_PROC)]
+        self.ep = select.epoll()
+        self.ep.register(pipe.fileno(), select.EPOLLIN)
+        self.state: dict[int, int] = {}      # fd -> state
+        self.partial: dict[int, bytes] = {}  # fd -> unparsed bytes (rare)
+        self.sub_of: dict[int, int] = {}     # fd -> subscriber number
+        self.started_ns: dict[int, int] = {} # fd -> connect time, until open
+        self.next_sub = 0
+        # opening
+        self.to_start: list[bytes] = []      # prebuilt requests still to connect
+        self.inflight = 0
+        self.window = DEFAULT_WINDOW
+        self.open_deadline = 0.0
+        self.opening = False
+        self.batch: dict[str, Any] = {}
+        # counters
+        self.frames = 0          # data messages since the last arm
+        self.first_ns = 0
+        self.last_ns = 0
+        self.total_frames = 0
+        self.last_frame_len = 0
+        self.pings = 0
+        self.server_closed = 0
+        self.close_codes: dict[int, int] = {}
+        self.errors: dict[str, int] = {}
+        # waiting for frames
+        self.wait_target = -1
+        self.wait_deadline = 0.0
+        # latency
+        self.lat_on = False
+        self.lat_min_t = 0
+        self.lat = array.array("q")
+
+    # -- opening -------------------------------------------------------------
+
+    def _request(self, sub: int) -> bytes:
+        name = f"{self.prefix}{self.index}-{sub}"
+        token = jwt.encode({"sub": name, "exp": int(time.time()) + TOKEN_TTL_S},
+                           self.secret, algorithm="HS256")
+        return (f"GET {self.path}?token={token} HTTP/1.1\r\n"
+                f"Host: {self.host_header}\r\n"
+                "Upgrade: websocket\r\nConnection: Upgrade\r\n"
+                f"Sec-WebSocket-Key: {WS_KEY}\r\n"
+                "Sec-WebSocket-Version: 13\r\n\r\n").encode()
+
+    def cmd_open(self, count: int, window: int, timeout: float):
+        if len(self.state) + count > MAX_SOCKETS_PER_PROC:
+            self.pipe.send(("error", f"worker {self.index}: {len(self.state)}+{count} sockets "
+                                     f"would exceed {MAX_SOCKETS_PER_PROC}"))
+            return
+        # Tokens and request bytes are made before the clock starts.
+        first = self.next_sub
+        self.next_sub += count
+        self.to_start = [self._request(s) for s in range(first + count - 1, first - 1, -1)]
+        self.window = window
+        self.inflight = 0
+        self.opening = True
+        self.batch = {"ok": 0, "failed": 0, "errors": {}, "setup_ns": array.array("q"),
+                      "subs": [], "t0": time.monotonic_ns(), "t1": 0, "count": count}
+        self.open_deadline = time.monotonic() + timeout
+        self._pump()
+
+    def _pump(self):
+        while self.to_start and self.inflight < self.window:
+            req = self.to_start.pop()
+            sub = self.next_sub - len(self.to_start) - 1
+            self._connect(sub, req)
+
+    def _connect(self, sub: int, req: bytes):
+        now = time.monotonic_ns()
+        try:
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+        except OSError as e:
+            self._batch_fail(f"socket: {errno.errorcode.get(e.errno, e.errno)}")
+            return
+        try:
+            s.setsockopt(socket.SOL_IP, IP_BIND_ADDRESS_NO_PORT, 1)
+            s.bind((self.sources[sub % SOURCE_ADDRS_PER_PROC], 0))
+            err = s.connect_ex(self.dst)
+        except OSError as e:
+            s.close()
+            self._batch_fail(f"connect: {errno.errorcode.get(e.errno, e.errno)}")
+            return
+        if err not in (0, errno.EINPROGRESS):
+            s.close()
+            self._batch_fail(f"connect: {errno.errorcode.get(err, err)}")
+            return
+        fd = s.detach()
+        self.state[fd] = _CONNECTING
+        self.sub_of[fd] = sub
+        self.started_ns[fd] = now
+        self.partial[fd] = req  # the request waits here until writable
+        self.inflight += 1
+        self.ep.register(fd, select.EPOLLOUT)
+
+    def _batch_fail(self, reason: str):
+        b = self.batch
+        b["failed"] += 1
+        b["errors"][reason] = b["errors"].get(reason, 0) + 1
+        self.errors[reason] = self.errors.get(reason, 0) + 1
+
+    def _fail(self, fd: int, reason: str):
+        """A connection died before it was open."""
+        self._drop(fd)
+        self.inflight -= 1
+        self._batch_fail(reason)
+
+    def _drop(self, fd: int):
+        self.state.pop(fd, None)
+        self.partial.pop(fd, None)
+        self.sub_of.pop(fd, None)
+        self.started_ns.pop(fd, None)
+        try:
+            self.ep.unregister(fd)
+        except OSError:
+            pass
+        os.close(fd)
+
+    def _opened(self, fd: int, now: int):
+        self.state[fd] = _OPEN
+        self.inflight -= 1
+        b = self.batch
+        b["ok"] += 1
+        b["setup_ns"].append(now - self.started_ns.pop(fd))
+        b["subs"].append(f"{self.prefix}{self.index}-{self.sub_of[fd]}")
+        b["t1"] = now
+
+    def _check_open_done(self):
+        b = self.batch
+        done = b["ok"] + b["failed"] >= b["count"]
+        if not done and time.monotonic() < self.open_deadline:
+            return
+        self.opening = False
+        if not done:  # give up on stragglers: close and count them
+            for fd in [fd for fd, st in self.state.items() if st != _OPEN]:
+                self._fail(fd, "timeout")
+            b["failed"] += len(self.to_start)
+            if self.to_start:
+                b["errors"]["not started"] = len(self.to_start)
+            self.to_start = []
+        b["setup_ns"] = b["setup_ns"].tobytes()
+        self.pipe.send(("opened", b))
+
+    # -- I/O -----------------------------------------------------------------
+
+    def _on_writable(self, fd: int):
+        req = self.partial.pop(fd)
+        try:
+            os.write(fd, req)  # a few hundred bytes on a fresh socket: all of it
+        except OSError as e:
+            self._fail(fd, f"connect: {errno.errorcode.get(e.errno, e.errno)}")
+            return
+        self.state[fd] = _HANDSHAKE
+        self.ep.modify(fd, select.EPOLLIN)
+
+    def _on_readable(self, fd: int, now: int):
+        st = self.state[fd]
+        if self.lat_on:
+            now = time.monotonic_ns()
+        try:
+            data = os.read(fd, RECV_SIZE)
+        except BlockingIOError:
+            return
+        except OSError as e:
+            self._lost(fd, st, f"read: {errno.errorcode.get(e.errno, e.errno)}")
+            return
+        if not data:
+            self._lost(fd, st, "eof" if st == _OPEN else "eof during handshake")
+            return
+        rest = self.partial.pop(fd, None)
+        if rest:
+            data = rest + data
+        if st == _HANDSHAKE:
+            end = data.find(b"\r\n\r\n")
+            if end < 0:
+                if len(data) > 16_384:
+                    self._fail(fd, "response head too long")
+                else:
+                    self.partial[fd] = data
+                return
+            head = data[:end]
+            if not head.startswith(b"HTTP/1.1 101"):
+                status = head.split(b"\r\n", 1)[0].decode("latin-1")[:60]
+                self._fail(fd, f"status: {status}")
+                return
+            if WS_ACCEPT not in head:
+                self._fail(fd, "bad Sec-WebSocket-Accept")
+                return
+            data = data[end + 4:]
+            if self.subscribe:
+                try:
+                    os.write(fd, SUBSCRIBE_FRAME)
+                except OSError as e:
+                    self._fail(fd, f"subscribe: {errno.errorcode.get(e.errno, e.errno)}")
+                    return
+                self.state[fd] = st = _SUBSCRIBING
+            else:
+                self._opened(fd, now)
+                st = _OPEN
+            if not data:
+                return
+        self._frames(fd, st, data, now)
+
+    def _lost(self, fd: int, st: int, reason: str):
+        if st == _OPEN:
+            self.errors[reason] = self.errors.get(reason, 0) + 1
+            self._drop(fd)
+        else:
+            self._fail(fd, reason)
+
+    def _frames(self, fd: int, st: int, data: bytes, now: int):
+        i = 0
+        n = len(data)
+        count = 0
+        while n - i >= 2:
+            b0 = data[i]
+            ln = data[i + 1] & 0x7F
+            h = 2
+            if ln == 126:
+                if n - i < 4:
+                    break
+                ln = int.from_bytes(data[i + 2:i + 4], "big")
+                h = 4
+            elif ln == 127:
+                if n - i < 10:
+                    break
+                ln = int.from_bytes(data[i + 2:i + 10], "big")
+                h = 10
+            if data[i + 1] & 0x80:  # a masked server frame: protocol error, but skip it
+                h += 4
+            end = i + h + ln
+            if end > n:
+                break
+            op = b0 & 0x0F
+            if op < 3:  # data frame (continuation, text, binary)
+                if b0 & 0x80:
+                    if st == _SUBSCRIBING:
+                        if b"subscribed" not in data[i + h:end]:
+                            self._fail(fd, "no subscribed answer")
+                            return
+                        self._opened(fd, now)
+                        st = _OPEN
+                    else:
+                        count += 1
+                        self.last_frame_len = end - i
+                        if self.lat_on:
+                            m = _T_RE.search(data, i + h, end)
+                            if m:
+                                t = int(m.group(1))
+                                if t >= self.lat_min_t:
+                                    self.lat.append(now - t)
+            elif op == 0x9:  # ping -> pong, same payload
+                self.pings += 1
+                try:
+                    os.write(fd, _client_frame(0xA, data[i + h:end]))
+                except OSError:
+                    pass
+            elif op == 0x8:  # close -> answer and drop
+                code = int.from_bytes(data[i + h:i + h + 2], "big") if ln >= 2 else 1005
+                self.close_codes[code] = self.close_codes.get(code, 0) + 1
+                self.server_closed += 1
+                try:
+                    os.write(fd, _CLOSE_REPLY)
+                except OSError:
+                    pass
+                if st == _OPEN:
+                    self._drop(fd)
+                else:
+                    self._fail(fd, f"closed by server ({code}) before open")
+                return
+            i = end
+        if i < n:
+            self.partial[fd] = data[i:]
+        if count:
+            self.frames += count
+            self.total_frames += count
+            if not self.first_ns:
+                self.first_ns = now
+            self.last_ns = now
+
+    # -- commands --------------------------------------------------------------
+
+    def cmd(self, msg) -> bool:
+        op = msg[0]
+        if op == "open":
+            self.cmd_open(*msg[1:])
+        elif op == "arm":
+            self.frames = self.first_ns = self.last_ns = 0
+            self.pipe.send(("armed", self.open_count()))
+        elif op == "wait":
+            self.wait_target = msg[1]
+            self.wait_deadline = time.monotonic() + msg[2]
+            self._check_wait()
+        elif op == "lat_on":
+            self.lat = array.array("q")
+            self.lat_min_t = msg[1]
+            self.lat_on = True
+            self.pipe.send(("ok",))
+        elif op == "lat_off":
+            self.lat_on = False
+            self.pipe.send(("lat", self.lat.tobytes()))
+            self.lat = array.array("q")
+        elif op == "stats":
+            self.pipe.send(("stats", self.stats()))
+        elif op == "close_all":
+            for fd in list(self.state):
+                self._drop(fd)
+            self.to_start = []
+            self.opening = False
+            self.pipe.send(("closed", self.stats()))
+        elif op == "exit":
+            return False
+        else:
+            self.pipe.send(("error", f"unknown command {op!r}"))
+        return True
+
+    def open_count(self) -> int:
+        return sum(1 for st in self.state.values() if st == _OPEN)
+
+    def stats(self) -> dict:
+        return {"open": self.open_count(), "sockets": len(self.state),
+                "total_frames": self.total_frames, "frames": self.frames,
+                "pings": self.pings, "server_closed": self.server_closed,
+                "close_codes": dict(self.close_codes), "errors": dict(self.errors),
+                "last_frame_len": self.last_frame_len}
+
+    def _check_wait(self):
+        if self.wait_target < 0:
+            return
+        if self.frames >= self.wait_target or time.monotonic() >= self.wait_deadline:
+            self.pipe.send(("waited", {"frames": self.frames, "first_ns": self.first_ns,
+                                       "last_ns": self.last_ns, "open": self.open_count(),
+                                       "last_frame_len": self.last_frame_len}))
+            self.wait_target = -1
+
+    def run(self):
+        pipe_fd = self.pipe.fileno()
+        state = self.state
+        EPOLLIN, EPOLLOUT = select.EPOLLIN, select.EPOLLOUT
+        try:
+            while True:
+                deadlines = []
+                if self.opening:
+                    deadlines.append(self.open_deadline)
+                if self.wait_target >= 0:
+                    deadlines.append(self.wait_deadline)
+                timeout = max(0.0, min(deadlines) - time.monotonic()) if deadlines else -1
+                events = self.ep.poll(timeout, 4096)
+                now = time.monotonic_ns()
+                for fd, ev in events:
+                    if fd == pipe_fd:
+                        continue
+                    st = state.get(fd)
+                    if st is None:
+                        continue
+                    if st == _CONNECTING:
+                        if ev & EPOLLOUT:
+                            self._on_writable(fd)
+                        else:
+                            self._fail(fd, "connect: refused or reset")
+                    else:
+                        self._on_readable(fd, now)
+                for fd, ev in events:  # commands after the data that came with them
+                    if fd == pipe_fd:
+                        try:
+                            msg = self.pipe.recv()
+                        except (EOFError, OSError):
+                            return
+                        if not self.cmd(msg):
+                            return
+                if self.opening:
+                    self._pump()
+                    self._check_open_done()
+                self._check_wait()
+        finally:
+            for fd in list(state):
+                os.close(fd)
+
+
+def _worker_main(pipe, *args):
+    try:
+        _Worker(pipe, *args).run()
+    except KeyboardInterrupt:
+        pass
+
+
+class LoadGenError(Exception):
+    """A worker failed to answer or reported an error."""
+
+
+class LoadGen:
+    """The parent side: several worker processes driven in lockstep.
+
+    Args:
+      host, port, path: the WebSocket endpoint (``path`` without query).
+      secret: HS256 secret for the tokens (any string for servers that ignore it).
+      procs: worker processes; each holds at most MAX_SOCKETS_PER_PROC sockets.
+      subscribe: send ``{"type":"subscribe"}`` and wait for the answer before
+        counting a connection as open.
+      prefix: subscriber ids are ``PREFIX<worker>-<n>``.
+
+    Resource handling: use as a context manager; ``stop()`` closes every
+    socket and ends the processes (terminate after a grace period).
+    """
+
+    def __init__(self, host: str, port: int, path: str = "/v1/ws", secret: str = "bench",
+                 procs: int = 2, subscribe: bool = True, prefix: str = "s"):
+        ctx = multiprocessing.get_context("fork")
+        self.pipes = []
+        self.procs = []
+        self.open_per_worker = [0] * procs
+        self.subscribers: list[str] = []
+        for w in range(procs):
+            parent, child = ctx.Pipe()
+            p = ctx.Process(target=_worker_main, name=f"loadgen-{w}", daemon=True,
+                            args=(child, w, host, port, path, secret, subscribe, prefix))
+            p.start()
+            child.close()
+            self.pipes.append(parent)
+            self.procs.append(p)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()
+
+    @property
+    def capacity(self) -> int:
+        return MAX_SOCKETS_PER_PROC * len(self.procs)
+
+    def _all(self, msg, timeout: float) -> list:
+        for p in self.pipes:
+            p.send(msg)
+        return self._gather(timeout)
+
+    def _gather(self, timeout: float, pipes=None) -> list:
+        pipes = pipes if pipes is not None else self.pipes
+        deadline = time.monotonic() + timeout
+        out = [None] * len(pipes)
+        waiting = set(range(len(pipes)))
+        while waiting:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise LoadGenError(f"workers {sorted(waiting)} did not answer in {timeout:.0f} s")
+            ready = multiprocessing.connection.wait([pipes[i] for i in waiting], left)
+            for r in ready:
+                i = pipes.index(r)
+                try:
+                    reply = r.recv()
+                except EOFError:
+                    raise LoadGenError(f"worker {i} died") from None
+                if reply[0] == "error":
+                    raise LoadGenError(reply[1])
+                out[i] = reply
+                waiting.discard(i)
+        return out
+
+    def open(self, n: int, window: int = DEFAULT_WINDOW, timeout: float = 120.0) -> dict:
+        """Open ``n`` more connections as fast as the server takes them.
+
+        Returns ok/failed counts, error reasons, the wall time from the first
+        connect to the last connection open, the rate, and setup-time
+        percentiles (connect start to open, per connection).
+        """
+        k = len(self.pipes)
+        shares = [n // k + (1 if w < n % k else 0) for w in range(k)]
+        for p, share in zip(self.pipes, shares):
+            p.send(("open", share, window, timeout))
+        replies = self._gather(timeout + 30)
+        ok = failed = 0
+        errors: dict[str, int] = {}
+        setup = array.array("q")
+        t0s, t1s = [], []
+        for w, (_, b) in enumerate(replies):
+            ok += b["ok"]
+            failed += b["failed"]
+            self.open_per_worker[w] += b["ok"]
+            self.subscribers.extend(b["subs"])
+            for k_, v in b["errors"].items():
+                errors[k_] = errors.get(k_, 0) + v
+            s = array.array("q")
+            s.frombytes(b["setup_ns"])
+            setup.extend(s)
+            if b["count"]:
+                t0s.append(b["t0"])
+                if b["t1"]:
+                    t1s.append(b["t1"])
+        seconds = (max(t1s) - min(t0s)) / 1e9 if t1s and t0s else 0.0
+        srt = sorted(setup)
+        return {"requested": n, "ok": ok, "failed": failed, "errors": errors,
+                "seconds": seconds, "rate": ok / seconds if seconds > 0 else 0.0,
+                "setup_ms_p50": _pct(srt, 0.50) / 1e6, "setup_ms_p99": _pct(srt, 0.99) / 1e6,
+                "setup_ms_max": (srt[-1] / 1e6) if srt else 0.0}
+
+    def arm(self) -> list[int]:
+        """Reset the per-round frame counters; returns open connections per worker."""
+        replies = self._all(("arm",), 10)
+        self.open_per_worker = [r[1] for r in replies]
+        return self.open_per_worker
+
+    def wait_frames(self, per_worker: list[int], timeout: float) -> dict:
+        """Wait until worker w has received ``per_worker[w]`` messages since arm."""
+        for p, target in zip(self.pipes, per_worker):
+            p.send(("wait", target, timeout))
+        replies = [r[1] for r in self._gather(timeout + 10)]
+        firsts = [r["first_ns"] for r in replies if r["first_ns"]]
+        lasts = [r["last_ns"] for r in replies if r["last_ns"]]
+        return {"frames": sum(r["frames"] for r in replies),
+                "first_ns": min(firsts) if firsts else 0,
+                "last_ns": max(lasts) if lasts else 0,
+                "open": sum(r["open"] for r in replies),
+                "frame_len": max(r["last_frame_len"] for r in replies)}
+
+    def latency_on(self, min_t_ns: int = 0):
+        self._all(("lat_on", min_t_ns), 10)
+
+    def latency_off(self) -> array.array:
+        out = array.array("q")
+        for r in self._all(("lat_off",), 30):
+            a = array.array("q")
+            a.frombytes(r[1])
+            out.extend(a)
+        return out
+
+    def stats(self) -> dict:
+        return _merge([r[1] for r in self._all(("stats",), 10)])
+
+    def close_all(self) -> dict:
+        self.subscribers = []
+        self.open_per_worker = [0] * len(self.pipes)
+        return _merge([r[1] for r in self._all(("close_all",), 60)])
+
+    def stop(self):
+        for p in self.pipes:
+            try:
+                p.send(("exit",))
+            except OSError:
+                pass
+        for proc in self.procs:
+            proc.join(5)
+            if proc.is_alive():
+                proc.terminate()
+                proc.join(5)
+        for p in self.pipes:
+            p.close()
+        self.pipes = []
+        self.procs = []
+
+
+def _merge(stats: list[dict]) -> dict:
+    out: dict[str, Any] = {"open": 0, "sockets": 0, "total_frames": 0, "frames": 0, "pings": 0,
+                           "server_closed": 0, "close_codes": {}, "errors": {}, "last_frame_len": 0}
+    for s in stats:
+        for k in ("open", "sockets", "total_frames", "frames", "pings", "server_closed"):
+            out[k] += s[k]
+        out["last_frame_len"] = max(out["last_frame_len"], s["last_frame_len"])
+        for k in ("close_codes", "errors"):
+            for kk, v in s[k].items():
+                out[k][kk] = out[k].get(kk, 0) + v
+    return out
+
+
+def _pct(sorted_values, q: float) -> float:
+    if not sorted_values:
+        return 0.0
+    return sorted_values[min(len(sorted_values) - 1, int(q * len(sorted_values)))]
+
+
+def procs_for(n: int, minimum: int = 2) -> int:
+    """Worker processes needed for ``n`` sockets (at least ``minimum``)."""
+    return max(minimum, -(-n // MAX_SOCKETS_PER_PROC))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--url", default="ws://127.0.0.1:8080/v1/ws")
+    ap.add_argument("--secret", default=os.environ.get("MAILPUSH_SECRET", "bench"))
+    ap.add_argument("-n", type=int, default=1000, help="connections to open")
+    ap.add_argument("--procs", type=int, default=0, help="worker processes (default: enough, min 2)")
+    ap.add_argument("--window", type=int, default=DEFAULT_WINDOW)
+    ap.add_argument("--no-subscribe", action="store_true")
+    ap.add_argument("--hold", type=float, default=0.0, help="seconds to hold them open, counting frames")
+    a = ap.parse_args(argv)
+    rest = a.url.split("://", 1)[1]
+    hostport, _, path = rest.partition("/")
+    host, _, port = hostport.rpartition(":")
+    procs = a.procs or procs_for(a.n)
+    with LoadGen(host, int(port), "/" + path, a.secret, procs, not a.no_subscribe) as lg:
+        r = lg.open(a.n, a.window)
+        print(f"opened {r['ok']}/{a.n} in {r['seconds']:.2f} s = {r['rate']:,.0f} conn/s; "
+              f"setup p50 {r['setup_ms_p50']:.1f} ms p99 {r['setup_ms_p99']:.1f} ms; "
+              f"failed {r['failed']} {r['errors'] or ''}")
+        if a.hold:
+            time.sleep(min(a.hold, 3600))
+            print("stats:", lg.stats())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

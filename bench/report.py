@@ -1,0 +1,191 @@
+"""RESULTS.md and the PNG plots, generated from the scenarios' JSON files.
+
+Nothing here measures anything: it reads ``<out>/<scenario>.json`` as
+written by run.py in the same run and renders them. Run it alone to
+re-render after editing the layout::
+
+    python bench/report.py bench/results bench/RESULTS.md
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+from scenarios import SCENARIOS
+from servers import SERVERS
+
+# Fixed colours per server so every plot reads the same way.
+COLORS = {"mailpush": "#d62728", "triows": "#1f77b4", "websockets": "#2ca02c", "floor": "#7f7f7f"}
+
+# Plot size in inches at 100 dpi: readable on GitHub without zooming.
+FIGSIZE = (9, 4.5)
+DPI = 100
+
+
+def _label(name: str) -> str:
+    return SERVERS[name].label if name in SERVERS else name
+
+
+def _load(out: Path) -> dict[str, dict]:
+    data = {}
+    for name in SCENARIOS:
+        path = out / f"{name}.json"
+        if path.exists():
+            data[name] = json.loads(path.read_text())
+    return data
+
+
+def _ok(results: dict) -> dict:
+    return {k: v for k, v in results.items() if "error" not in v and "skipped" not in v}
+
+
+def plots(out: Path, data: dict) -> list[tuple[str, Path]]:
+    """Write the PNGs; returns (title, path) for those written."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+
+    if "memory" in data and _ok(data["memory"]["results"]):
+        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=FIGSIZE, dpi=DPI)
+        for name, r in _ok(data["memory"]["results"]).items():
+            xs = [0] + [p["connections"] for p in r["points"]]
+            ys = [0] + [p["delta_kb"] / 1024 for p in r["points"]]
+            ax1.plot(xs, ys, "o-", color=COLORS.get(name), label=_label(name))
+            ax2.plot(xs[1:], [p["kb_per_conn"] for p in r["points"]], "o-", color=COLORS.get(name))
+        ax1.set(xlabel="idle connections", ylabel="RSS above empty server (MiB)", title="Memory vs connections")
+        ax2.set(xlabel="idle connections", ylabel="KiB per connection", title="Memory per connection")
+        ax2.set_ylim(bottom=0)
+        ax1.legend(fontsize=8)
+        for ax in (ax1, ax2):
+            ax.grid(alpha=0.3)
+        fig.tight_layout()
+        path = out / "memory.png"
+        fig.savefig(path)
+        plt.close(fig)
+        written.append(("Memory vs connections", path))
+
+    for key, title, ylabel in (("upgrade", "Upgrade rate", "connections/s"),
+                               ("fanout", "Fan-out", "deliveries/s")):
+        if key not in data or not _ok(data[key]["results"]):
+            continue
+        ok = _ok(data[key]["results"])
+        names = list(ok)
+        med = [ok[n]["rate_median"] for n in names]
+        lo = [m - ok[n]["rate_min"] for n, m in zip(names, med)]
+        hi = [ok[n]["rate_max"] - m for n, m in zip(names, med)]
+        fig, ax = plt.subplots(figsize=FIGSIZE, dpi=DPI)
+        bars = ax.bar(range(len(names)), med, yerr=[lo, hi], capsize=4,
+                      color=[COLORS.get(n, "#999999") for n in names])
+        for b, m in zip(bars, med):
+            ax.annotate(f"{m:,.0f}", (b.get_x() + b.get_width() / 2, m), ha="center", va="bottom",
+                        fontsize=8, xytext=(0, 3), textcoords="offset points")
+        ax.set_xticks(range(len(names)), [_label(n).replace(" (", "\n(").replace(", ", ",\n") for n in names],
+                      fontsize=8)
+        n = next(iter(ok.values()))["n"]
+        ax.set(ylabel=ylabel, title=f"{title}, {n:,} connections (median, min–max)")
+        ax.grid(axis="y", alpha=0.3)
+        fig.tight_layout()
+        path = out / f"{key}.png"
+        fig.savefig(path)
+        plt.close(fig)
+        written.append((title, path))
+
+    if "latency" in data and _ok(data["latency"]["results"]):
+        fig, ax = plt.subplots(figsize=FIGSIZE, dpi=DPI)
+        for name, r in _ok(data["latency"]["results"]).items():
+            for bus, b in r["buses"].items():
+                cdf = b["cdf_ms"]
+                if not cdf:
+                    continue
+                ys = [i / len(cdf) for i in range(len(cdf))]
+                ax.plot(cdf, ys, label=f"{_label(name)}, {bus} bus, {b['target_rate']:,} events/s",
+                        color=COLORS.get(name))
+        ax.set_xscale("log")
+        ax.set(xlabel="publish → receive (ms, log scale)", ylabel="fraction of events",
+               title="Latency CDF")
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        path = out / "latency_cdf.png"
+        fig.savefig(path)
+        plt.close(fig)
+        written.append(("Latency CDF", path))
+    return written
+
+
+def write(out: Path, md_path: Path, meta: dict) -> Path:
+    """Render ``md_path`` (and the plots into ``out``) from ``out``'s JSON."""
+    data = _load(out)
+    images = dict((title, path) for title, path in plots(out, data))
+
+    def img(title: str) -> list[str]:
+        path = images.get(title)
+        if not path:
+            return []
+        rel = os.path.relpath(path, md_path.parent)
+        return ["", f"![{title}]({rel})"]
+
+    lines = [
+        "# mailpush benchmark results",
+        "",
+        f"Generated by `bench/run.py` on {meta['date']} (profile **{meta['profile']}**, "
+        f"{meta['seconds'] / 60:.1f} minutes). Every number below was measured in that one run, "
+        "on this machine, with the same load generator for every server.",
+        "",
+        f"Command: `{meta['command']}`",
+        "",
+        "## Machine",
+        "",
+    ]
+    lines += [f"- {k}: {v}" for k, v in meta["machine"].items()]
+    lines += [
+        "",
+        "## Method",
+        "",
+        "- Load generator: `bench/loadgen.py`, "
+        f"{meta['client']['procs_note']}; raw non-blocking sockets on one epoll per "
+        "process, no task or object per socket; several 127.0.x.y source addresses; "
+        "each connection upgrades with its own HS256 token, sends `{\"type\":\"subscribe\"}` "
+        "and counts as open once the answer arrives.",
+        "- Servers, each in a fresh process per scenario: "
+        + "; ".join(f"**{_label(n)}**" + (f" ({SERVERS[n].script}.py)" if SERVERS[n].script else
+                                            " (`mailpush serve`, embedded bus, JWT auth)")
+                    for n in SERVERS) + ".",
+        "- Ratios: `× mailpush` is the server's value divided by mailpush's, `× floor` divided "
+        "by the floor's (for memory, lower is better; for rates, higher is better).",
+        "- Everything shares 2 cores over loopback: the clients' epoll loops run next to the "
+        "server, and a loopback `send()` pays for the receiver's TCP work too, so absolute "
+        "rates are below what separate client machines would show; the ratios are the point.",
+        "- Reference servers send a 40-byte text payload; mailpush sends its real event frame "
+        "(envelope with subscriber and event name), whose size is in the fan-out table.",
+        "",
+    ]
+    for name, sc in SCENARIOS.items():
+        if name not in data:
+            continue
+        d = data[name]
+        lines += [f"## {sc.title}", ""]
+        if sc.doc:
+            lines += [" ".join(sc.doc.split()), ""]
+        lines += sc.table(d["results"])
+        lines += img({"memory": "Memory vs connections", "upgrade": "Upgrade rate",
+                      "fanout": "Fan-out", "latency": "Latency CDF"}.get(name, ""))
+        lines += ["", f"Raw numbers: `{os.path.relpath(out / f'{name}.json', md_path.parent)}`.", ""]
+    if meta.get("notes"):
+        lines += ["## Notes from this run", ""] + [f"- {n}" for n in meta["notes"]] + [""]
+    md_path.write_text("\n".join(lines) + "\n")
+    return md_path
+
+
+if __name__ == "__main__":
+    out_dir = Path(sys.argv[1])
+    md = Path(sys.argv[2]) if len(sys.argv) > 2 else out_dir / "RESULTS.md"
+    meta_path = out_dir / "meta.json"
+    write(out_dir, md, json.loads(meta_path.read_text()))
+    print(md)

@@ -1,0 +1,195 @@
+"""`make bench`: every scenario, every server, one run, one report.
+
+    .venv/bin/python bench/run.py            # full: ~6-8 min -> bench/RESULTS.md, bench/results/
+    .venv/bin/python bench/run.py --quick    # 2,000 connections: ~1.5 min -> bench/results/quick/
+    .venv/bin/python bench/run.py --tiny --out DIR   # 50 connections: the smoke test
+
+Options: ``--only memory,fanout`` (scenarios), ``--servers mailpush,floor``.
+Each scenario prints its table as it finishes and writes ``<out>/<name>.json``;
+at the end report.py renders RESULTS.md and the plots from those files.
+Exit status 1 if any server failed a scenario (a skipped server, e.g.
+mailpush before it exists, is not a failure).
+
+Resource handling: every server is its own process group, stopped when its
+scenario ends and again (all of them) on exit, Ctrl-C or SIGTERM; the load
+generator's processes end with their scenario.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import signal
+import subprocess
+import sys
+import time
+import traceback
+from dataclasses import asdict
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+
+import report
+from loadgen import MAX_SOCKETS_PER_PROC
+from scenarios import PROFILES, SCENARIOS, Context
+from servers import BENCH, ROOT, SERVERS, stop_all
+
+# Where each profile writes when --out is not given. The full run's files
+# are the ones README links to; quick runs go aside so they never overwrite
+# them; tiny runs (the smoke test) must name a directory.
+DEFAULT_OUT = {"full": BENCH / "results", "quick": BENCH / "results" / "quick"}
+DEFAULT_MD = {"full": BENCH / "RESULTS.md"}
+
+# What each profile is meant to take on this 2-core machine (issue 5); the
+# run prints a warning when it goes over, so drift gets noticed.
+TIME_BUDGET_S = {"full": 15 * 60, "quick": 3 * 60, "tiny": 60}
+
+# Packages whose versions go into the report.
+PACKAGES = ["trio", "trio-websocket", "wsproto", "websockets", "pyjwt", "orjson", "matplotlib", "mailpush"]
+
+
+def machine_facts() -> dict:
+    facts = {"CPUs (nproc)": os.cpu_count()}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    facts["CPU model"] = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemTotal:"):
+                    facts["memory (MemTotal)"] = f"{int(line.split()[1]) / 1024 / 1024:.1f} GiB"
+    except OSError:
+        pass
+    facts["kernel"] = platform.release()
+    facts["Python"] = platform.python_version()
+    versions = []
+    for p in PACKAGES:
+        try:
+            versions.append(f"{p} {metadata.version(p)}")
+        except metadata.PackageNotFoundError:
+            pass
+    facts["packages"] = ", ".join(versions)
+    try:
+        rev = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
+                             capture_output=True, text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--", "src"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        facts["mailpush commit"] = (rev or "none yet") + (" + uncommitted changes in src/" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        pass
+    facts["open files per process (hard limit)"] = _nofile()
+    return facts
+
+
+def _nofile() -> str:
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return f"{soft} soft / {hard} hard"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description="mailpush benchmarks")
+    size = ap.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="2,000 connections, under 3 minutes")
+    size.add_argument("--tiny", action="store_true", help="50 connections, for the smoke test")
+    ap.add_argument("--out", type=Path, help="directory for JSON, plots, logs (and RESULTS.md)")
+    ap.add_argument("--only", default="", help=f"comma-separated scenarios of {','.join(SCENARIOS)}")
+    ap.add_argument("--servers", default="", help=f"comma-separated servers of {','.join(SERVERS)}")
+    a = ap.parse_args(argv)
+
+    profile = PROFILES["quick" if a.quick else "tiny" if a.tiny else "full"]
+    if a.out is None and profile.name not in DEFAULT_OUT:
+        ap.error("--tiny needs --out DIR (it must not overwrite bench/results)")
+    out = (a.out or DEFAULT_OUT[profile.name]).resolve()
+    md_path = DEFAULT_MD.get(profile.name) if a.out is None else None
+    md_path = md_path or out / "RESULTS.md"
+    only = [s for s in a.only.split(",") if s] or list(SCENARIOS)
+    servers = [s for s in a.servers.split(",") if s] or list(SERVERS)
+    for s in only:
+        if s not in SCENARIOS:
+            ap.error(f"unknown scenario {s!r}")
+    for s in servers:
+        if s not in SERVERS:
+            ap.error(f"unknown server {s!r}")
+
+    out.mkdir(parents=True, exist_ok=True)
+    for old in out.glob("*.json"):  # a report must only show this run's numbers
+        old.unlink()
+    ctx = Context(profile, out)
+    signal.signal(signal.SIGTERM, _sigterm)
+    began = time.monotonic()
+    failed = False
+    notes = []
+    cmd = "make bench" if a.quick is False and a.tiny is False and argv is None and len(sys.argv) == 1 else None
+    command = shlex.join([os.path.relpath(sys.executable, ROOT) if sys.executable.startswith(str(ROOT))
+                          else sys.executable, "bench/run.py"] + (argv if argv is not None else sys.argv[1:]))
+    print(f"profile {profile.name}: {asdict(profile)}")
+    print(f"writing to {out}")
+    try:
+        for name in only:
+            sc = SCENARIOS[name]
+            t0 = time.monotonic()
+            print(f"\n== {sc.title} ({name})", flush=True)
+            results = {}
+            for server in servers:
+                if server not in sc.servers:
+                    continue
+                spec = SERVERS[server]
+                why = spec.unavailable()
+                if why:
+                    print(f"  {server}: skipped, {why}")
+                    results[server] = {"skipped": why}
+                    continue
+                try:
+                    results[server] = sc.fn(ctx, spec)
+                except KeyboardInterrupt:
+                    raise
+                except Exception as e:  # record, report, go on with the next server
+                    failed = True
+                    tb = traceback.format_exc()
+                    print(f"  {server}: FAILED {type(e).__name__}: {e}\n{tb}", flush=True)
+                    results[server] = {"error": f"{type(e).__name__}: {e}", "traceback": tb}
+                    notes.append(f"{name} / {server}: {type(e).__name__}: {str(e).splitlines()[0][:300]}")
+                finally:
+                    stop_all()
+            print("\n".join(sc.table(results)), flush=True)
+            (out / f"{name}.json").write_text(json.dumps({
+                "scenario": name, "title": sc.title, "profile": asdict(profile),
+                "seconds": time.monotonic() - t0, "results": results}, indent=1))
+    finally:
+        stop_all()
+    seconds = time.monotonic() - began
+    budget = TIME_BUDGET_S[profile.name]
+    if seconds > budget:
+        notes.append(f"this run took {seconds / 60:.1f} min, over its {budget / 60:.0f} min budget")
+    procs = max(profile.client_procs, 1)
+    meta = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "profile": profile.name, "seconds": seconds, "command": cmd or command,
+            "machine": machine_facts(), "notes": notes,
+            "client": {"procs_note": f"{procs}+ worker processes (one more per "
+                                     f"{MAX_SOCKETS_PER_PROC:,} sockets)"}}
+    (out / "meta.json").write_text(json.dumps(meta, indent=1))
+    md = report.write(out, md_path, meta)
+    print(f"\n{profile.name} run took {seconds:.0f} s; report: {md}")
+    return 1 if failed else 0
+
+
+def _sigterm(signum, frame):
+    raise KeyboardInterrupt
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        stop_all()
+        sys.exit(130)

@@ -1,0 +1,302 @@
+"""The servers under test: how to start, probe, trigger and stop each one.
+
+Every server runs as its own process group (``start_new_session``) so that
+stopping it also stops any worker processes it forked; memory is the sum of
+VmRSS over the process and all its descendants.
+
+mailpush runs in its real configuration (``mailpush serve``, embedded bus,
+JWT auth, warning-level logs) and is triggered through its admin publish
+API, one item per subscriber. The reference servers accept any token and are
+triggered by ``POST /fanout`` on their admin port (see refhttp.py).
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent
+ROOT = BENCH.parent
+
+HOST = "127.0.0.1"
+
+# Shared by mailpush and the load generator to sign and check tokens; 32+
+# bytes because PyJWT warns about shorter HS256 keys.
+SECRET = "mailpush-bench-secret-0123456789abcdef"
+
+# mailpush's --max-connections: above the largest count any scenario opens
+# (15,000) and below the 20,000 open files a process may have here.
+MAILPUSH_MAX_CONNECTIONS = 19_000
+
+# How long a server gets to answer /healthz after start: imports plus
+# binding; seconds on a busy 2-core machine, never more.
+READY_TIMEOUT_S = 30.0
+
+# SIGTERM grace before SIGKILL when stopping a server (mailpush drains).
+STOP_GRACE_S = 5.0
+
+# A trigger (fan-out POST, publish batch) must be answered within this.
+TRIGGER_TIMEOUT_S = 60.0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+def mailpush_command() -> list[str] | None:
+    """How to run ``mailpush`` from this venv, or None if it is not installed."""
+    exe = Path(sys.executable).parent / "mailpush"
+    if exe.exists():
+        return [str(exe)]
+    found = shutil.which("mailpush")
+    return [found] if found else None
+
+
+def mailpush_available() -> str | None:
+    """None if mailpush can be benchmarked, else why not."""
+    if mailpush_command() is None:
+        return "the mailpush command is not installed in this venv"
+    if not (ROOT / "src" / "mailpush" / "server.py").exists():
+        return "src/mailpush/server.py does not exist yet"
+    return None
+
+
+@dataclass
+class ServerSpec:
+    name: str                 # short key used in results
+    label: str                # what the tables call it
+    kind: str                 # "mailpush" or "ref"
+    script: str = ""          # bench/<script>.py for reference servers
+    extra_args: list[str] = field(default_factory=list)
+
+    def argv(self, port: int, aport: int) -> list[str]:
+        if self.kind == "mailpush":
+            cmd = mailpush_command() or ["mailpush"]
+            return cmd + ["serve", "--listen", f"{HOST}:{port}", "--admin", f"{HOST}:{aport}",
+                          "--secret", SECRET, "--log-level", "warning",
+                          "--max-connections", str(MAILPUSH_MAX_CONNECTIONS)] + self.extra_args
+        return [sys.executable, str(BENCH / f"{self.script}.py"),
+                "--listen", f"{HOST}:{port}", "--admin", f"{HOST}:{aport}"] + self.extra_args
+
+    def unavailable(self) -> str | None:
+        return mailpush_available() if self.kind == "mailpush" else None
+
+
+# The registry of servers, in table order: mailpush first, the floor last.
+SERVERS: dict[str, ServerSpec] = {s.name: s for s in [
+    ServerSpec("mailpush", "mailpush", "mailpush"),
+    ServerSpec("triows", "trio-websocket (task per connection)", "ref", "ref_triows"),
+    ServerSpec("websockets", "websockets 17 asyncio, broadcast()", "ref", "ref_websockets"),
+    ServerSpec("floor", "floor: parked Trio task + raw send()", "ref", "ref_floor"),
+]}
+
+
+class ServerError(Exception):
+    """A server did not start, answer or stay alive."""
+
+
+class Server:
+    """One running server process (group). Use as a context manager.
+
+    Resource handling: ``stop()`` (also on ``__exit__``) sends SIGTERM to the
+    whole process group, then SIGKILL after STOP_GRACE_S; run.py also stops
+    every live Server on exit or Ctrl-C through ``Server.live``.
+    """
+
+    live: set["Server"] = set()
+
+    def __init__(self, spec: ServerSpec, log_path: Path, extra_args: list[str] | None = None):
+        self.spec = spec
+        self.port = free_port()
+        self.aport = free_port()
+        while self.aport == self.port:
+            self.aport = free_port()
+        self.log_path = log_path
+        self.extra_args = extra_args or []
+        self.proc: subprocess.Popen | None = None
+        self._http: http.client.HTTPConnection | None = None
+
+    def __enter__(self):
+        self.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()
+
+    # -- lifecycle -------------------------------------------------------------
+
+    def start(self):
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        log = open(self.log_path, "ab")
+        argv = self.spec.argv(self.port, self.aport) + self.extra_args
+        log.write(f"$ {' '.join(argv)}\n".encode())
+        log.flush()
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                                     start_new_session=True, cwd=ROOT, env=env)
+        log.close()
+        Server.live.add(self)
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        port = self.port if self.spec.kind == "mailpush" else self.aport
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise ServerError(f"{self.spec.name} exited with {self.proc.returncode} "
+                                  f"before ready; log: {self.log_tail()}")
+            try:
+                status, _ = _request(port, "GET", "/healthz", timeout=1.0)
+                if status == 200:
+                    return
+            except OSError:
+                pass
+            time.sleep(0.05)
+        raise ServerError(f"{self.spec.name} not ready in {READY_TIMEOUT_S:.0f} s; log: {self.log_tail()}")
+
+    def stop(self):
+        if self._http is not None:
+            self._http.close()
+            self._http = None
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            try:
+                self.proc.wait(STOP_GRACE_S)
+            except subprocess.TimeoutExpired:
+                pass
+        try:  # whatever is left of the group, the leader included
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        try:
+            self.proc.wait(STOP_GRACE_S)
+        except subprocess.TimeoutExpired:
+            pass
+        Server.live.discard(self)
+        self.proc = None
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def log_tail(self, lines: int = 15) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace").splitlines()
+        except OSError:
+            return ""
+        return "\n".join(text[-lines:])
+
+    # -- measurements ------------------------------------------------------------
+
+    def pids(self) -> list[int]:
+        """The server process and all its descendants."""
+        if self.proc is None:
+            return []
+        out, todo = [], [self.proc.pid]
+        while todo:
+            pid = todo.pop()
+            out.append(pid)
+            try:
+                for task in os.listdir(f"/proc/{pid}/task"):
+                    with open(f"/proc/{pid}/task/{task}/children") as f:
+                        todo.extend(int(c) for c in f.read().split())
+            except OSError:
+                pass
+        return out
+
+    def rss_kb(self) -> int:
+        """Sum of VmRSS over the process tree, in KiB (/proc/PID/status)."""
+        total = 0
+        for pid in self.pids():
+            try:
+                with open(f"/proc/{pid}/status") as f:
+                    for line in f:
+                        if line.startswith("VmRSS:"):
+                            total += int(line.split()[1])
+                            break
+            except OSError:
+                pass
+        return total
+
+    def cpu_s(self) -> float:
+        """CPU time of the process tree in seconds, at nanosecond resolution:
+        the first field of /proc/PID/task/TID/schedstat, summed over threads
+        (utime/stime in /proc/PID/stat only tick every 10 ms)."""
+        total = 0
+        for pid in self.pids():
+            try:
+                tasks = os.listdir(f"/proc/{pid}/task")
+            except OSError:
+                continue
+            for tid in tasks:
+                try:
+                    with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                        total += int(f.read().split()[0])
+                except (OSError, IndexError, ValueError):
+                    pass
+        return total / 1e9
+
+    # -- triggers ------------------------------------------------------------------
+
+    def admin(self, method: str, path: str, body: bytes = b"",
+              timeout: float = TRIGGER_TIMEOUT_S) -> tuple[int, bytes]:
+        """One request on a keep-alive connection to the admin port (reconnects
+        once if the server closed it)."""
+        for attempt in (0, 1):
+            if self._http is None:
+                self._http = http.client.HTTPConnection(HOST, self.aport, timeout=timeout)
+            try:
+                headers = {"Content-Type": "application/json"} if body else {}
+                self._http.request(method, path, body=body, headers=headers)
+                resp = self._http.getresponse()
+                data = resp.read()
+                if resp.getheader("Connection", "").lower() == "close":
+                    self._http.close()
+                    self._http = None
+                return resp.status, data
+            except (http.client.HTTPException, ConnectionError) as e:
+                self._http.close()
+                self._http = None
+                if attempt:
+                    raise ServerError(f"admin {method} {path}: {e!r}") from e
+        raise AssertionError("unreachable")
+
+    def fanout_body(self, subscribers: list[str], n: int) -> bytes:
+        """The trigger body for one fan-out round (built before timing)."""
+        if self.spec.kind != "mailpush":
+            return b""
+        return json.dumps([{"subscriber": s, "event": "new_letter", "data": {"n": n}}
+                           for s in subscribers], separators=(",", ":")).encode()
+
+    def trigger_fanout(self, body: bytes) -> tuple[int, bytes]:
+        if self.spec.kind == "mailpush":
+            return self.admin("POST", "/v1/publish", body)
+        return self.admin("POST", "/fanout")
+
+
+def _request(port: int, method: str, path: str, body: bytes = b"",
+             timeout: float = 5.0) -> tuple[int, bytes]:
+    conn = http.client.HTTPConnection(HOST, port, timeout=timeout)
+    try:
+        conn.request(method, path, body=body)
+        resp = conn.getresponse()
+        return resp.status, resp.read()
+    finally:
+        conn.close()
+
+
+def stop_all():
+    for s in list(Server.live):
+        s.stop()
