@@ -56,6 +56,8 @@ F_CLOSE_AFTER_FLUSH = 8  # close the socket once the queue is written
 # syscall is where batching stops paying.
 _SENDMSG_BUFFERS = 64
 
+_WRITER_TASK = "mailpush.writer"
+
 _wait_readable = trio.lowlevel.wait_readable
 _wait_writable = trio.lowlevel.wait_writable
 _notify_closing = trio.lowlevel.notify_closing
@@ -99,7 +101,7 @@ class Connection:
             self.queue = deque((memoryview(frame)[n:],))
             self.queued = len(frame) - n
             self.server.stats.writers += 1
-            self.server.connections_nursery.start_soon(_writer, self)
+            self.server.connections_nursery.start_soon(_writer, self, name=_WRITER_TASK)
             return True
         if self.queued + len(frame) > self.server.config.send_queue_bytes:
             # The client stopped reading. Nothing more can reach it, not even
@@ -344,16 +346,24 @@ def _upgrade(server: Server, sock: socket.socket, req: hs.Request) -> Connection
     return conn
 
 
-async def serve_socket(server: Server, sock: socket.socket, slot: object) -> None:
-    """The one task of a connection, from accept to close."""
-    conn = None
+async def _open(server: Server, sock: socket.socket, slot: object) -> tuple[Connection | None, bytes]:
+    """The handshake under its deadline; its cancel scope ends with it."""
     try:
-        with trio.move_on_after(server.config.handshake_timeout) as scope:
-            conn, rest = await _handshake(server, sock)
-        if scope.cancelled_caught:
-            _refuse(server, sock, HandshakeError(408, f"handshake not finished within {server.config.handshake_timeout:g} s"), "timeout")
+        with trio.move_on_after(server.config.handshake_timeout):
+            return await _handshake(server, sock)
+        _refuse(server, sock, HandshakeError(408, f"handshake not finished within {server.config.handshake_timeout:g} s"), "timeout")
+        return None, b""
     finally:
         server.handshakes.release_on_behalf_of(slot)
+
+
+async def serve_socket(server: Server, sock: socket.socket, slot: object) -> None:
+    """The one task of a connection, from accept to close.
+
+    Kept small on purpose: this coroutine's frame is what every idle
+    connection holds (with Trio's wait_readable chain below it).
+    """
+    conn, rest = await _open(server, sock, slot)
     if conn is None:
         server.open_sockets -= 1
         return
@@ -361,9 +371,11 @@ async def serve_socket(server: Server, sock: socket.socket, slot: object) -> Non
     try:
         if rest:
             conn.on_data(rest)
+        del rest
         pool = server.pool
+        wait_readable = server.wait_readable
         while conn.state != CLOSED:
-            await _wait_readable(sock)
+            await wait_readable(sock)
             buf = pool.try_acquire() or await pool.acquire()
             try:
                 n = sock.recv_into(buf)
@@ -375,6 +387,7 @@ async def serve_socket(server: Server, sock: socket.socket, slot: object) -> Non
                 pass
             finally:
                 pool.release(buf)
+            del buf
     except trio.ClosedResourceError:
         pass
     except OSError as e:
