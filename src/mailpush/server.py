@@ -124,7 +124,7 @@ class Server:
                 async with trio.open_nursery() as conns:
                     self.connections_nursery = conns
                     conns.start_soon(self._accept_loop, listener)
-                    self.log.info("listening", listen=_fmt(self.listen_address), admin=_fmt(self.admin_address), bus=self.config.bus)
+                    self.log.info("listening", listen=_fmt(self.listen_address), admin=_fmt(self.admin_address), bus=type(self.bus).__name__)
                     task_status.started(self)
                     await self._drained.wait()
                     root.cancel_scope.cancel()

@@ -1,0 +1,160 @@
+"""Admin HTTP API: publish (one, array, NDJSON, chunked), errors, health,
+metrics, token minting, demo page; and the packets module's publish parser."""
+
+from __future__ import annotations
+
+import json
+import socket
+import urllib.error
+import urllib.request
+
+import pytest
+import trio
+import trio_websocket
+from conftest import RawClient, token, ws_url
+
+from mailpush.bus import FakeBus
+from mailpush.errors import PublishError
+from mailpush.packets import parse_items
+
+
+def http(address, method: str, path: str, body: bytes | None = None, headers: dict | None = None) -> tuple[int, bytes, dict]:
+    req = urllib.request.Request(f"http://{address[0]}:{address[1]}{path}", data=body, method=method, headers=headers or {})
+    try:
+        with urllib.request.urlopen(req, timeout=5) as r:
+            return r.status, r.read(), dict(r.headers)
+    except urllib.error.HTTPError as e:
+        return e.code, e.read(), dict(e.headers)
+
+
+async def ahttp(*args, **kw):
+    return await trio.to_thread.run_sync(lambda: http(*args, **kw))
+
+
+async def test_publish_single_array_and_ndjson_reach_the_subscriber(start_server):
+    bus = FakeBus()
+    server = await start_server(bus)
+    async with trio_websocket.open_websocket_url(ws_url(server, tok=token("alice"))) as ws:
+        await ws.send_message('{"type":"subscribe"}')
+        await ws.get_message()
+        await bus.wait_until(lambda f: "alice" in f.subscribed)
+        status, body, _ = await ahttp(server.admin_address, "POST", "/v1/publish", b'{"subscriber":"alice","event":"e1","data":{"n":1}}')
+        assert (status, json.loads(body)) == (202, {"accepted": 1})
+        status, body, _ = await ahttp(server.admin_address, "POST", "/v1/publish", json.dumps([{"subscriber": "alice", "event": "e2"}, {"subscriber": "zed", "event": "e2"}]).encode())
+        assert (status, json.loads(body)) == (202, {"accepted": 2})
+        nd = b'{"subscriber":"alice","event":"e3"}\n\n{"subscriber":"alice","event":"e4","data":{"x":[1,2]}}\n'
+        status, body, _ = await ahttp(server.admin_address, "POST", "/v1/publish", nd, {"Content-Type": "application/x-ndjson"})
+        assert (status, json.loads(body)) == (202, {"accepted": 2})
+        got = [json.loads(await ws.get_message()) for _ in range(4)]
+        assert [(g["event"], g["data"]) for g in got] == [("e1", {"n": 1}), ("e2", {}), ("e3", {}), ("e4", {"x": [1, 2]})]
+    assert server.stats.published == 5
+
+
+@pytest.mark.parametrize(
+    ("body", "needle"),
+    [
+        (b"", "empty body"),
+        (b"{nope", "not valid JSON"),
+        (b"[]", "empty array"),
+        (b'{"event":"x"}', "'subscriber'"),
+        (b'{"subscriber":"a","event":"*"}', "'event'"),
+        (b'{"subscriber":"a","event":"x","data":[1]}', "'data' must be a JSON object"),
+        (b'[{"subscriber":"a","event":"x"},{"subscriber":"","event":"x"}]', "item 1"),
+        (b'{"subscriber":"a","event":"x"}\n{"subscriber":"b"}\n', "line 2"),
+        (b'{"subscriber":"a","event":"x"}\nnot json\n', "line 2: not valid JSON"),
+    ],
+)
+async def test_bad_publish_bodies_are_400_and_publish_nothing(start_server, body, needle):
+    bus = FakeBus()
+    server = await start_server(bus)
+    status, resp, _ = await ahttp(server.admin_address, "POST", "/v1/publish", body)
+    assert status == 400
+    assert needle in json.loads(resp)["error"]
+    assert bus.published == []
+
+
+async def test_chunked_publish_and_keepalive(start_server):
+    bus = FakeBus()
+    server = await start_server(bus)
+    body = b'[{"subscriber":"a","event":"x"},{"subscriber":"b","event":"y"}]'
+
+    def talk():
+        s = socket.create_connection(server.admin_address, timeout=5)
+        chunks = b"".join(b"%x\r\n%s\r\n" % (len(body[i : i + 10]), body[i : i + 10]) for i in range(0, len(body), 10)) + b"0\r\n\r\n"
+        req = b"POST /v1/publish HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n" + chunks
+        s.sendall(req + b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        data = b""
+        while data.count(b"HTTP/1.1") < 2 or not data.endswith(b"ok\n"):
+            chunk = s.recv(4096)
+            if not chunk:
+                break
+            data += chunk
+        s.close()
+        return data
+
+    data = await trio.to_thread.run_sync(talk)
+    assert data.startswith(b"HTTP/1.1 202") and b'{"accepted":2}' in data
+    assert b"HTTP/1.1 200" in data  # second request on the same connection
+    assert [i[0] for i in bus.published] == ["a", "b"]
+
+
+async def test_wrong_method_unknown_path_and_body_limits(start_server):
+    server = await start_server()
+    status, body, _ = await ahttp(server.admin_address, "GET", "/v1/publish")
+    assert status == 405
+    status, body, _ = await ahttp(server.admin_address, "GET", "/nope")
+    assert status == 404 and "/v1/publish" in json.loads(body)["endpoints"]
+
+    def huge():
+        s = socket.create_connection(server.admin_address, timeout=5)
+        s.sendall(b"POST /v1/publish HTTP/1.1\r\nHost: x\r\nContent-Length: 999999999\r\n\r\n")
+        data = s.recv(4096)
+        s.close()
+        return data
+
+    assert (await trio.to_thread.run_sync(huge)).startswith(b"HTTP/1.1 413")
+
+
+async def test_health_metrics_token_and_demo_page(start_server):
+    server = await start_server()
+    status, body, _ = await ahttp(server.admin_address, "GET", "/healthz")
+    assert (status, body) == (200, b"ok\n")
+    status, body, _ = await ahttp(server.listen_address, "GET", "/healthz")
+    assert (status, body) == (200, b"ok\n")
+    status, body, _ = await ahttp(server.admin_address, "POST", "/v1/token", b'{"subscriber":"ivy"}')
+    tok = json.loads(body)["token"]
+    assert status == 200 and server.verifier.verify(tok) == "ivy"
+    status, body, _ = await ahttp(server.admin_address, "POST", "/v1/token", b'{"subscriber":""}')
+    assert status == 400
+    async with trio_websocket.open_websocket_url(ws_url(server, tok=tok)) as ws:
+        await ws.send_message('{"type":"subscribe"}')
+        await ws.get_message()
+        status, body, headers = await ahttp(server.admin_address, "GET", "/metrics")
+        text = body.decode()
+        assert status == 200 and headers["Content-Type"].startswith("text/plain")
+        assert "mailpush_connections 1.0" in text
+        assert "mailpush_upgrades_total 1.0" in text
+        assert "mailpush_subscribers 1.0" in text
+    status, body, _ = await ahttp(server.admin_address, "GET", "/")
+    page = body.decode()
+    assert status == 200 and "<title>mailpush demo</title>" in page
+    assert f"ws://127.0.0.1:{server.listen_address[1]}/v1/ws" in page
+
+
+async def test_rejections_are_counted_by_reason(start_server):
+    server = await start_server()
+    status, _, _ = await ahttp(server.listen_address, "GET", "/v1/ws")
+    assert status == 426  # a plain GET on the push path: upgrade required
+    raw = await trio.to_thread.run_sync(RawClient, server.listen_address)
+    head = await trio.to_thread.run_sync(raw.upgrade)
+    body = await trio.to_thread.run_sync(raw.read_all)
+    raw.close()
+    assert head.startswith(b"HTTP/1.1 401") and b"no token" in body and b'WWW-Authenticate: Bearer realm="mailpush"' in head
+    assert server.stats.rejections == {"version": 1, "unauthorized": 1}
+
+
+def test_parse_items_shapes():
+    assert parse_items(b' {"subscriber":"a","event":"b"} ') == [("a", "b", {})]
+    assert parse_items(b'{"subscriber":"a","event":"b"}\n{"subscriber":"c","event":"d"}') == [("a", "b", {}), ("c", "d", {})]
+    with pytest.raises(PublishError, match="item 0"):
+        parse_items(b"[1]")
