@@ -35,7 +35,7 @@ from pathlib import Path
 import report
 from loadgen import MAX_SOCKETS_PER_PROC
 from scenarios import PROFILES, SCENARIOS, Context
-from servers import BENCH, ROOT, SERVERS, stop_all
+from servers import BENCH, ROOT, SERVERS, Server, stop_all
 
 # Where each profile writes when --out is not given. The full run's files
 # are the ones README links to; quick runs go aside so they never overwrite
@@ -168,6 +168,7 @@ def main(argv=None) -> int:
     finally:
         stop_all()
     seconds = time.monotonic() - began
+    notes += sorted(Server.notes)
     budget = TIME_BUDGET_S[profile.name]
     if seconds > budget:
         notes.append(f"this run took {seconds / 60:.1f} min, over its {budget / 60:.0f} min budget")
