@@ -123,7 +123,12 @@ async def run_server(config: Config, demo: bool = False) -> None:
 
     server = Server(config)
     async with trio.open_nursery() as nursery:
-        await nursery.start(server.serve)
+
+        async def serve(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+            await server.serve(task_status=task_status)
+            nursery.cancel_scope.cancel()  # drained: stop listening for signals
+
+        await nursery.start(serve)
         if demo:
             _print_demo(server)
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:

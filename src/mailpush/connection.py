@@ -232,7 +232,7 @@ async def _writer(conn: Connection) -> None:
     sock = conn.sock
     q = conn.queue
     try:
-        while q:
+        while q and conn.state != CLOSED:
             await _wait_writable(sock)
             try:
                 n = sock.sendmsg(list(islice(q, _SENDMSG_BUFFERS)))
@@ -251,6 +251,13 @@ async def _writer(conn: Connection) -> None:
                     q[0] = memoryview(head)[n:]
                     n = 0
     except trio.ClosedResourceError:
+        return
+    except Exception:
+        # The isolation boundary: a bug here ends this connection, not the server.
+        conn.server.log.exception("writer_failed", subscriber=conn.subscriber)
+        conn.abort()
+        return
+    if conn.state == CLOSED:
         return
     conn.queue = None
     conn.queued = 0
@@ -393,6 +400,9 @@ async def serve_socket(server: Server, sock: socket.socket, slot: object) -> Non
     except OSError as e:
         if e.errno not in (errno.ECONNRESET, errno.EPIPE, errno.EBADF, errno.ETIMEDOUT):
             server.log.warning("socket_error", error=str(e))
+    except Exception:
+        # The isolation boundary: a bug here ends this connection, not the server.
+        server.log.exception("connection_failed", subscriber=conn.subscriber)
     finally:
         conn.abort()
         server.removed(conn)

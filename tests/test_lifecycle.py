@@ -1,0 +1,265 @@
+"""Resource control and lifecycle: admission, the accept pause, handshake
+deadline, keepalive and its lag guard, slow consumers, bursts, drain.
+
+Clients here run in the test's own Trio loop (trio streams, trio-websocket)
+so that ``autojump_clock`` can skip through the waits: loopback delivery is
+complete when ``send()`` returns, so the clock only jumps when every task,
+client and server, is really waiting for time.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import time
+import urllib.request
+
+import pytest
+import trio
+import trio_websocket
+from conftest import UPGRADE, client_frame, server_process, token, ws_url
+
+import mailpush.server as server_mod
+from mailpush.bus import FakeBus
+
+
+class AsyncRaw:
+    """A raw client in the test's Trio loop."""
+
+    def __init__(self, stream: trio.SocketStream) -> None:
+        self.stream = stream
+        self.buf = b""
+
+    @classmethod
+    async def connect(cls, address, rcvbuf: int | None = None) -> AsyncRaw:
+        sock = trio.socket.socket()
+        if rcvbuf:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        await sock.connect(address)
+        return cls(trio.SocketStream(sock))
+
+    async def upgrade(self, tok: str) -> bytes:
+        await self.stream.send_all(UPGRADE.format(path="/v1/ws?token=" + tok, extra="").encode())
+        return await self.head()
+
+    async def head(self) -> bytes:
+        while b"\r\n\r\n" not in self.buf:
+            chunk = await self.stream.receive_some(65536)
+            if not chunk:
+                break
+            self.buf += chunk
+        head, _, self.buf = self.buf.partition(b"\r\n\r\n")
+        return head
+
+    async def eof(self) -> bool:
+        """Read until EOF; True if the server closed the connection."""
+        try:
+            while await self.stream.receive_some(65536):
+                pass
+        except trio.BrokenResourceError:
+            pass
+        return True
+
+
+async def test_503_at_the_connection_limit_and_health(start_server):
+    server = await start_server(max_connections=2)
+    async with trio_websocket.open_websocket_url(ws_url(server, tok=token("a"))), trio_websocket.open_websocket_url(ws_url(server, tok=token("b"))):
+        raw = await AsyncRaw.connect(server.listen_address)
+        head = await raw.upgrade(token("c"))
+        assert head.startswith(b"HTTP/1.1 503") and b"Retry-After: 1" in head
+        assert server.stats.rejections["full"] == 1
+        assert server.health() == (503, "at connection limit")
+    with trio.fail_after(2):
+        while server.open_sockets:
+            await trio.sleep(0.01)
+    assert server.health() == (200, "ok")
+    async with trio_websocket.open_websocket_url(ws_url(server, tok=token("c"))) as ws:
+        await ws.send_message('{"type":"subscribe"}')
+        assert json.loads(await ws.get_message())["type"] == "subscribed"
+
+
+async def test_accept_waits_for_a_handshake_slot(start_server, autojump_clock):
+    server = await start_server(max_handshakes=1, handshake_timeout=3)
+    t0 = trio.current_time()
+    idle = await AsyncRaw.connect(server.listen_address)  # takes the only slot, sends nothing
+    await trio.sleep(0.1)
+    second = await AsyncRaw.connect(server.listen_address)
+    await second.stream.send_all(UPGRADE.format(path="/v1/ws?token=" + token("x"), extra="").encode())
+    third = await AsyncRaw.connect(server.listen_address)
+    await trio.sleep(0.5)
+    # The second was accepted but waits for a slot; the third is still in the
+    # kernel backlog: no task, no handshake state.
+    assert server.paused and server.stats.accept_pauses == 1
+    assert server.open_sockets == 1
+    assert server.health() == (503, "overloaded: all handshake slots busy")
+    head = await second.head()
+    # It got its slot when the idle one hit its 3 s deadline.
+    assert head.startswith(b"HTTP/1.1 101")
+    assert trio.current_time() - t0 >= 3
+    assert (await idle.head()).startswith(b"HTTP/1.1 408")
+    for c in (idle, second, third):
+        await c.stream.aclose()
+
+
+async def test_slowloris_dribble_hits_the_deadline(start_server, autojump_clock):
+    server = await start_server(handshake_timeout=2)
+    raw = await AsyncRaw.connect(server.listen_address)
+    request = UPGRADE.format(path="/v1/ws?token=" + token("s"), extra="").encode()
+    t0 = trio.current_time()
+    with pytest.raises(trio.BrokenResourceError):
+        for byte in request:
+            await raw.stream.send_all(bytes((byte,)))
+            await trio.sleep(0.25)
+    assert 2 <= trio.current_time() - t0 < 2.5
+    assert (await raw.head()).startswith(b"HTTP/1.1 408")
+    assert server.open_sockets == 0 and server.stats.rejections["timeout"] == 1
+
+
+async def test_unanswered_pings_close_only_the_dead_client(start_server, autojump_clock):
+    server = await start_server(ping_interval=10, pong_timeout=5)
+    dead = await AsyncRaw.connect(server.listen_address)
+    assert (await dead.upgrade(token("dead"))).startswith(b"HTTP/1.1 101")
+    async with trio_websocket.open_websocket_url(ws_url(server, tok=token("alive"))) as alive:
+        t0 = trio.current_time()
+        await dead.eof()
+        # Pinged in the first round (≤ 10 s), closed 5 s after that ping.
+        assert 5 <= trio.current_time() - t0 <= 16
+        assert server.stats.pong_timeouts == 1
+        await trio.sleep(60)  # six more rounds: the answering client stays
+        assert not alive.closed and len(server.connections) == 1
+        assert server.stats.pings >= 7
+
+
+@pytest.mark.parametrize("guard", [True, False])
+async def test_lag_guard_does_not_blame_clients_for_a_server_stall(start_server, autojump_clock, monkeypatch, guard):
+    if not guard:
+        monkeypatch.setattr(server_mod, "LAG_TOLERANCE", float("inf"))
+    server = await start_server(ping_interval=10, pong_timeout=5)
+    raw = await AsyncRaw.connect(server.listen_address)
+    assert (await raw.upgrade(token("r"))).startswith(b"HTTP/1.1 101")
+    # First round: ping near t=10, check due near t=15. At t=12 the server
+    # "stalls" for 20 s: every task wakes up 20 s late.
+    await trio.sleep(12)
+    assert server.stats.pings == 1
+    autojump_clock.jump(20)
+    await trio.sleep(0.5)
+    if guard:
+        assert server.stats.lag_skips >= 1 and server.stats.pong_timeouts == 0
+        assert len(server.connections) == 1
+        await raw.eof()  # really dead: judged on the next round after the stall
+        assert server.stats.pong_timeouts == 1
+    else:
+        assert server.stats.pong_timeouts == 1
+
+
+async def test_slow_consumer_is_dropped_and_the_fast_one_gets_everything_in_order(start_server):
+    bus = FakeBus()
+    server = await start_server(bus, send_queue_bytes=65536)
+    slow = await AsyncRaw.connect(server.listen_address, rcvbuf=4096)
+    assert (await slow.upgrade(token("slow"))).startswith(b"HTTP/1.1 101")
+    await slow.stream.send_all(client_frame(0x1, b'{"type":"subscribe"}'))
+    async with trio_websocket.open_websocket_url(ws_url(server, tok=token("fast")), max_message_size=1 << 20) as fast:
+        await fast.send_message('{"type":"subscribe"}')
+        await fast.get_message()
+        await bus.wait_until(lambda f: f.subscribed == {"slow", "fast"})
+        pad = "x" * 2000
+        n = 0
+        for _batch in range(40):  # 40 × 100 × ~2 KB = 8 MB for each client
+            items = []
+            for _ in range(100):
+                items += [("slow", "new_letter", {"n": n, "pad": pad}), ("fast", "new_letter", {"n": n, "pad": pad})]
+                n += 1
+            bus.inject(items)
+            for i in range(n - 100, n):
+                assert json.loads(await fast.get_message())["data"]["n"] == i
+    assert server.stats.slow_consumers == 1
+    assert await slow.eof()
+    assert server.registry.get("slow") is None
+
+
+async def test_burst_uses_at_most_pool_size_buffers(start_server):
+    server = await start_server(pool_size=4)
+    clients = []
+    for i in range(60):
+        c = await AsyncRaw.connect(server.listen_address)
+        assert (await c.upgrade(token(f"u{i}"))).startswith(b"HTTP/1.1 101")
+        clients.append(c)
+    frame = client_frame(0x1, b'{"type":"subscribe"}')
+    # Every socket becomes readable before the server runs again.
+    for c in clients:
+        c.stream.socket._sock.send(frame)
+    await trio.sleep(0.2)
+    for c in clients:
+        got = await c.stream.receive_some(4096)
+        assert b'"subscribed"' in got
+    assert 1 <= server.pool.created <= 4
+    assert len(server.registry) == 60
+    for c in clients:
+        await c.stream.aclose()
+
+
+async def test_drain_spreads_closes_over_the_window_after_flushing(start_server, autojump_clock):
+    bus = FakeBus()
+    server = await start_server(bus, drain_seconds=10)
+    closes: list[tuple[float, int, str, list]] = []
+    t0 = trio.current_time()
+
+    async def tab(i: int, task_status):
+        async with trio_websocket.open_websocket_url(ws_url(server, tok=token(f"d{i}"))) as ws:
+            await ws.send_message('{"type":"subscribe"}')
+            await ws.get_message()
+            task_status.started()
+            got = []
+            try:
+                while True:
+                    got.append(json.loads(await ws.get_message())["event"])
+            except trio_websocket.ConnectionClosed as e:
+                closes.append((trio.current_time() - t0, e.reason.code, e.reason.reason, got))
+
+    async with trio.open_nursery() as n:
+        for i in range(40):
+            await n.start(tab, i)
+        await bus.wait_until(lambda f: len(f.subscribed) == 40)
+        bus.inject([(f"d{i}", "last_words", {}) for i in range(40)])
+        while server.stats.delivered < 40:  # handed to the connections, maybe not yet written
+            await trio.sleep(0)
+        await server.drain()
+    assert len(closes) == 40
+    assert all(code == 1012 and "reconnect in" in reason and got == ["last_words"] for _, code, reason, got in closes), closes[:3]
+    times = sorted(t for t, *_ in closes)
+    assert times[0] < 1.0 and times[-1] > 9.0
+    # Evenly spread: each 2.5-second quarter of the window has about a quarter.
+    quarters = [sum(1 for t in times if q * 2.5 <= t < (q + 1) * 2.5) for q in range(4)]
+    assert all(7 <= q <= 13 for q in quarters), quarters
+    assert server.health() == (503, "draining")
+
+
+def test_sigterm_drains_and_exits_zero():
+    with server_process("--drain-seconds", "2") as (proc, listen, admin):
+        socks = []
+        for i in range(10):
+            s = socket.create_connection(listen, timeout=5)
+            s.sendall(UPGRADE.format(path="/v1/ws?token=" + token(f"t{i}"), extra="").encode())
+            assert s.recv(4096).startswith(b"HTTP/1.1 101")
+            socks.append(s)
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(0.3)
+        try:
+            urllib.request.urlopen(f"http://{admin[0]}:{admin[1]}/healthz", timeout=2)
+            raise AssertionError("healthz answered 200 while draining")
+        except urllib.error.HTTPError as e:
+            assert e.code == 503 and e.read() == b"draining\n"
+        with pytest.raises(OSError):
+            socket.create_connection(listen, timeout=1)  # no longer accepting
+        codes = []
+        for s in socks:
+            data = s.recv(4096)
+            assert data[0] == 0x88, data
+            codes.append(int.from_bytes(data[2:4], "big"))
+            s.sendall(client_frame(0x8, data[2:4]))  # answer the close
+            s.close()
+        assert codes == [1012] * 10
+        assert proc.wait(10) == 0
+        assert time.monotonic() - t0 < 2 + 3
