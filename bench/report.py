@@ -48,6 +48,7 @@ def plots(out: Path, data: dict) -> list[tuple[str, Path]]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     written = []
 
@@ -107,6 +108,9 @@ def plots(out: Path, data: dict) -> list[tuple[str, Path]]:
                 ax.plot(cdf, ys, label=f"{_label(name)}, {bus} bus, {b['target_rate']:,} events/s",
                         color=COLORS.get(name))
         ax.set_xscale("log")
+        ax.xaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set(xlabel="publish → receive (ms, log scale)", ylabel="fraction of events",
                title="Latency CDF")
         ax.grid(alpha=0.3, which="both")
@@ -117,6 +121,42 @@ def plots(out: Path, data: dict) -> list[tuple[str, Path]]:
         plt.close(fig)
         written.append(("Latency CDF", path))
     return written
+
+
+def summary(data: dict) -> list[str]:
+    """DESIGN.md's table, from this run: memory, upgrades, fan-out per server."""
+    mem = _ok(data.get("memory", {}).get("results", {}))
+    upg = _ok(data.get("upgrade", {}).get("results", {}))
+    fan = _ok(data.get("fanout", {}).get("results", {}))
+    names = [n for n in SERVERS if n in mem or n in upg or n in fan]
+    if not names:
+        return []
+
+    def kb(name):
+        pts = mem.get(name, {}).get("points") or []
+        return pts[-1]["kb_per_conn"] if pts else None
+
+    def n_of(results, key="n"):
+        return next((r[key] for r in results.values()), None)
+
+    top = max((p["connections"] for r in mem.values() for p in r["points"]), default=None)
+    cols = [("KiB per idle connection" + (f" @ {top:,}" if top else ""), kb, ".2f"),
+            ("upgrades/s" + (f" @ {n_of(upg):,}" if upg else ""),
+             lambda n: upg.get(n, {}).get("rate_median"), ",.0f"),
+            ("fan-out deliveries/s" + (f" @ {n_of(fan):,}" if fan else ""),
+             lambda n: fan.get(n, {}).get("rate_median"), ",.0f")]
+    head = ["server"]
+    for title, _, _ in cols:
+        head += [title, "× mailpush", "× floor"]
+    rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name in names:
+        cells = [_label(name)]
+        for _, get, fmt in cols:
+            v, mp, fl = get(name), get("mailpush"), get("floor")
+            cells += [format(v, fmt) if v is not None else "–",
+                      f"{v / mp:.2f}×" if v and mp else "–", f"{v / fl:.2f}×" if v and fl else "–"]
+        rows.append("| " + " | ".join(cells) + " |")
+    return rows
 
 
 def write(out: Path, md_path: Path, meta: dict) -> Path:
@@ -138,12 +178,17 @@ def write(out: Path, md_path: Path, meta: dict) -> Path:
         f"{meta['seconds'] / 60:.1f} minutes). Every number below was measured in that one run, "
         "on this machine, with the same load generator for every server.",
         "",
-        f"Command: `{meta['command']}`",
+        f"Command: `{meta['command']}`" + (f" (what `{meta['make']}` runs)" if meta.get("make") else ""),
         "",
         "## Machine",
         "",
     ]
     lines += [f"- {k}: {v}" for k, v in meta["machine"].items()]
+    table = summary(data)
+    if table:
+        lines = lines[:6] + ["## Summary", ""] + table + [
+            "", "Memory: lower is better; rates: higher is better. Details, method and plots below.",
+            ""] + lines[6:]
     lines += [
         "",
         "## Method",

@@ -52,7 +52,7 @@ PACKAGES = ["trio", "trio-websocket", "wsproto", "websockets", "pyjwt", "orjson"
 
 
 def machine_facts() -> dict:
-    facts = {"CPUs (nproc)": os.cpu_count()}
+    facts = {"CPUs (nproc)": len(os.sched_getaffinity(0))}
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -129,9 +129,10 @@ def main(argv=None) -> int:
     began = time.monotonic()
     failed = False
     notes = []
-    cmd = "make bench" if a.quick is False and a.tiny is False and argv is None and len(sys.argv) == 1 else None
-    command = shlex.join([os.path.relpath(sys.executable, ROOT) if sys.executable.startswith(str(ROOT))
-                          else sys.executable, "bench/run.py"] + (argv if argv is not None else sys.argv[1:]))
+    args = argv if argv is not None else sys.argv[1:]
+    python = os.path.relpath(sys.executable, ROOT) if sys.executable.startswith(str(ROOT)) else sys.executable
+    command = shlex.join([python, "bench/run.py"] + args)
+    make = {(): "make bench", ("--quick",): "make bench-quick"}.get(tuple(args))
     print(f"profile {profile.name}: {asdict(profile)}")
     print(f"writing to {out}")
     try:
@@ -174,7 +175,7 @@ def main(argv=None) -> int:
         notes.append(f"this run took {seconds / 60:.1f} min, over its {budget / 60:.0f} min budget")
     procs = max(profile.client_procs, 1)
     meta = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-            "profile": profile.name, "seconds": seconds, "command": cmd or command,
+            "profile": profile.name, "seconds": seconds, "command": command, "make": make,
             "machine": machine_facts(), "notes": notes,
             "client": {"procs_note": f"{procs}+ worker processes (one more per "
                                      f"{MAX_SOCKETS_PER_PROC:,} sockets)"}}

@@ -48,6 +48,10 @@ PUBLISH_TICK_S = 0.005
 # After the last publish, how long the clients may take to receive the rest.
 DRAIN_TIMEOUT_S = 15.0
 
+# Worker processes for the multi-process memory scenario: 2 x 15,000
+# connections = 30,000, twice what one process may hold here.
+MULTI_WORKERS = 2
+
 # Buses to measure latency on: name -> extra `mailpush serve` arguments.
 # The embedded bus is all mailpush has today; add e.g.
 # "redis": ["--bus", "redis://127.0.0.1:6379/0"] (and start redis-server
@@ -64,6 +68,10 @@ class Profile:
     # one server); 15,000 is the most one server process may hold here
     # (20,000 open files per process) with margin.
     memory_points: tuple[int, ...]
+    # Idle memory beyond one process's file limit: mailpush with
+    # MULTI_WORKERS worker processes at these counts (empty: not in this
+    # profile). Skipped while mailpush refuses --workers > 1.
+    memory_multi_points: tuple[int, ...]
     # Upgrade rate: open this many as fast as possible, this many times.
     upgrade_n: int
     upgrade_repeats: int
@@ -88,14 +96,14 @@ PROFILES = {
     # `make bench`: DESIGN.md's 9,000 connections for rates, memory up to one
     # process's limit, 10 s of 10,000 events/s (100,000 samples, so p99.9
     # rests on 100 of them). About 6-8 minutes on 2 cores.
-    "full": Profile("full", (1_000, 5_000, 10_000, 15_000), 9_000, 3, 9_000, 10,
+    "full": Profile("full", (1_000, 5_000, 10_000, 15_000), (20_000, 30_000), 9_000, 3, 9_000, 10,
                     5_000, 10_000, 10.0, 1.0, 5.0),
     # `make bench-quick`: the same shapes at 2,000 connections; 3 s of
     # 10,000 events/s (30,000 samples). About 1.5 minutes.
-    "quick": Profile("quick", (500, 1_000, 2_000), 2_000, 2, 2_000, 5,
+    "quick": Profile("quick", (500, 1_000, 2_000), (), 2_000, 2, 2_000, 5,
                      1_000, 10_000, 3.0, 0.5, 3.0),
     # The smoke test: 50 connections per server, everything once, seconds.
-    "tiny": Profile("tiny", (50,), 50, 1, 50, 3, 50, 500, 1.0, 0.2, 1.0,
+    "tiny": Profile("tiny", (50,), (), 50, 1, 50, 3, 50, 500, 1.0, 0.2, 1.0,
                     client_procs=1, open_timeout_s=30.0),
 }
 
@@ -190,11 +198,32 @@ def memory(ctx: Context, spec: ServerSpec) -> dict:
     settles; per-connection = (RSS - RSS with no connection) / connections,
     plus the least-squares slope over all points (the marginal cost,
     free of fixed start-up allocations)."""
+    return _memory(ctx, spec, ctx.profile.memory_points, "memory")
+
+
+def memory_multi(ctx: Context, spec: ServerSpec) -> dict:
+    """Idle memory past one process's 20,000 open files: mailpush with
+    several worker processes (RSS summed over all of them), measured the
+    same way as the one-process memory scenario."""
+    points = ctx.profile.memory_multi_points
+    if not points:
+        return {"skipped": f"no multi-process points in the {ctx.profile.name} profile"}
+    args = ["--workers", str(MULTI_WORKERS)]
+    try:
+        return _memory(ctx, spec, points, "memory_multi", args)
+    except ServerError as e:
+        if "--workers" in str(e):  # this mailpush runs one process only
+            return {"skipped": f"mailpush refused --workers {MULTI_WORKERS}: " + str(e).splitlines()[-1][:200]}
+        raise
+
+
+def _memory(ctx: Context, spec: ServerSpec, counts: tuple[int, ...], scenario: str,
+            args: list[str] | None = None) -> dict:
     p = ctx.profile
-    with ctx.server(spec, "memory") as srv, ctx.loadgen(srv, max(p.memory_points)) as lg:
+    with ctx.server(spec, scenario, args) as srv, ctx.loadgen(srv, max(counts)) as lg:
         base = settle_rss(srv, p.settle_max_s)
         points = []
-        for n in p.memory_points:
+        for n in counts:
             r = lg.open(n - len(lg.subscribers), timeout=p.open_timeout_s)
             have = len(lg.subscribers)
             rss = settle_rss(srv, p.settle_max_s)
@@ -208,10 +237,12 @@ def memory(ctx: Context, spec: ServerSpec) -> dict:
                     f"{(rss - base) / max(have, 1):.2f} KiB/conn")
             if r["failed"]:
                 break
+        srv_pids = srv.pids()
         xs = [0] + [pt["connections"] for pt in points]
         ys = [base] + [pt["rss_kb"] for pt in points]
         slope = _slope(xs, ys)
-    return {"baseline_kb": base, "points": points, "marginal_kb_per_conn": slope}
+    return {"baseline_kb": base, "points": points, "marginal_kb_per_conn": slope,
+            "processes": len(srv_pids)}
 
 
 def _slope(xs, ys) -> float | None:
@@ -403,7 +434,7 @@ def _latency_one(ctx: Context, spec: ServerSpec, bus: str, args: list[str]) -> d
         start = time.monotonic_ns()
         tick_ns = int(PUBLISH_TICK_S * 1e9)
         sent = late = 0
-        slowest_ms = 0.0
+        answer_ms: list[float] = []
         j = 0
         for i in range(ticks):
             due = start + i * tick_ns
@@ -423,7 +454,7 @@ def _latency_one(ctx: Context, spec: ServerSpec, bus: str, args: list[str]) -> d
             if not items:
                 continue
             status, answer = srv.admin("POST", "/v1/publish", b"[" + b",".join(items) + b"]")
-            slowest_ms = max(slowest_ms, (time.monotonic_ns() - t) / 1e6)
+            answer_ms.append((time.monotonic_ns() - t) / 1e6)
             if status != 202:
                 raise ServerError(f"publish answered {status}: {answer[:200]!r}")
             sent += len(items)
@@ -438,7 +469,10 @@ def _latency_one(ctx: Context, spec: ServerSpec, bus: str, args: list[str]) -> d
     return {"connections": p.latency_connections, "target_rate": p.latency_rate,
             "achieved_rate": sent / elapsed if elapsed else 0.0, "published": sent,
             "received": w["frames"], "lost": sent - w["frames"], "late_ticks": late,
-            "slowest_publish_ms": slowest_ms, "samples": len(ms),
+            "publish_requests": len(answer_ms), "events_per_request": sent / max(1, len(answer_ms)),
+            "publish_answer_ms_p50": _pct(sorted(answer_ms), 0.5),
+            "publish_answer_ms_p99": _pct(sorted(answer_ms), 0.99),
+            "publish_answer_ms_max": max(answer_ms, default=None), "samples": len(ms),
             "p50_ms": _pct(ms, 0.50), "p90_ms": _pct(ms, 0.90), "p99_ms": _pct(ms, 0.99),
             "p999_ms": _pct(ms, 0.999), "max_ms": ms[-1] if ms else None,
             "cdf_ms": cdf, "server_closed": stats["server_closed"], "client_errors": stats["errors"]}
@@ -446,7 +480,7 @@ def _latency_one(ctx: Context, spec: ServerSpec, bus: str, args: list[str]) -> d
 
 def latency_table(results: dict) -> list[str]:
     head = ["server", "bus", "connections", "events/s target", "achieved", "samples",
-            "p50 ms", "p90 ms", "p99 ms", "p99.9 ms", "max ms", "lost"]
+            "p50 ms", "p90 ms", "p99 ms", "p99.9 ms", "max ms", "lost", "publish answer p50 / p99 ms"]
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, r in _ok(results).items():
         for bus, b in r["buses"].items():
@@ -454,7 +488,8 @@ def latency_table(results: dict) -> list[str]:
                 _label(name), bus, _fmt(b["connections"]), _fmt(b["target_rate"]),
                 _fmt(b["achieved_rate"]), _fmt(b["samples"]), _fmt(b["p50_ms"], ".2f"),
                 _fmt(b["p90_ms"], ".2f"), _fmt(b["p99_ms"], ".2f"), _fmt(b["p999_ms"], ".2f"),
-                _fmt(b["max_ms"], ".2f"), _fmt(b["lost"])]) + " |")
+                _fmt(b["max_ms"], ".2f"), _fmt(b["lost"]),
+                f"{_fmt(b['publish_answer_ms_p50'], '.2f')} / {_fmt(b['publish_answer_ms_p99'], '.2f')}"]) + " |")
     return rows + _problems(results, len(head))
 
 
@@ -462,6 +497,8 @@ def latency_table(results: dict) -> list[str]:
 
 SCENARIOS: dict[str, Scenario] = {s.name: s for s in [
     Scenario("memory", "Idle memory per connection", memory, memory_table, doc=memory.__doc__),
+    Scenario("memory_multi", f"Idle memory with {MULTI_WORKERS} worker processes", memory_multi,
+             memory_table, servers=["mailpush"], doc=memory_multi.__doc__),
     Scenario("upgrade", "Upgrade rate", upgrade, upgrade_table, doc=upgrade.__doc__),
     Scenario("fanout", "Fan-out", fanout, fanout_table, doc=fanout.__doc__),
     Scenario("latency", "Publish-to-receive latency", latency, latency_table,
