@@ -8,6 +8,7 @@ import socket
 import urllib.error
 import urllib.request
 
+import msgspec
 import pytest
 import trio
 import trio_websocket
@@ -15,7 +16,7 @@ from conftest import RawClient, token, ws_url
 
 from mailpush.bus import FakeBus
 from mailpush.errors import PublishError
-from mailpush.packets import parse_items
+from mailpush.packets import event_frame, parse_items
 
 
 def http(address, method: str, path: str, body: bytes | None = None, headers: dict | None = None) -> tuple[int, bytes, dict]:
@@ -153,8 +154,16 @@ async def test_rejections_are_counted_by_reason(start_server):
     assert server.stats.rejections == {"version": 1, "unauthorized": 1}
 
 
+def plain(items):
+    """Items with their data decoded (the fast path keeps it as raw JSON)."""
+    return [(s, e, msgspec.json.decode(d) if isinstance(d, msgspec.Raw) else d) for s, e, d in items]
+
+
 def test_parse_items_shapes():
-    assert parse_items(b' {"subscriber":"a","event":"b"} ') == [("a", "b", {})]
-    assert parse_items(b'{"subscriber":"a","event":"b"}\n{"subscriber":"c","event":"d"}') == [("a", "b", {}), ("c", "d", {})]
+    assert plain(parse_items(b' {"subscriber":"a","event":"b"} ')) == [("a", "b", {})]
+    assert plain(parse_items(b'{"subscriber":"a","event":"b","data":null}\n{"subscriber":"c","event":"d","data":{"x":1}}')) == [("a", "b", {}), ("c", "d", {"x": 1})]
+    assert plain(parse_items(b'[{"subscriber":"a","event":"b","data":{"y":[1,"z"]},"extra":1}]', "application/json")) == [("a", "b", {"y": [1, "z"]})]
+    # The data of a valid item goes out exactly as it came in.
+    assert event_frame(*parse_items(b'{"subscriber":"a","event":"b","data":{"k": 1.50}}')[0])[2:] == b'{"type":"event","subscriber":"a","event":"b","data":{"k": 1.50}}'
     with pytest.raises(PublishError, match="item 0"):
         parse_items(b"[1]")

@@ -39,7 +39,7 @@ from .packets import PONG_FRAME, Ping, Subscribe, error_frame, parse_client_pack
 if TYPE_CHECKING:
     from .server import Server
 
-__all__ = ["Connection", "serve_socket", "OPEN", "CLOSING", "CLOSED"]
+__all__ = ["Connection", "serve_socket", "expire_handshake", "OPEN", "CLOSING", "CLOSED"]
 
 # Connection states.
 OPEN = 0
@@ -81,14 +81,14 @@ class Connection:
     # -- sending ------------------------------------------------------------
 
     def send(self, frame: bytes) -> bool:
-        """Send or queue one frame; False if the connection cannot take it."""
+        """Send or queue one frame; False if the connection cannot take it.
+
+        The fast path is one non-blocking ``send()``; a writer task is spawned
+        only when the socket cannot take the whole frame now.
+        """
         if self.state != OPEN:
             return False
-        return self._push(frame)
-
-    def _push(self, frame: bytes) -> bool:
-        q = self.queue
-        if q is None:
+        if self.queue is None:
             try:
                 n = self.sock.send(frame)
             except BlockingIOError:
@@ -98,11 +98,32 @@ class Connection:
                 return False
             if n == len(frame):
                 return True
-            self.queue = deque((memoryview(frame)[n:],))
-            self.queued = len(frame) - n
-            self.server.stats.writers += 1
-            self.server.connections_nursery.start_soon(_writer, self, name=_WRITER_TASK)
+            self._start_writer(frame, n)
             return True
+        return self._enqueue(frame)
+
+    def _push(self, frame: bytes) -> None:
+        """``send`` without the state check (for our own Close frame)."""
+        if self.queue is not None:
+            self._enqueue(frame)
+            return
+        try:
+            n = self.sock.send(frame)
+        except BlockingIOError:
+            n = 0
+        except OSError:
+            self.abort()
+            return
+        if n < len(frame):
+            self._start_writer(frame, n)
+
+    def _start_writer(self, frame: bytes, sent: int) -> None:
+        self.queue = deque((memoryview(frame)[sent:],))
+        self.queued = len(frame) - sent
+        self.server.stats.writers += 1
+        self.server.connections_nursery.start_soon(_writer, self, name=_WRITER_TASK)
+
+    def _enqueue(self, frame: bytes) -> bool:
         if self.queued + len(frame) > self.server.config.send_queue_bytes:
             # The client stopped reading. Nothing more can reach it, not even
             # a Close frame: drop it so it holds neither memory nor others.
@@ -111,7 +132,7 @@ class Connection:
             self.server.log.warning("slow_consumer", subscriber=self.subscriber, queued=self.queued)
             self.abort()
             return False
-        q.append(frame)
+        self.queue.append(frame)
         self.queued += len(frame)
         return True
 
@@ -278,6 +299,7 @@ def _send_and_close(sock: socket.socket, data: bytes) -> None:
         sock.shutdown(socket.SHUT_WR)
     except OSError:
         pass
+    _notify_closing(sock)
     sock.close()
 
 
@@ -354,14 +376,26 @@ def _upgrade(server: Server, sock: socket.socket, req: hs.Request) -> Connection
 
 
 async def _open(server: Server, sock: socket.socket, slot: object) -> tuple[Connection | None, bytes]:
-    """The handshake under its deadline; its cancel scope ends with it."""
+    """The handshake, under the server's handshake deadline.
+
+    No cancel scope or timer per connection: the deadline goes into the
+    server's queue, and its sweeper answers 408 and closes the socket if the
+    handshake is still going by then (which wakes us here).
+    """
+    entry = [trio.current_time() + server.config.handshake_timeout, sock]
+    server.handshake_deadlines.append(entry)
     try:
-        with trio.move_on_after(server.config.handshake_timeout):
-            return await _handshake(server, sock)
-        _refuse(server, sock, HandshakeError(408, f"handshake not finished within {server.config.handshake_timeout:g} s"), "timeout")
-        return None, b""
+        return await _handshake(server, sock)
+    except trio.ClosedResourceError:
+        return None, b""  # expired: the sweeper answered and closed it
     finally:
+        entry[1] = None
         server.handshakes.release_on_behalf_of(slot)
+
+
+def expire_handshake(server: Server, sock: socket.socket) -> None:
+    """Called by the server's sweeper for a handshake past its deadline."""
+    _refuse(server, sock, HandshakeError(408, f"handshake not finished within {server.config.handshake_timeout:g} s"), "timeout")
 
 
 async def serve_socket(server: Server, sock: socket.socket, slot: object) -> None:

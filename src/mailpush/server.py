@@ -26,7 +26,7 @@ import trio
 from .auth import Verifier
 from .bus import Bus, make_bus
 from .config import Config
-from .connection import CLOSED, OPEN, F_PING, F_SEEN, Connection, _send_and_close, serve_socket
+from .connection import OPEN, F_PING, F_SEEN, Connection, _send_and_close, expire_handshake, serve_socket
 from .dispatch import Dispatcher
 from .frames import PING_FRAME, CloseCode
 from .handshake import response_text
@@ -54,6 +54,9 @@ KEEPALIVE_SLICES = 50
 # A keepalive tick later than this (seconds) means the server itself
 # stalled: missed pongs of that period are not held against the clients.
 LAG_TOLERANCE = 1.0
+# Handshake deadlines are checked at most this often: a deadline fires up
+# to this late, and an avalanche costs a few wakeups a second, not one each.
+HANDSHAKE_SWEEP_TICK = 0.05
 # Drain: closes are issued in ticks of this length, a group per tick.
 DRAIN_TICK = 0.01
 
@@ -90,6 +93,9 @@ class Server:
         self.admin_address: tuple[str, int] | None = None
         self.connections_nursery: trio.Nursery = None  # type: ignore[assignment]
         self._closing: deque[tuple[float, Connection]] = deque()
+        # [deadline, socket or None once done] per handshake, in deadline order
+        # (the timeout is the same for all); swept by one task.
+        self.handshake_deadlines: deque[list] = deque()
         self._listener: socket.socket | None = None
         self._cancel = trio.CancelScope()
         self._drained = trio.Event()
@@ -121,6 +127,7 @@ class Server:
 
                     self.admin_address = await root.start(serve_admin, self, self.config.admin)
                 root.start_soon(self._keepalive)
+                root.start_soon(self._sweep_handshakes)
                 async with trio.open_nursery() as conns:
                     self.connections_nursery = conns
                     conns.start_soon(self._accept_loop, listener)
@@ -235,6 +242,19 @@ class Server:
     def closing(self, conn: Connection) -> None:
         """``conn`` sent its Close; give the peer CLOSE_TIMEOUT to answer."""
         self._closing.append((trio.current_time() + CLOSE_TIMEOUT, conn))
+
+    async def _sweep_handshakes(self) -> None:
+        """Answer 408 to handshakes past their deadline (slowloris bound)."""
+        q = self.handshake_deadlines
+        timeout = self.config.handshake_timeout
+        while True:
+            now = trio.current_time()
+            while q and q[0][0] <= now:
+                sock = q.popleft()[1]
+                if sock is not None:
+                    expire_handshake(self, sock)
+            next_at = q[0][0] if q else now + timeout
+            await trio.sleep_until(max(next_at, now + HANDSHAKE_SWEEP_TICK))
 
     # -- keepalive ----------------------------------------------------------
 
