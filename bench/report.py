@@ -20,6 +20,9 @@ from servers import SERVERS
 # Fixed colours per server so every plot reads the same way.
 COLORS = {"mailpush": "#d62728", "triows": "#1f77b4", "websockets": "#2ca02c", "floor": "#7f7f7f"}
 
+# One line style per latency run of a server (bus x rate).
+LINESTYLES = ["-", "--", ":", "-."]
+
 # Plot size in inches at 100 dpi: readable on GitHub without zooming.
 FIGSIZE = (9, 4.5)
 DPI = 100
@@ -100,13 +103,14 @@ def plots(out: Path, data: dict) -> list[tuple[str, Path]]:
     if "latency" in data and _ok(data["latency"]["results"]):
         fig, ax = plt.subplots(figsize=FIGSIZE, dpi=DPI)
         for name, r in _ok(data["latency"]["results"]).items():
-            for bus, b in r["buses"].items():
+            for k, b in enumerate(r["runs"]):
                 cdf = b["cdf_ms"]
                 if not cdf:
                     continue
                 ys = [i / len(cdf) for i in range(len(cdf))]
-                ax.plot(cdf, ys, label=f"{_label(name)}, {bus} bus, {b['target_rate']:,} events/s",
-                        color=COLORS.get(name))
+                ax.plot(cdf, ys, LINESTYLES[k % len(LINESTYLES)], color=COLORS.get(name),
+                        label=f"{_label(name)}, {b['bus']} bus, {b['connections']:,} connections, "
+                              f"{b['target_rate']:,} events/s (p99 {b['p99_ms']:.2f} ms)")
         ax.set_xscale("log")
         ax.xaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
         ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))

@@ -1,7 +1,7 @@
 """`make bench`: every scenario, every server, one run, one report.
 
-    .venv/bin/python bench/run.py            # full: ~6-8 min -> bench/RESULTS.md, bench/results/
-    .venv/bin/python bench/run.py --quick    # 2,000 connections: ~1.5 min -> bench/results/quick/
+    .venv/bin/python bench/run.py            # full: ~6-7 min -> bench/RESULTS.md, bench/results/
+    .venv/bin/python bench/run.py --quick    # 2,000 connections: ~1 min -> bench/results/quick/
     .venv/bin/python bench/run.py --tiny --out DIR   # 50 connections: the smoke test
 
 Options: ``--only memory,fanout`` (scenarios), ``--servers mailpush,floor``.
@@ -47,6 +47,11 @@ DEFAULT_MD = {"full": BENCH / "RESULTS.md"}
 # run prints a warning when it goes over, so drift gets noticed.
 TIME_BUDGET_S = {"full": 15 * 60, "quick": 3 * 60, "tiny": 60}
 
+# Before a run, the machine's CPU use is sampled this long; above
+# BUSY_WARN cores in use by others, the report says the numbers are skewed.
+BUSY_SAMPLE_S = 2.0
+BUSY_WARN = 0.2
+
 # Packages whose versions go into the report.
 PACKAGES = ["trio", "trio-websocket", "wsproto", "websockets", "pyjwt", "orjson", "matplotlib", "mailpush"]
 
@@ -87,6 +92,20 @@ def machine_facts() -> dict:
         pass
     facts["open files per process (hard limit)"] = _nofile()
     return facts
+
+
+def cpu_busy(seconds: float = BUSY_SAMPLE_S) -> float:
+    """Cores in use machine-wide over ``seconds`` (/proc/stat), e.g. 0.9 =
+    most of one core: someone else's work skews every number of a run."""
+    def sample():
+        with open("/proc/stat") as f:
+            vals = [int(v) for v in f.readline().split()[1:]]
+        idle = vals[3] + vals[4]  # idle + iowait
+        return sum(vals) - idle, sum(vals)
+    b0, t0 = sample()
+    time.sleep(seconds)
+    b1, t1 = sample()
+    return (b1 - b0) / (t1 - t0) * os.cpu_count() if t1 > t0 else 0.0
 
 
 def _nofile() -> str:
@@ -133,6 +152,11 @@ def main(argv=None) -> int:
     python = os.path.relpath(sys.executable, ROOT) if sys.executable.startswith(str(ROOT)) else sys.executable
     command = shlex.join([python, "bench/run.py"] + args)
     make = {(): "make bench", ("--quick",): "make bench-quick"}.get(tuple(args))
+    busy_before = cpu_busy()
+    if busy_before > BUSY_WARN:
+        notes.append(f"the machine was not idle: {busy_before:.2f} cores busy before the run started "
+                     "(other processes share these 2 cores; absolute numbers are lower than on a quiet machine)")
+        print(f"warning: {notes[-1]}")
     print(f"profile {profile.name}: {asdict(profile)}")
     print(f"writing to {out}")
     try:
@@ -174,9 +198,13 @@ def main(argv=None) -> int:
     if seconds > budget:
         notes.append(f"this run took {seconds / 60:.1f} min, over its {budget / 60:.0f} min budget")
     procs = max(profile.client_procs, 1)
+    facts = machine_facts()
+    facts["load before the run"] = f"{busy_before:.2f} cores busy (sampled {BUSY_SAMPLE_S:g} s)"
+    with open("/proc/loadavg") as f:
+        facts["load average at the end (1/5/15 min)"] = " ".join(f.read().split()[:3])
     meta = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "profile": profile.name, "seconds": seconds, "command": command, "make": make,
-            "machine": machine_facts(), "notes": notes,
+            "machine": facts, "notes": notes,
             "client": {"procs_note": f"{procs}+ worker processes (one more per "
                                      f"{MAX_SOCKETS_PER_PROC:,} sockets)"}}
     (out / "meta.json").write_text(json.dumps(meta, indent=1))

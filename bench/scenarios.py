@@ -40,7 +40,7 @@ SETTLE_TOLERANCE = 0.005
 FANOUT_GAP_S = 0.3
 
 # Latency publisher: one publish request per tick carrying rate*tick events
-# (10,000 events/s -> 50 per 5 ms request). Per-event requests would measure
+# (10,000 events/s -> 50 per 5 ms request, 1,000/s -> 5). Per-event requests would measure
 # the admin HTTP server, not the push path; 5 ms batches keep the added
 # queueing inside a batch far below the millisecond scale being measured.
 PUBLISH_TICK_S = 0.005
@@ -80,7 +80,7 @@ class Profile:
     fanout_rounds: int
     # Latency: subscribers, events per second, measured seconds after warmup.
     latency_connections: int
-    latency_rate: int
+    latency_rates: tuple[int, ...]
     latency_seconds: float
     latency_warmup_s: float
     # Longest wait for RSS to settle after opening connections.
@@ -93,17 +93,19 @@ class Profile:
 
 
 PROFILES = {
-    # `make bench`: DESIGN.md's 9,000 connections for rates, memory up to one
-    # process's limit, 10 s of 10,000 events/s (100,000 samples, so p99.9
-    # rests on 100 of them). About 6-8 minutes on 2 cores.
-    "full": Profile("full", (1_000, 5_000, 10_000, 15_000), (20_000, 30_000), 9_000, 3, 9_000, 10,
-                    5_000, 10_000, 10.0, 1.0, 5.0),
+    # `make bench`: DESIGN.md's 9,000 connections for rates (5 upgrade runs,
+    # 20 fan-out rounds, so a median is not one lucky round), memory up to one
+    # process's limit, latency for 20 s at 1,000 events/s (the unloaded push
+    # path) and at 10,000 events/s (200,000 samples: p99.9 rests on 200).
+    # About 6-7 minutes on 2 cores.
+    "full": Profile("full", (1_000, 5_000, 10_000, 15_000), (20_000, 30_000), 9_000, 5, 9_000, 20,
+                    5_000, (1_000, 10_000), 20.0, 1.0, 5.0),
     # `make bench-quick`: the same shapes at 2,000 connections; 3 s of
-    # 10,000 events/s (30,000 samples). About 1.5 minutes.
+    # 10,000 events/s (30,000 samples). About a minute.
     "quick": Profile("quick", (500, 1_000, 2_000), (), 2_000, 2, 2_000, 5,
-                     1_000, 10_000, 3.0, 0.5, 3.0),
+                     1_000, (10_000,), 3.0, 0.5, 3.0),
     # The smoke test: 50 connections per server, everything once, seconds.
-    "tiny": Profile("tiny", (50,), (), 50, 1, 50, 3, 50, 500, 1.0, 0.2, 1.0,
+    "tiny": Profile("tiny", (50,), (), 50, 1, 50, 3, 50, (500,), 1.0, 0.2, 1.0,
                     client_procs=1, open_timeout_s=30.0),
 }
 
@@ -162,6 +164,10 @@ def _fmt(v, spec: str = ",.0f") -> str:
     if v is None or (isinstance(v, float) and v != v):
         return "–"
     return format(v, spec)
+
+
+def _pct_fmt(v) -> str:
+    return "–" if v is None else f"{v * 100:.0f}%"
 
 
 def _ratio(v, ref) -> str:
@@ -292,11 +298,15 @@ def upgrade(ctx: Context, spec: ServerSpec) -> dict:
     runs = []
     with ctx.server(spec, "upgrade") as srv, ctx.loadgen(srv, p.upgrade_n) as lg:
         for k in range(p.upgrade_repeats):
-            cpu0 = srv.cpu_s()
+            cpu0, w0 = srv.cpu_s(), time.monotonic()
             r = lg.open(p.upgrade_n, timeout=p.open_timeout_s)
-            cpu = srv.cpu_s() - cpu0
+            cpu, wall = srv.cpu_s() - cpu0, time.monotonic() - w0
             _check_alive(srv)
             r["server_cpu_us_per_upgrade"] = cpu / r["ok"] * 1e6 if r["ok"] else None
+            # Share of one core the server used while the clients opened: near
+            # 100% means the rate is the server's CPU cost, well below means
+            # it waited for something (limits, timers, the clients).
+            r["server_busy"] = cpu / wall if wall else None
             runs.append(r)
             ctx.log(f"  {spec.name}: {r['ok']:,}/{p.upgrade_n:,} in {r['seconds']:.2f} s = "
                     f"{r['rate']:,.0f}/s, failed {r['failed']} {r['errors'] or ''}")
@@ -309,7 +319,8 @@ def upgrade(ctx: Context, spec: ServerSpec) -> dict:
             "ok_min": min(r["ok"] for r in runs), "failed": sum(r["failed"] for r in runs),
             "setup_ms_p50": statistics.median(r["setup_ms_p50"] for r in runs),
             "setup_ms_p99": statistics.median(r["setup_ms_p99"] for r in runs),
-            "server_cpu_us_per_upgrade": _median_or_none(r["server_cpu_us_per_upgrade"] for r in runs)}
+            "server_cpu_us_per_upgrade": _median_or_none(r["server_cpu_us_per_upgrade"] for r in runs),
+            "server_busy": _median_or_none(r["server_busy"] for r in runs)}
 
 
 def _median_or_none(values):
@@ -322,14 +333,14 @@ def upgrade_table(results: dict) -> list[str]:
     mp = ok.get("mailpush", {}).get("rate_median")
     fl = ok.get("floor", {}).get("rate_median")
     head = ["server", "connections", "upgrades/s (median)", "min–max", "setup p50 ms", "setup p99 ms",
-            "server CPU µs/upgrade", "failed", "× mailpush", "× floor"]
+            "server CPU µs/upgrade", "server busy", "failed", "× mailpush", "× floor"]
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, r in ok.items():
         rows.append("| " + " | ".join([
             _label(name), _fmt(r["n"]), _fmt(r["rate_median"]),
             f"{_fmt(r['rate_min'])}–{_fmt(r['rate_max'])}",
             _fmt(r["setup_ms_p50"], ".1f"), _fmt(r["setup_ms_p99"], ".1f"),
-            _fmt(r["server_cpu_us_per_upgrade"]), _fmt(r["failed"]),
+            _fmt(r["server_cpu_us_per_upgrade"]), _pct_fmt(r.get("server_busy")), _fmt(r["failed"]),
             _ratio(r["rate_median"], mp), _ratio(r["rate_median"], fl)]) + " |")
     return rows + _problems(results, len(head))
 
@@ -354,14 +365,14 @@ def fanout(ctx: Context, spec: ServerSpec) -> dict:
             body = srv.fanout_body(subs, k)
             per = lg.arm()
             expected = sum(per)
-            cpu0 = srv.cpu_s()
+            cpu0, w0 = srv.cpu_s(), time.monotonic()
             t0 = time.monotonic_ns()
             status, answer = srv.trigger_fanout(body)
             t_ans = time.monotonic_ns()
             if status not in (200, 202):
                 raise ServerError(f"trigger answered {status}: {answer[:200]!r}")
             w = lg.wait_frames(per, timeout=max(30.0, expected / 1_000))
-            cpu = srv.cpu_s() - cpu0
+            cpu, wall = srv.cpu_s() - cpu0, time.monotonic() - w0
             _check_alive(srv)
             secs = (w["last_ns"] - t0) / 1e9 if w["last_ns"] else None
             rnd = {"expected": expected, "delivered": w["frames"],
@@ -369,6 +380,7 @@ def fanout(ctx: Context, spec: ServerSpec) -> dict:
                    "first_ms": (w["first_ns"] - t0) / 1e6 if w["first_ns"] else None,
                    "answer_ms": (t_ans - t0) / 1e6, "answer": answer[:200].decode("utf-8", "replace"),
                    "server_cpu_us_per_delivery": cpu / w["frames"] * 1e6 if w["frames"] else None,
+                   "server_busy": cpu / wall if wall else None,
                    "frame_bytes": w["frame_len"], "trigger_bytes": len(body)}
             rounds.append(rnd)
             ctx.log(f"  {spec.name} round {k + 1}: {w['frames']:,}/{expected:,} in "
@@ -381,6 +393,9 @@ def fanout(ctx: Context, spec: ServerSpec) -> dict:
             "missing": sum(r["expected"] - r["delivered"] for r in rounds),
             "first_ms_median": _median_or_none(r["first_ms"] for r in rounds),
             "server_cpu_us_per_delivery": _median_or_none(r["server_cpu_us_per_delivery"] for r in rounds),
+            "server_busy": _median_or_none(r["server_busy"] for r in rounds),
+            "answer_ms_median": _median_or_none(r["answer_ms"] for r in rounds),
+            "answer_ms_max": max(r["answer_ms"] for r in rounds),
             "frame_bytes": max(r["frame_bytes"] for r in rounds),
             "client_stats": stats}
 
@@ -390,13 +405,16 @@ def fanout_table(results: dict) -> list[str]:
     mp = ok.get("mailpush", {}).get("rate_median")
     fl = ok.get("floor", {}).get("rate_median")
     head = ["server", "connections", "deliveries/s (median)", "min–max", "trigger→first ms",
-            "server CPU µs/delivery", "frame bytes", "missing", "× mailpush", "× floor"]
+            "trigger answered ms (median / max)", "server CPU µs/delivery", "server busy", "frame bytes",
+            "missing", "× mailpush", "× floor"]
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, r in ok.items():
         rows.append("| " + " | ".join([
             _label(name), _fmt(r["n"]), _fmt(r["rate_median"]),
             f"{_fmt(r['rate_min'])}–{_fmt(r['rate_max'])}", _fmt(r["first_ms_median"], ".1f"),
-            _fmt(r["server_cpu_us_per_delivery"], ".1f"), _fmt(r["frame_bytes"]), _fmt(r["missing"]),
+            f"{_fmt(r.get('answer_ms_median'), '.1f')} / {_fmt(r.get('answer_ms_max'), '.1f')}",
+            _fmt(r["server_cpu_us_per_delivery"], ".1f"), _pct_fmt(r.get("server_busy")),
+            _fmt(r["frame_bytes"]), _fmt(r["missing"]),
             _ratio(r["rate_median"], mp), _ratio(r["rate_median"], fl)]) + " |")
     return rows + _problems(results, len(head))
 
@@ -411,15 +429,20 @@ def latency(ctx: Context, spec: ServerSpec) -> dict:
     request is sent; the client records receive time minus t. Subscribers
     are picked round-robin, so every connection gets rate/N events/s.
     Samples published during the warmup are dropped."""
-    out = {}
+    runs = []
     for bus, args in LATENCY_BUSES.items():
-        out[bus] = _latency_one(ctx, spec, bus, args)
-    return {"buses": out}
+        for rate in ctx.profile.latency_rates:
+            runs.append(_latency_one(ctx, spec, bus, args, rate))
+            r = runs[-1]
+            ctx.log(f"  {spec.name} {bus} bus @ {rate:,}/s: p50 {r['p50_ms']:.2f} ms, "
+                    f"p99 {r['p99_ms']:.2f} ms, p99.9 {r['p999_ms']:.2f} ms, lost {r['lost']}")
+    return {"runs": runs}
 
 
-def _latency_one(ctx: Context, spec: ServerSpec, bus: str, args: list[str]) -> dict:
+def _latency_one(ctx: Context, spec: ServerSpec, bus: str, args: list[str], rate: int) -> dict:
     p = ctx.profile
-    with ctx.server(spec, f"latency-{bus}", args) as srv, ctx.loadgen(srv, p.latency_connections) as lg:
+    with ctx.server(spec, f"latency-{bus}-{rate}", args) as srv, \
+            ctx.loadgen(srv, p.latency_connections) as lg:
         opened = lg.open(p.latency_connections, timeout=p.open_timeout_s)
         if opened["ok"] < p.latency_connections:
             raise ServerError(f"only {opened['ok']:,}/{p.latency_connections:,} opened: {opened['errors']}")
@@ -429,9 +452,8 @@ def _latency_one(ctx: Context, spec: ServerSpec, bus: str, args: list[str]) -> d
         ticks = int(total / PUBLISH_TICK_S)
         lg.arm()
         expected = [0] * len(lg.open_per_worker)
-        start = time.monotonic_ns()
+        start = time.monotonic_ns() + 50_000_000  # leaves time for latency_on to reach the workers
         lg.latency_on(start + int(p.latency_warmup_s * 1e9))
-        start = time.monotonic_ns()
         tick_ns = int(PUBLISH_TICK_S * 1e9)
         sent = late = 0
         answer_ms: list[float] = []
@@ -447,7 +469,7 @@ def _latency_one(ctx: Context, spec: ServerSpec, bus: str, args: list[str]) -> d
             items = []
             # Events due by the end of tick i, minus those already sent: the
             # exact rate even when rate * tick is not a whole number.
-            for _ in range(int(p.latency_rate * (i + 1) * PUBLISH_TICK_S) - sent):
+            for _ in range(int(rate * (i + 1) * PUBLISH_TICK_S) - sent):
                 items.append(b'{"subscriber":"%s","event":"new_letter","data":{"t":%d}}' % (subs[j], t))
                 expected[worker_of[j]] += 1
                 j = (j + 1) % len(subs)
@@ -466,7 +488,7 @@ def _latency_one(ctx: Context, spec: ServerSpec, bus: str, args: list[str]) -> d
     ms = [s / 1e6 for s in samples]
     # Keep the CDF plottable and the JSON small: 1,000 evenly spaced quantiles.
     cdf = [ms[min(len(ms) - 1, int(q * len(ms) / 1000))] for q in range(1000)] if ms else []
-    return {"connections": p.latency_connections, "target_rate": p.latency_rate,
+    return {"bus": bus, "connections": p.latency_connections, "target_rate": rate,
             "achieved_rate": sent / elapsed if elapsed else 0.0, "published": sent,
             "received": w["frames"], "lost": sent - w["frames"], "late_ticks": late,
             "publish_requests": len(answer_ms), "events_per_request": sent / max(1, len(answer_ms)),
@@ -483,9 +505,9 @@ def latency_table(results: dict) -> list[str]:
             "p50 ms", "p90 ms", "p99 ms", "p99.9 ms", "max ms", "lost", "publish answer p50 / p99 ms"]
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, r in _ok(results).items():
-        for bus, b in r["buses"].items():
+        for b in r["runs"]:
             rows.append("| " + " | ".join([
-                _label(name), bus, _fmt(b["connections"]), _fmt(b["target_rate"]),
+                _label(name), b["bus"], _fmt(b["connections"]), _fmt(b["target_rate"]),
                 _fmt(b["achieved_rate"]), _fmt(b["samples"]), _fmt(b["p50_ms"], ".2f"),
                 _fmt(b["p90_ms"], ".2f"), _fmt(b["p99_ms"], ".2f"), _fmt(b["p999_ms"], ".2f"),
                 _fmt(b["max_ms"], ".2f"), _fmt(b["lost"]),
