@@ -57,7 +57,7 @@ _ALL_REQUIRED = _HOST | _UPGRADE | _CONNECTION | _KEY | _VERSION
 class Request:
     """What mailpush keeps of an upgrade request: strings, nothing else."""
 
-    __slots__ = ("method", "path", "query", "cookie", "authorization", "origin", "key", "seen", "upgrade", "version", "connection_upgrade")
+    __slots__ = ("method", "path", "query", "cookie", "authorization", "origin", "key", "seen", "upgrade", "version", "connection_upgrade", "http10")
 
     def __init__(self) -> None:
         self.method = ""
@@ -71,6 +71,7 @@ class Request:
         self.seen = 0  # bitmask of required headers present
         self.upgrade = False  # "Upgrade: websocket" present
         self.connection_upgrade = False  # "upgrade" token in Connection
+        self.http10 = False  # HTTP/1.0 request line
 
     @property
     def wants_websocket(self) -> bool:
@@ -111,12 +112,12 @@ def parse_request(head: bytes) -> Request:
     if len(parts) != 3:
         raise _bad("malformed request line")
     method, target, version = parts
-    if version != b"HTTP/1.1":
-        if version.startswith(b"HTTP/1."):
-            # RFC 6455 §4.1: the upgrade needs HTTP/1.1 or later.
-            raise _bad("WebSocket upgrade requires HTTP/1.1")
+    if version not in (b"HTTP/1.1", b"HTTP/1.0"):
         raise HandshakeError(505, "only HTTP/1.1 is supported")
     req = Request()
+    # Plain requests (health checks: HAProxy sends HTTP/1.0) may be 1.0; the
+    # upgrade itself needs 1.1 (RFC 6455 §4.1), see check_upgrade.
+    req.http10 = version == b"HTTP/1.0"
     try:
         req.method = method.decode("ascii")
         target_s = target.decode("ascii")
@@ -189,6 +190,8 @@ def check_upgrade(req: Request) -> None:
     """
     if req.method != "GET":
         raise HandshakeError(405, f"method {req.method} not allowed, use GET", (("Allow", "GET"),))
+    if req.http10:
+        raise _bad("WebSocket upgrade requires HTTP/1.1")
     seen = req.seen
     if not seen & _HOST:
         raise _bad("missing Host header")
