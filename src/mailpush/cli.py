@@ -8,6 +8,7 @@ Bad values exit with status 2 and a message that says what to fix.
 from __future__ import annotations
 
 import argparse
+import gc
 import http.client
 import os
 import secrets
@@ -129,6 +130,7 @@ async def run_server(config: Config, demo: bool = False) -> None:
             nursery.cancel_scope.cancel()  # drained: stop listening for signals
 
         await nursery.start(serve)
+        _tune_gc()
         if demo:
             _print_demo(server)
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
@@ -139,6 +141,22 @@ async def run_server(config: Config, demo: bool = False) -> None:
             async for _ in signals:
                 server.stop()
                 break
+
+
+# The cyclic GC's first generation is collected every this many new
+# container objects instead of CPython's 700: every upgrade leaves a dozen
+# long-lived objects (task, coroutine, socket, connection …), and at the
+# default the collector re-scanned them ~35 times per 1,000 upgrades (28 µs
+# of each upgrade here, measured with gc.callbacks); at 10,000 it is ~8 µs,
+# with pauses of a few milliseconds, well under the latency budget.
+GC_THRESHOLDS = (10_000, 20, 100)
+
+
+def _tune_gc() -> None:
+    """Freeze what startup allocated and collect less often (see above)."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)
 
 
 def _print_demo(server) -> None:
