@@ -17,6 +17,7 @@ import sys
 from collections.abc import Sequence
 
 import orjson
+import structlog
 import trio
 
 from . import log
@@ -47,7 +48,7 @@ def _serve_options(p: argparse.ArgumentParser) -> None:
     opt("ws-path", _D.ws_path, "upgrade path of the push WebSocket")
     opt("echo-path", None, "TEST ONLY: path of an echo endpoint without tokens, for the conformance runner")
     opt("allowed-origins", "", "comma-separated Origins allowed to connect; empty: any")
-    opt("workers", _D.workers, "worker processes (this release: 1)", type=int)
+    opt("workers", _D.workers, "worker processes sharing the listen port; worker i's admin API is on the admin port + i", type=int)
     opt("max-connections", _D.max_connections, "open connections per process; beyond it upgrades get 503", type=int)
     opt("max-handshakes", _D.max_handshakes, "handshakes in progress at once; more wait in the kernel backlog", type=int)
     opt("handshake-timeout", _D.handshake_timeout, "seconds for the whole upgrade request", type=float)
@@ -91,8 +92,6 @@ def config_from_args(args: argparse.Namespace) -> Config:
     secret = load_secret(secret, args.secret_file)
     admin = None if str(args.admin).lower() in ("off", "none", "") else parse_hostport(args.admin, "--admin")
     origins = frozenset(o.strip() for o in str(args.allowed_origins).split(",") if o.strip())
-    if args.workers != 1:
-        raise ConfigError("--workers: this release runs one process; run several behind the load balancer")
     return Config(
         listen=parse_hostport(args.listen, "--listen"),
         admin=admin,
@@ -118,11 +117,13 @@ def config_from_args(args: argparse.Namespace) -> Config:
     )
 
 
-async def run_server(config: Config, demo: bool = False) -> None:
+async def run_server(config: Config, demo: bool = False, bus=None, worker: int | None = None) -> None:
     """Serve until SIGTERM/SIGINT, then drain and return."""
     from .server import Server
 
-    server = Server(config)
+    if worker is not None:
+        structlog.contextvars.bind_contextvars(worker=worker)
+    server = Server(config, bus)
     async with trio.open_nursery() as nursery:
 
         async def serve(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -170,6 +171,10 @@ def _print_demo(server) -> None:
 def _cmd_serve(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     log.configure(config.log_level, config.log_format)
+    if config.workers > 1:
+        from .workers import run_workers
+
+        return run_workers(config, args.demo, run_server)
     trio.run(run_server, config, args.demo)
     return 0
 

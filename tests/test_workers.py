@@ -1,0 +1,66 @@
+"""``--workers N``: several processes on one port, the embedded bus relayed
+between them, one signal drains them all."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+
+from conftest import SECRET, _drain, token
+from websockets.sync.client import connect
+
+
+def metric(admin: str, name: str) -> float:
+    text = urllib.request.urlopen(f"http://{admin}/metrics", timeout=5).read().decode()
+    return float(next(line.split()[1] for line in text.splitlines() if line.startswith(name + " ")))
+
+
+def test_two_workers_share_the_port_and_every_publish_reaches_every_tab():
+    cmd = [sys.executable, "-m", "mailpush", "serve", "--workers", "2", "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0",
+           "--secret", SECRET, "--log-format", "json", "--drain-seconds", "1"]
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE)
+    clients = []
+    try:
+        workers = {}
+        deadline = time.monotonic() + 20
+        while len(workers) < 2 and time.monotonic() < deadline:
+            line = proc.stderr.readline()
+            assert line, "supervisor exited early"
+            rec = json.loads(line)
+            if rec["event"] == "listening":
+                workers[rec["worker"]] = (rec["listen"], rec["admin"])
+        threading.Thread(target=_drain, args=(proc.stderr, []), daemon=True).start()
+        assert workers[0][0] == workers[1][0]  # one port
+        assert workers[0][1] != workers[1][1]  # an admin API each
+        port = workers[0][0].rsplit(":", 1)[1]
+        subs = [f"w{i}" for i in range(24)]
+        for s in subs:
+            ws = connect(f"ws://127.0.0.1:{port}/v1/ws?token={token(s)}", open_timeout=5)
+            ws.send('{"type":"subscribe"}')
+            assert json.loads(ws.recv(timeout=5))["type"] == "subscribed"
+            clients.append(ws)
+        per_worker = [metric(workers[w][1], "mailpush_connections") for w in (0, 1)]
+        assert sum(per_worker) == 24 and min(per_worker) > 0, per_worker  # the kernel spread them
+        # A publish at either worker reaches the tabs on both.
+        for w in (0, 1):
+            body = json.dumps([{"subscriber": s, "event": f"via{w}"} for s in subs]).encode()
+            req = urllib.request.Request(f"http://{workers[w][1]}/v1/publish", data=body, method="POST")
+            assert urllib.request.urlopen(req, timeout=5).status == 202
+            for s, ws in zip(subs, clients):
+                assert json.loads(ws.recv(timeout=5)) == {"type": "event", "subscriber": s, "event": f"via{w}", "data": {}}
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(15) == 0
+        assert time.monotonic() - t0 < 1 + 3
+        assert all(ws.close_code == 1012 for ws in clients)
+    finally:
+        for ws in clients:
+            ws.close()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
