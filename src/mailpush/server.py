@@ -232,12 +232,14 @@ class Server:
     def added(self, conn: Connection) -> None:
         self.connections.add(conn)
         self.stats.upgrades += 1
+        self.log.debug("connected", subscriber=conn.subscriber)
 
     def removed(self, conn: Connection) -> None:
         self.connections.discard(conn)
         self.open_sockets -= 1
         if self.registry.remove(conn):
             self.dispatcher.changed(conn.subscriber)
+        self.log.debug("disconnected", subscriber=conn.subscriber)
 
     def closing(self, conn: Connection) -> None:
         """``conn`` sent its Close; give the peer CLOSE_TIMEOUT to answer."""
