@@ -309,6 +309,8 @@ def _parse_anything(data: bytes) -> None:
         end = hs.find_head_end(data, len(data))
         head = data[:end] if end >= 0 else data + b"\r\n\r\n"
         req = hs.parse_request(head)
+        hs.query_param(req.query, "token")
+        hs.cookie_value(req.cookie, "mailpush_token")
         hs.check_upgrade(req)
     except HandshakeError as e:
         assert e.status in (400, 405, 426, 431, 505), e.status
