@@ -46,21 +46,24 @@ _TO_STD = bytes.maketrans(b"-_+/", b"+/!!")
 
 
 def _b64url(segment: str) -> bytes:
-    """Strict base64url (RFC 7515 §2): the alphabet only, canonical, at most
-    the padding some issuers add; junk is an error, never skipped."""
-    std = segment.encode("ascii").translate(_TO_STD)
-    if not std.endswith(b"="):
-        std += b"=" * (-len(std) % 4)
-    raw = binascii.a2b_base64(std, strict_mode=True)
-    if binascii.b2a_base64(raw, newline=False).rstrip(b"=") != std.rstrip(b"="):
+    """Strict base64url (RFC 7515 §2): the alphabet only, canonical, and at
+    most the padding the last quantum needs (some issuers add it); junk is
+    an error, never skipped."""
+    stripped = segment.rstrip("=")
+    pad = len(segment) - len(stripped)
+    if pad > 2 or (pad and len(segment) % 4) or len(stripped) % 4 == 1:
+        raise ValueError("bad base64url padding")
+    std = stripped.encode("ascii").translate(_TO_STD)
+    raw = binascii.a2b_base64(std + b"=" * (-len(std) % 4), strict_mode=True)
+    if binascii.b2a_base64(raw, newline=False).rstrip(b"=") != std:
         raise ValueError("not canonical base64")
     return raw
 
 
 def _number(claims: dict, name: str) -> int | None:
-    value = claims.get(name)
-    if value is None:
+    if name not in claims:
         return None
+    value = claims[name]
     if type(value) not in (int, float):
         raise AuthError(f"token '{name}' claim is not a number")
     try:
@@ -105,6 +108,8 @@ class Verifier:
             raise AuthError("token algorithm must be HS256")
         if "crit" in header:
             raise AuthError("token header lists critical extensions, none are supported")
+        if header.get("b64", True) is not True:
+            raise AuthError("token payload must be base64url encoded (RFC 7797 'b64' is not supported)")
         if "kid" in header and type(header["kid"]) is not str:
             raise AuthError("token 'kid' header is not a string")
         expected = hmac.digest(self._key, signing_input, "sha256")
@@ -126,6 +131,9 @@ class Verifier:
             t = _number(claims, name)
             if t is not None and t > now + self.leeway:
                 raise AuthError(f"token not valid yet ({name} is in the future)")
+        if claims.get("aud"):
+            # RFC 7519 §4.1.3: a token meant for some audience is not for us.
+            raise AuthError("token has an audience ('aud'); mailpush accepts only tokens without one")
         if "jti" in claims and type(claims["jti"]) is not str:
             raise AuthError("token 'jti' claim is not a string")
         sub = claims.get("sub")

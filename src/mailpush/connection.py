@@ -176,17 +176,15 @@ class Connection:
         dec = self.decoder
         if dec is None:
             dec = Decoder(self.server.config.max_message_size)
+        error = None
         try:
             messages = dec.feed(data)
         except ProtocolError as e:
-            self.server.log.info("protocol_error", code=e.code, reason=e.reason, subscriber=self.subscriber)
+            error = e
+            messages = e.messages
             self.decoder = None
-            if self.state == OPEN:
-                self.close(e.code, e.reason, wait_for_peer=False)
-            else:
-                self.abort()
-            return
-        self.decoder = None if dec.idle else dec
+        else:
+            self.decoder = None if dec.idle else dec
         for opcode, payload in messages:
             if opcode == Opcode.TEXT or opcode == Opcode.BINARY:
                 if self.state != OPEN:
@@ -205,6 +203,12 @@ class Connection:
             # PONG: F_SEEN above is all keepalive needs.
             if self.state == CLOSED:
                 return
+        if error is not None:
+            self.server.log.info("protocol_error", code=error.code, reason=error.reason, subscriber=self.subscriber)
+            if self.state == OPEN:
+                self.close(error.code, error.reason, wait_for_peer=False)
+            else:
+                self.abort()
 
     def _on_close(self, payload: bytes) -> None:
         try:

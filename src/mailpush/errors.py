@@ -64,6 +64,9 @@ class ProtocolError(MailpushError):
         super().__init__(reason)
         self.code = int(code)
         self.reason = reason
+        # Messages that were complete before the violation, in order: the
+        # peer is owed their handling before the close (set by the decoder).
+        self.messages: list[tuple[int, bytes]] = []
 
 
 class PacketError(MailpushError):

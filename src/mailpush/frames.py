@@ -174,7 +174,7 @@ class Decoder:
 
     def __init__(self, max_message_size: int) -> None:
         self.max_message_size = max_message_size
-        self._rest = b""  # bytes of an incomplete frame, kept between reads
+        self._rest = bytearray()  # bytes of an incomplete frame, kept between reads
         self._frag_opcode = 0  # opcode of the fragmented message in progress, 0 if none
         self._frag_parts: list[bytes] = []
         self._frag_size = 0
@@ -190,12 +190,24 @@ class Decoder:
 
         Raises:
           ProtocolError: the peer broke RFC 6455; its ``code`` is the close
-            code to answer with. The decoder is unusable afterwards.
+            code to answer with, and its ``messages`` the messages that were
+            complete before the violation (to be handled first). The decoder
+            is unusable afterwards.
         """
-        if self._rest:
-            data = self._rest + bytes(data)
-            self._rest = b""
         out: list[tuple[int, bytes]] = []
+        try:
+            return self._feed(data, out)
+        except ProtocolError as e:
+            e.messages = out
+            raise
+
+    def _feed(self, data: bytes | bytearray | memoryview, out: list[tuple[int, bytes]]) -> list[tuple[int, bytes]]:
+        rest = self._rest
+        if rest:
+            # Append to what was kept: a message arriving in many reads is
+            # copied once, not once per read.
+            rest += data
+            data = rest
         end = len(data)
         pos = 0
         max_size = self.max_message_size
@@ -263,8 +275,10 @@ class Decoder:
                 out.append((opcode, payload))
                 continue
             self._fragment(opcode, fin, payload, out)
-        if pos < end:
-            self._rest = bytes(data[pos:end])
+        if data is self._rest:
+            del data[:pos]  # keep the tail in place
+        elif pos < end:
+            self._rest = bytearray(data[pos:end])
         return out
 
     def _fragment(self, opcode: int, fin: int, payload: bytes, out: list[tuple[int, bytes]]) -> None:

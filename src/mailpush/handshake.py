@@ -14,6 +14,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import re
 from http import HTTPStatus
 from urllib.parse import unquote
 
@@ -95,6 +96,11 @@ def find_head_end(buf: bytes | bytearray, end: int) -> int:
     return -1
 
 
+# RFC 9110 §5.6.2 token (the method) and a request target of visible ASCII.
+_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_TARGET = re.compile(rb"[\x21-\x7e]+")
+
+
 def _bad(reason: str) -> HandshakeError:
     return HandshakeError(400, reason)
 
@@ -112,6 +118,10 @@ def parse_request(head: bytes) -> Request:
     if len(parts) != 3:
         raise _bad("malformed request line")
     method, target, version = parts
+    if not _TOKEN.fullmatch(method):
+        raise _bad("malformed request method")
+    if not _TARGET.fullmatch(target):
+        raise _bad("request target has spaces or control characters")
     if version not in (b"HTTP/1.1", b"HTTP/1.0"):
         raise HandshakeError(505, "only HTTP/1.1 is supported")
     req = Request()
