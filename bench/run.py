@@ -141,7 +141,7 @@ def main(argv=None) -> int:
             ap.error(f"unknown server {s!r}")
 
     out.mkdir(parents=True, exist_ok=True)
-    for old in [*out.glob("*.json"), *out.glob("*.png")]:  # only this run's numbers and plots
+    for old in [*out.glob("*.json"), *out.glob("*.png"), *out.glob("logs/*.log")]:  # only this run's
         old.unlink()
     ctx = Context(profile, out)
     signal.signal(signal.SIGTERM, _sigterm)

@@ -41,6 +41,10 @@ MAILPUSH_MAX_CONNECTIONS = 19_000
 # stopping a bench server is not the drain scenario, so keep it short.
 MAILPUSH_DRAIN_S = 1.0
 
+# Attempts at finding a free port (range); the kernel hands out random
+# ephemeral ports, so a clash is rare and a retry solves it.
+FREE_PORT_TRIES = 50
+
 # How long a server gets to answer /healthz after start: imports plus
 # binding; seconds on a busy 2-core machine, never more.
 READY_TIMEOUT_S = 30.0
@@ -55,10 +59,24 @@ STOP_SLACK_S = 1.5
 TRIGGER_TIMEOUT_S = 60.0
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
+def free_port(consecutive: int = 1) -> int:
+    """A port that is free now, and so are the ``consecutive - 1`` above it
+    (mailpush --workers N puts worker i's admin API on the admin port + i)."""
+    for _ in range(FREE_PORT_TRIES):
+        held = [socket.socket()]
+        try:
+            held[0].bind((HOST, 0))
+            base = held[0].getsockname()[1]
+            for k in range(1, consecutive):
+                held.append(socket.socket())
+                held[-1].bind((HOST, base + k))
+            return base
+        except OSError:
+            continue
+        finally:
+            for h in held:
+                h.close()
+    raise ServerError(f"no {consecutive} consecutive free ports in {FREE_PORT_TRIES} tries")
 
 
 def mailpush_command() -> list[str] | None:
@@ -127,12 +145,14 @@ class Server:
 
     def __init__(self, spec: ServerSpec, log_path: Path, extra_args: list[str] | None = None):
         self.spec = spec
-        self.port = free_port()
-        self.aport = free_port()
-        while self.aport == self.port:
-            self.aport = free_port()
-        self.log_path = log_path
         self.extra_args = extra_args or []
+        args = spec.extra_args + self.extra_args
+        workers = int(args[args.index("--workers") + 1]) if "--workers" in args else 1
+        self.port = free_port()
+        self.aport = free_port(workers)
+        while self.port in range(self.aport, self.aport + workers):
+            self.aport = free_port(workers)
+        self.log_path = log_path
         self.proc: subprocess.Popen | None = None
         self._http: http.client.HTTPConnection | None = None
 
@@ -194,9 +214,36 @@ class Server:
         self._signal(signal.SIGKILL)  # whatever is left of the group
         self._wait(STOP_GRACE_S)
         if how:
-            Server.notes.add(f"{self.spec.name} {how}")
+            Server.notes.add(f"{self.spec.name} ({self.log_path.stem}) {how}")
+        self._log_warnings()
         Server.live.discard(self)
         self.proc = None
+
+    def _log_warnings(self):
+        """Summarise the warnings and errors the server logged (JSON lines,
+        as mailpush writes them) into ``Server.notes``: a loop stall or a
+        dropped client during a bench run is a finding, not noise."""
+        counts: dict[str, list] = {}
+        try:
+            lines = self.log_path.read_text(errors="replace").splitlines()
+        except OSError:
+            return
+        for line in lines:
+            if not line.startswith("{"):
+                continue
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue
+            if rec.get("level") not in ("warning", "error", "critical"):
+                continue
+            c = counts.setdefault(f"{rec['level']} {rec.get('event', '?')}", [0, 0.0])
+            c[0] += 1
+            if isinstance(rec.get("seconds"), (int, float)):
+                c[1] = max(c[1], rec["seconds"])
+        for what, (n, longest) in sorted(counts.items()):
+            extra = f", longest {longest:g} s" if longest else ""
+            Server.notes.add(f"{self.spec.name} ({self.log_path.stem}) logged {what} x{n}{extra}")
 
     def _signal(self, sig):
         try:
