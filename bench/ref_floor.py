@@ -92,11 +92,18 @@ async def handle(sock: socket.socket):
         sock.close()
 
 
-async def fanout() -> int:
+def _text_frame(payload: bytes) -> bytes:
+    if len(payload) < 126:
+        return bytes([0x81, len(payload)]) + payload
+    return bytes([0x81, 126]) + len(payload).to_bytes(2, "big") + payload  # < 64 KiB here
+
+
+async def fanout(body: bytes = b"") -> int:
+    frame = _text_frame(body) if body else EVENT_FRAME  # built once for all
     sent = 0
     for s in conns:  # no await inside: the set cannot change under us
         try:
-            if s.send(EVENT_FRAME) == len(EVENT_FRAME):
+            if s.send(frame) == len(frame):
                 sent += 1
         except OSError:  # full or dead: a floor does not queue
             pass

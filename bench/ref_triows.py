@@ -33,11 +33,12 @@ async def handler(request: WebSocketRequest):
         conns.discard(ws)
 
 
-async def fanout() -> int:
+async def fanout(body: bytes = b"") -> int:
+    msg = body.decode() if body else EVENT_TEXT
     sent = 0
     for ws in list(conns):
         try:
-            await ws.send_message(EVENT_TEXT)
+            await ws.send_message(msg)
             sent += 1
         except ConnectionClosed:
             pass

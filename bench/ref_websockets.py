@@ -32,9 +32,9 @@ async def main():
     args = parse_args(__doc__.splitlines()[0])
     async with serve(handler, args.listen[0], args.listen[1], backlog=BACKLOG) as server:
 
-        async def fanout() -> int:
+        async def fanout(body: bytes = b"") -> int:
             conns = server.connections
-            broadcast(conns, EVENT_TEXT)
+            broadcast(conns, body.decode() if body else EVENT_TEXT)
             return len(conns)
 
         admin = await asyncio_admin(*args.admin, fanout, lambda: len(server.connections))

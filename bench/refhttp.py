@@ -5,8 +5,10 @@ The admin port is the trigger, the same mechanism for every reference
 server (mailpush is triggered through its own admin publish API):
 
 - ``GET /healthz`` -> 200 once the server listens (readiness for run.py);
-- ``POST /fanout`` -> send the 40-byte message once to every open
-  connection, answer ``202 {"sent":N}`` when the send loop is done;
+- ``POST /fanout`` -> send the 40-byte message (or, if the request has a
+  body, the body as a text message: the latency scenario's stamped events)
+  once to every open connection, answer ``202 {"sent":N}`` when the send
+  loop is done;
 - ``GET /stats`` -> ``{"connections":N}``.
 
 HTTP/1.1 with keep-alive; only what the bench needs (Content-Length bodies).
@@ -80,8 +82,9 @@ def response(status: int, obj) -> bytes:
 
 
 async def trio_admin(host: str, port: int, fanout, count, task_status=None):
-    """Serve the admin endpoint with Trio. ``fanout`` is an async function
-    returning how many connections it sent to; ``count()`` the open ones."""
+    """Serve the admin endpoint with Trio. ``fanout(body)`` is an async
+    function returning how many connections it sent to (an empty body means
+    the standard 40-byte message); ``count()`` the open ones."""
     import trio
 
     async def handle(stream):
@@ -95,8 +98,8 @@ async def trio_admin(host: str, port: int, fanout, count, task_status=None):
                         return
                     buf += data
                     continue
-                method, path, _, buf = req
-                await stream.send_all(await _dispatch(method, path, fanout, count))
+                method, path, body, buf = req
+                await stream.send_all(await _dispatch(method, path, body, fanout, count))
         except (trio.BrokenResourceError, trio.ClosedResourceError, ValueError):
             return
         finally:
@@ -123,8 +126,8 @@ async def asyncio_admin(host: str, port: int, fanout, count):
                         return
                     buf += data
                     continue
-                method, path, _, buf = req
-                writer.write(await _dispatch(method, path, fanout, count))
+                method, path, body, buf = req
+                writer.write(await _dispatch(method, path, body, fanout, count))
                 await writer.drain()
         except (ConnectionError, ValueError):
             return
@@ -134,11 +137,11 @@ async def asyncio_admin(host: str, port: int, fanout, count):
     return await asyncio.start_server(handle, host, port)
 
 
-async def _dispatch(method: str, path: str, fanout, count) -> bytes:
+async def _dispatch(method: str, path: str, body: bytes, fanout, count) -> bytes:
     if method == "GET" and path == "/healthz":
         return response(200, {"status": "ok"})
     if method == "GET" and path == "/stats":
         return response(200, {"connections": count()})
     if method == "POST" and path == "/fanout":
-        return response(202, {"sent": await fanout()})
+        return response(202, {"sent": await fanout(body)})
     return response(404, {"error": f"no {method} {path}"})

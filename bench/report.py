@@ -32,6 +32,10 @@ def _label(name: str) -> str:
     return SERVERS[name].label if name in SERVERS else name
 
 
+def _bus(bus: str) -> str:
+    return f"{bus} bus" if " " not in bus else bus
+
+
 def _load(out: Path) -> dict[str, dict]:
     data = {}
     for name in SCENARIOS:
@@ -109,7 +113,7 @@ def plots(out: Path, data: dict) -> list[tuple[str, Path]]:
                     continue
                 ys = [i / len(cdf) for i in range(len(cdf))]
                 ax.plot(cdf, ys, LINESTYLES[k % len(LINESTYLES)], color=COLORS.get(name),
-                        label=f"{_label(name)}, {b['bus']} bus, {b['connections']:,} connections, "
+                        label=f"{_label(name)}, {_bus(b['bus'])}, {b['connections']:,} connections, "
                               f"{b['target_rate']:,} events/s (p99 {b['p99_ms']:.2f} ms)")
         ax.set_xscale("log")
         ax.xaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1.0, 2.0, 5.0)))

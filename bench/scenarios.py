@@ -15,6 +15,7 @@ up from the registry; report.py plots only what it knows.
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -426,11 +427,16 @@ def latency(ctx: Context, spec: ServerSpec) -> dict:
     """Publish-to-receive latency at a fixed event rate, on every bus.
 
     Each event carries ``"t": monotonic_ns()`` taken just before its publish
-    request is sent; the client records receive time minus t. Subscribers
-    are picked round-robin, so every connection gets rate/N events/s.
-    Samples published during the warmup are dropped."""
+    request is sent (one request per 5 ms tick); the client records receive
+    time minus t. mailpush: subscribers picked round-robin among all its
+    connections. The floor row does the same sends per tick without any
+    routing: one request per tick to its admin port, the stamped message
+    sent to each of its rate x tick connections; it shows what loopback and
+    waking idle processes cost on this machine. Samples published during
+    the warmup are dropped."""
     runs = []
-    for bus, args in LATENCY_BUSES.items():
+    buses = LATENCY_BUSES if spec.kind == "mailpush" else {"none": []}
+    for bus, args in buses.items():
         for rate in ctx.profile.latency_rates:
             runs.append(_latency_one(ctx, spec, bus, args, rate))
             r = runs[-1]
@@ -441,11 +447,13 @@ def latency(ctx: Context, spec: ServerSpec) -> dict:
 
 def _latency_one(ctx: Context, spec: ServerSpec, bus: str, args: list[str], rate: int) -> dict:
     p = ctx.profile
-    with ctx.server(spec, f"latency-{bus}-{rate}", args) as srv, \
-            ctx.loadgen(srv, p.latency_connections) as lg:
-        opened = lg.open(p.latency_connections, timeout=p.open_timeout_s)
-        if opened["ok"] < p.latency_connections:
-            raise ServerError(f"only {opened['ok']:,}/{p.latency_connections:,} opened: {opened['errors']}")
+    routed = spec.kind == "mailpush"
+    # A reference server sends each tick's message to all its connections.
+    n = p.latency_connections if routed else max(1, math.ceil(rate * PUBLISH_TICK_S))
+    with ctx.server(spec, f"latency-{bus}-{rate}", args) as srv, ctx.loadgen(srv, n) as lg:
+        opened = lg.open(n, timeout=p.open_timeout_s)
+        if opened["ok"] < n:
+            raise ServerError(f"only {opened['ok']:,}/{n:,} opened: {opened['errors']}")
         subs = [s.encode() for s in lg.subscribers]
         worker_of = [int(s[1:].split("-")[0]) for s in lg.subscribers]
         total = p.latency_warmup_s + p.latency_seconds
@@ -466,20 +474,27 @@ def _latency_one(ctx: Context, spec: ServerSpec, bus: str, args: list[str], rate
             elif now - due > tick_ns:
                 late += 1
             t = time.monotonic_ns()
-            items = []
-            # Events due by the end of tick i, minus those already sent: the
-            # exact rate even when rate * tick is not a whole number.
-            for _ in range(int(rate * (i + 1) * PUBLISH_TICK_S) - sent):
-                items.append(b'{"subscriber":"%s","event":"new_letter","data":{"t":%d}}' % (subs[j], t))
-                expected[worker_of[j]] += 1
-                j = (j + 1) % len(subs)
-            if not items:
-                continue
-            status, answer = srv.admin("POST", "/v1/publish", b"[" + b",".join(items) + b"]")
+            if routed:
+                items = []
+                # Events due by the end of tick i, minus those already sent:
+                # the exact rate even when rate * tick is not a whole number.
+                for _ in range(int(rate * (i + 1) * PUBLISH_TICK_S) - sent):
+                    items.append(b'{"subscriber":"%s","event":"new_letter","data":{"t":%d}}' % (subs[j], t))
+                    expected[worker_of[j]] += 1
+                    j = (j + 1) % len(subs)
+                if not items:
+                    continue
+                count = len(items)
+                status, answer = srv.admin("POST", "/v1/publish", b"[" + b",".join(items) + b"]")
+            else:
+                count = n
+                for w, k in enumerate(lg.open_per_worker):
+                    expected[w] += k
+                status, answer = srv.admin("POST", "/fanout", b'{"type":"event","data":{"t":%d}}' % t)
             answer_ms.append((time.monotonic_ns() - t) / 1e6)
             if status != 202:
                 raise ServerError(f"publish answered {status}: {answer[:200]!r}")
-            sent += len(items)
+            sent += count
         elapsed = (time.monotonic_ns() - start) / 1e9
         w = lg.wait_frames(expected, DRAIN_TIMEOUT_S)
         samples = sorted(lg.latency_off())
@@ -488,7 +503,7 @@ def _latency_one(ctx: Context, spec: ServerSpec, bus: str, args: list[str], rate
     ms = [s / 1e6 for s in samples]
     # Keep the CDF plottable and the JSON small: 1,000 evenly spaced quantiles.
     cdf = [ms[min(len(ms) - 1, int(q * len(ms) / 1000))] for q in range(1000)] if ms else []
-    return {"bus": bus, "connections": p.latency_connections, "target_rate": rate,
+    return {"bus": bus if routed else "none (admin trigger)", "connections": n, "target_rate": rate,
             "achieved_rate": sent / elapsed if elapsed else 0.0, "published": sent,
             "received": w["frames"], "lost": sent - w["frames"], "late_ticks": late,
             "publish_requests": len(answer_ms), "events_per_request": sent / max(1, len(answer_ms)),
@@ -524,7 +539,7 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in [
     Scenario("upgrade", "Upgrade rate", upgrade, upgrade_table, doc=upgrade.__doc__),
     Scenario("fanout", "Fan-out", fanout, fanout_table, doc=fanout.__doc__),
     Scenario("latency", "Publish-to-receive latency", latency, latency_table,
-             servers=["mailpush"], doc=latency.__doc__),
+             servers=["mailpush", "floor"], doc=latency.__doc__),
     # Resource-control scenarios (avalanche, burst, slow consumers, drain)
     # go here once mailpush has the controls they exercise.
 ]}
