@@ -76,7 +76,7 @@ def connections(admin) -> int:
 
 
 def open_client(port: int, sub: str):
-    ws = connect(f"ws://127.0.0.1:{port}/v1/ws?token={token(sub)}", open_timeout=5)
+    ws = connect(f"ws://127.0.0.1:{port}/v1/ws?token={token(sub)}", open_timeout=5, legacy=True)
     ws.send('{"type":"subscribe"}')
     assert json.loads(ws.recv(timeout=5))["type"] == "subscribed"
     return ws

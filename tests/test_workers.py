@@ -40,7 +40,7 @@ def test_two_workers_share_the_port_and_every_publish_reaches_every_tab():
         port = workers[0][0].rsplit(":", 1)[1]
         subs = [f"w{i}" for i in range(24)]
         for s in subs:
-            ws = connect(f"ws://127.0.0.1:{port}/v1/ws?token={token(s)}", open_timeout=5)
+            ws = connect(f"ws://127.0.0.1:{port}/v1/ws?token={token(s)}", open_timeout=5, legacy=True)
             ws.send('{"type":"subscribe"}')
             assert json.loads(ws.recv(timeout=5))["type"] == "subscribed"
             clients.append(ws)
