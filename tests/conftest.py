@@ -138,6 +138,54 @@ class RawClient:
         self.sock.close()
 
 
+class AsyncRaw:
+    """A raw client in the test's Trio loop."""
+
+    def __init__(self, stream: trio.SocketStream) -> None:
+        self.stream = stream
+        self.buf = b""
+
+    @classmethod
+    async def connect(cls, address, rcvbuf: int | None = None) -> AsyncRaw:
+        sock = trio.socket.socket()
+        if rcvbuf:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        await sock.connect(address)
+        return cls(trio.SocketStream(sock))
+
+    async def upgrade(self, tok: str) -> bytes:
+        await self.stream.send_all(UPGRADE.format(path="/v1/ws?token=" + tok, extra="").encode())
+        return await self.head()
+
+    async def head(self) -> bytes:
+        while b"\r\n\r\n" not in self.buf:
+            chunk = await self.stream.receive_some(65536)
+            if not chunk:
+                break
+            self.buf += chunk
+        head, _, self.buf = self.buf.partition(b"\r\n\r\n")
+        return head
+
+    async def rest(self) -> bytes:
+        """Everything until the server closes the connection."""
+        try:
+            while chunk := await self.stream.receive_some(65536):
+                self.buf += chunk
+        except trio.BrokenResourceError:
+            pass
+        data, self.buf = self.buf, b""
+        return data
+
+    async def eof(self) -> bool:
+        """Read until EOF; True if the server closed the connection."""
+        try:
+            while await self.stream.receive_some(65536):
+                pass
+        except trio.BrokenResourceError:
+            pass
+        return True
+
+
 def close_code(payload: bytes) -> int:
     return int.from_bytes(payload[:2], "big") if len(payload) >= 2 else 1005
 

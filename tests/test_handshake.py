@@ -13,7 +13,7 @@ import urllib.parse
 
 import pytest
 import trio
-from conftest import SECRET, b64key, token
+from conftest import SECRET, AsyncRaw, b64key, token
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -350,41 +350,10 @@ def test_near_valid_requests_raise_only_handshake_errors(method, target, version
 # -- over real sockets ---------------------------------------------------------------------------
 
 
-class Raw:
-    """A raw client in the test's own Trio loop."""
-
-    def __init__(self, stream: trio.SocketStream) -> None:
-        self.stream = stream
-        self.buf = b""
-
-    @classmethod
-    async def connect(cls, address) -> Raw:
-        return cls(await trio.open_tcp_stream(*address))
-
-    async def head(self) -> bytes:
-        while b"\r\n\r\n" not in self.buf:
-            chunk = await self.stream.receive_some(65536)
-            if not chunk:
-                break
-            self.buf += chunk
-        head, _, self.buf = self.buf.partition(b"\r\n\r\n")
-        return head
-
-    async def rest(self) -> bytes:
-        """Everything until the server closes the connection."""
-        try:
-            while chunk := await self.stream.receive_some(65536):
-                self.buf += chunk
-        except trio.BrokenResourceError:
-            pass
-        data, self.buf = self.buf, b""
-        return data
-
-
 async def exchange(server, data: bytes) -> tuple[int, bytes, bytes]:
     """Send ``data``; return (status, head, body). A refusal must close the
     connection: ``rest()`` only returns on EOF."""
-    raw = await Raw.connect(server.listen_address)
+    raw = await AsyncRaw.connect(server.listen_address)
     with trio.fail_after(5):
         await raw.stream.send_all(data)
         head = await raw.head()
@@ -447,7 +416,7 @@ async def test_every_refusal_status_over_a_socket(start_server, data: bytes, sta
 async def test_431_while_the_head_is_still_arriving(start_server) -> None:
     # No blank line ever comes: the server must not keep reading past its limit.
     server = await start_server()
-    raw = await Raw.connect(server.listen_address)
+    raw = await AsyncRaw.connect(server.listen_address)
     with trio.fail_after(5):
         await raw.stream.send_all(b"GET /v1/ws HTTP/1.1\r\nX: " + b"a" * (hs.MAX_HEAD_BYTES + 100))
         head = await raw.head()
@@ -539,7 +508,7 @@ async def test_slowloris_dribble_is_cut_at_the_deadline(start_server) -> None:
     # Real time, kept short: a 0.4 s deadline; the client sends one byte
     # every 20 ms, so the 200-byte request would need 4 s.
     server = await start_server(handshake_timeout=0.4)
-    raw = await Raw.connect(server.listen_address)
+    raw = await AsyncRaw.connect(server.listen_address)
     data = upgrade("/v1/ws?token=" + token("slow"))
     t0 = trio.current_time()
     sent = 0
@@ -568,7 +537,7 @@ async def test_slowloris_dribble_is_cut_at_the_deadline(start_server) -> None:
 
 async def test_silent_client_is_cut_at_the_deadline(start_server) -> None:
     server = await start_server(handshake_timeout=0.3)
-    raw = await Raw.connect(server.listen_address)
+    raw = await AsyncRaw.connect(server.listen_address)
     with trio.fail_after(3):
         head = await raw.head()
     assert head.startswith(b"HTTP/1.1 408")
@@ -581,7 +550,7 @@ async def test_client_gone_before_finishing_costs_nothing_lasting(start_server, 
     server = await start_server(handshake_timeout=30)
     raws = []
     for _ in range(20):
-        raw = await Raw.connect(server.listen_address)
+        raw = await AsyncRaw.connect(server.listen_address)
         if partial:
             await raw.stream.send_all(partial)
         raws.append(raw)
@@ -607,7 +576,7 @@ async def test_frames_pipelined_after_the_head_are_not_lost(start_server) -> Non
     from conftest import client_frame
 
     server = await start_server()
-    raw = await Raw.connect(server.listen_address)
+    raw = await AsyncRaw.connect(server.listen_address)
     with trio.fail_after(5):
         await raw.stream.send_all(upgrade("/v1/ws?token=" + token("eager")) + client_frame(0x1, b'{"type":"subscribe"}'))
         assert (await raw.head()).startswith(b"HTTP/1.1 101")

@@ -18,48 +18,10 @@ import urllib.request
 import pytest
 import trio
 import trio_websocket
-from conftest import UPGRADE, client_frame, server_process, token, ws_url
+from conftest import UPGRADE, AsyncRaw, client_frame, server_process, token, ws_url
 
 import mailpush.server as server_mod
 from mailpush.bus import FakeBus
-
-
-class AsyncRaw:
-    """A raw client in the test's Trio loop."""
-
-    def __init__(self, stream: trio.SocketStream) -> None:
-        self.stream = stream
-        self.buf = b""
-
-    @classmethod
-    async def connect(cls, address, rcvbuf: int | None = None) -> AsyncRaw:
-        sock = trio.socket.socket()
-        if rcvbuf:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
-        await sock.connect(address)
-        return cls(trio.SocketStream(sock))
-
-    async def upgrade(self, tok: str) -> bytes:
-        await self.stream.send_all(UPGRADE.format(path="/v1/ws?token=" + tok, extra="").encode())
-        return await self.head()
-
-    async def head(self) -> bytes:
-        while b"\r\n\r\n" not in self.buf:
-            chunk = await self.stream.receive_some(65536)
-            if not chunk:
-                break
-            self.buf += chunk
-        head, _, self.buf = self.buf.partition(b"\r\n\r\n")
-        return head
-
-    async def eof(self) -> bool:
-        """Read until EOF; True if the server closed the connection."""
-        try:
-            while await self.stream.receive_some(65536):
-                pass
-        except trio.BrokenResourceError:
-            pass
-        return True
 
 
 async def test_503_at_the_connection_limit_and_health(start_server):
