@@ -22,6 +22,10 @@ from .registry import Registry
 
 __all__ = ["Dispatcher"]
 
+# Frames sent between two checkpoints of the bus-client task: ~300 µs of
+# sending on these machines, so a 9,000-recipient publish lets the rest of
+# the server run every few hundred microseconds instead of stalling ~150 ms.
+DELIVERIES_PER_CHECKPOINT = 256
 # Subscription changes sent to the bus in one call at most; a reconnect
 # avalanche of 15,000 tabs becomes a few dozen bus commands.
 SUBSCRIBE_BATCH = 1000
@@ -37,17 +41,22 @@ class Dispatcher:
         self._dirty: set[str] = set()
         self._wakeup = trio.Event()
 
-    def deliver(self, batch: Sequence[Item]) -> None:
-        """The sink: route one batch of items to local connections."""
+    async def deliver(self, batch: Sequence[Item]) -> None:
+        """The sink: route one batch of items to local connections.
+
+        Frames go out synchronously (a non-blocking ``send()`` each), with a
+        checkpoint every DELIVERIES_PER_CHECKPOINT of them, so that a large
+        batch never holds up accepting, health checks or other connections
+        for longer than a few milliseconds.
+        """
         get = self.registry.get
         stats = self.stats
         stats.received += len(batch)
-        delivered = 0
-        dropped = 0
+        budget = DELIVERIES_PER_CHECKPOINT
         for sub, event, data in batch:
             conns = get(sub)
             if conns is None:
-                dropped += 1
+                stats.dropped += 1
                 continue
             frame = None
             for conn in conns:
@@ -56,9 +65,11 @@ class Dispatcher:
                     if frame is None:
                         frame = event_frame(sub, event, data)
                     if conn.send(frame):
-                        delivered += 1
-        stats.delivered += delivered
-        stats.dropped += dropped
+                        stats.delivered += 1
+                    budget -= 1
+                    if not budget:
+                        budget = DELIVERIES_PER_CHECKPOINT
+                        await trio.lowlevel.checkpoint()
 
     # -- bus subscriptions --------------------------------------------------
 

@@ -57,6 +57,10 @@ LAG_TOLERANCE = 1.0
 # Handshake deadlines are checked at most this often: a deadline fires up
 # to this late, and an avalanche costs a few wakeups a second, not one each.
 HANDSHAKE_SWEEP_TICK = 0.05
+# Drain: after the window, how long the last closed peers get to answer
+# their Close before the rest are cut; the exit comes within the drain
+# window plus this (and a little shutdown work).
+DRAIN_GRACE = 1.0
 # Drain: closes are issued in ticks of this length, a group per tick.
 DRAIN_TICK = 0.01
 
@@ -318,7 +322,7 @@ class Server:
 
         Each connection gets 1012 (service restart) with a suggested reconnect
         delay; its queued events go out before the Close frame. Returns when
-        all connections are closed (or seconds + CLOSE_TIMEOUT have passed),
+        all connections are closed (or seconds + DRAIN_GRACE have passed),
         then stops :meth:`serve`.
         """
         if self.draining:
@@ -342,7 +346,7 @@ class Server:
             if conn.state == OPEN:
                 delay = random.uniform(1.0, max(1.0, seconds))
                 conn.close(CloseCode.SERVICE_RESTART, f"restarting; reconnect in {delay:.0f} s")
-        with trio.move_on_after(CLOSE_TIMEOUT + 1):
+        with trio.move_on_after(DRAIN_GRACE):
             while self.connections:
                 await trio.sleep(0.05)
         for conn in list(self.connections):

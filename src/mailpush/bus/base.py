@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import trio
@@ -12,8 +12,9 @@ __all__ = ["Bus", "Item", "Sink"]
 
 # One publish item: (subscriber id, event name, data object).
 Item = tuple[str, str, Any]
-# Where a bus hands what it receives: called synchronously, one batch a call.
-Sink = Callable[[Sequence[Item]], None]
+# Where a bus hands what it receives, one batch a call (awaited: the sink
+# checkpoints while delivering a large batch).
+Sink = Callable[[Sequence[Item]], Awaitable[None]]
 
 
 class Bus(abc.ABC):

@@ -25,7 +25,7 @@ class EmbeddedBus(Bus):
     async def run(self, sink: Sink, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
         async for batch in self._receive:
-            sink(batch)
+            await sink(batch)
 
     async def publish(self, items: Sequence[Item]) -> None:
         await self._send.send(items)

@@ -29,7 +29,7 @@ class FakeBus(Bus):
         async for batch in self._receive:
             routed = [item for item in batch if item[0] in self.subscribed]
             if routed:
-                sink(routed)
+                await sink(routed)
 
     async def publish(self, items: Sequence[Item]) -> None:
         self.published.extend(items)

@@ -74,7 +74,7 @@ class RelayBus(Bus):
         task_status.started()
         buf = bytearray()
         while (msg := await read_message(stream, buf)) is not None:
-            sink(_decode(msg))
+            await sink(_decode(msg))
 
     async def publish(self, items: Sequence[Item]) -> None:
         data = encode_batch(items)
