@@ -86,36 +86,22 @@ class Connection:
         The fast path is one non-blocking ``send()``; a writer task is spawned
         only when the socket cannot take the whole frame now.
         """
-        if self.state != OPEN:
-            return False
-        if self.queue is None:
-            try:
-                n = self.sock.send(frame)
-            except BlockingIOError:
-                n = 0
-            except OSError:
-                self.abort()
-                return False
-            if n == len(frame):
-                return True
-            self._start_writer(frame, n)
-            return True
-        return self._enqueue(frame)
+        return self.state == OPEN and self._push(frame)
 
-    def _push(self, frame: bytes) -> None:
-        """``send`` without the state check (for our own Close frame)."""
+    def _push(self, frame: bytes) -> bool:
+        """``send`` without the state check (our own Close frame uses it)."""
         if self.queue is not None:
-            self._enqueue(frame)
-            return
+            return self._enqueue(frame)
         try:
             n = self.sock.send(frame)
         except BlockingIOError:
             n = 0
         except OSError:
             self.abort()
-            return
+            return False
         if n < len(frame):
             self._start_writer(frame, n)
+        return True
 
     def _start_writer(self, frame: bytes, sent: int) -> None:
         self.queue = deque((memoryview(frame)[sent:],))
