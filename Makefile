@@ -14,10 +14,11 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
-# Debian packages the integration tests use for real: haproxy (the load
-# balancer in front) and chromium (the browser client).
+# Debian packages the integration tests use for real: redis-server (the
+# bus), haproxy (the load balancer in front), chromium (the browser client).
 system-deps:
 	@missing=""; \
+	command -v redis-server >/dev/null || missing="$$missing redis-server"; \
 	command -v haproxy >/dev/null || [ -x /usr/sbin/haproxy ] || missing="$$missing haproxy"; \
 	command -v chromium >/dev/null || missing="$$missing chromium"; \
 	if [ -n "$$missing" ]; then \

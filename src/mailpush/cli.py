@@ -42,7 +42,7 @@ def _serve_options(p: argparse.ArgumentParser) -> None:
 
     opt("listen", f"{_D.listen[0]}:{_D.listen[1]}", "HOST:PORT for browsers' WebSockets")
     opt("admin", f"{_D.admin[0]}:{_D.admin[1]}", "HOST:PORT of the admin API (publish, health, metrics, demo); 'off' for none")
-    opt("bus", _D.bus, "message bus: 'embedded' (in-process)")
+    opt("bus", _D.bus, "message bus: 'embedded' (in-process) or a Redis URL, redis://HOST:PORT/DB (channels mailpush:SUBSCRIBER)")
     opt("secret", None, "HS256 secret for tokens, at least 32 bytes")
     opt("secret-file", None, "file whose first line is the secret")
     opt("ws-path", _D.ws_path, "upgrade path of the push WebSocket")
@@ -220,6 +220,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         return {"serve": _cmd_serve, "token": _cmd_token, "publish": _cmd_publish}[args.command](args)
     except ConfigError as e:
         print(f"mailpush {args.command}: {e}", file=sys.stderr)
+        return 2
+    except BaseExceptionGroup as group:
+        # A configuration problem found by a task of the running server
+        # (a port in use, an unreachable bus) is still a configuration problem.
+        config_errors, rest = group.split(ConfigError)
+        if config_errors is None or rest is not None:
+            raise
+        first = config_errors
+        while isinstance(first, BaseExceptionGroup):
+            first = first.exceptions[0]
+        print(f"mailpush {args.command}: {first}", file=sys.stderr)
         return 2
 
 

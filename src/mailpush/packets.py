@@ -48,6 +48,7 @@ __all__ = [
     "PONG_FRAME",
     "parse_item",
     "parse_items",
+    "parse_item_json",
 ]
 
 # Subscriber ids are mailbox owners (an address or an account id); 256
@@ -254,6 +255,25 @@ def parse_items(body: bytes, content_type: str = "") -> list[tuple[str, str, Any
     except msgspec.MsgspecError:
         items = None
     return items or _slow_ndjson(stripped)
+
+
+def parse_item_json(data: bytes) -> tuple[str, str, Any]:
+    """One publish item from its JSON (a bus payload), data kept raw.
+
+    Raises:
+      PublishError: what is wrong with it.
+    """
+    try:
+        items = _fast_items([_decode_one(data)])
+    except msgspec.MsgspecError:
+        items = None
+    if items:
+        return items[0]
+    try:
+        obj = orjson.loads(data)
+    except orjson.JSONDecodeError as e:
+        raise PublishError(f"payload is not valid JSON: {e.args[0] if e.args else e}") from None
+    return parse_item(obj, "payload")
 
 
 def _slow_items(body: bytes) -> list[tuple[str, str, Any]]:

@@ -181,6 +181,7 @@ class Server:
             "mailpush_pool_buffers": ("Read buffers allocated (never more than the pool size)", self.pool.created),
             "mailpush_pool_waits": ("Times a reader waited for a pool slot", self.pool.waits),
             "mailpush_draining": ("1 while draining", int(self.draining)),
+            "mailpush_bus_up": ("1 while the bus is connected", int(getattr(self.bus, "up", True))),
         }
 
     # -- accepting ----------------------------------------------------------

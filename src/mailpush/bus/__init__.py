@@ -1,8 +1,9 @@
 """The message bus between the mail store and mailpush.
 
 ``Bus`` is the interface; ``embedded`` is the in-process default (``make
-run`` needs nothing else), ``fake`` the recording stand-in the integration
-tests use. A bus delivers batches of publish items ``(subscriber, event,
+run`` needs nothing else), ``redis`` the real one between processes and
+machines (channel ``mailpush:SUBSCRIBER``), ``relay`` the embedded bus
+across ``--workers``, ``fake`` the recording stand-in of the tests. A bus delivers batches of publish items ``(subscriber, event,
 data)`` to one sink: the bus-client task of :mod:`mailpush.dispatch`.
 """
 
@@ -22,4 +23,8 @@ def make_bus(url: str) -> Bus:
         return EmbeddedBus()
     if url == "fake":
         return FakeBus()
-    raise ConfigError(f"unknown --bus {url!r}: use 'embedded' (this release has the embedded bus; 'fake' is for tests)")
+    if url.startswith(("redis://", "rediss://", "unix://")):
+        from .redis import RedisBus
+
+        return RedisBus(url)
+    raise ConfigError(f"unknown --bus {url!r}: use 'embedded' or a Redis URL such as redis://127.0.0.1:6379/0 ('fake' is for tests)")

@@ -1,0 +1,168 @@
+"""The Redis bus against a real redis-server (Debian's; ``make test``
+installs it): routing by channel ``mailpush:SUBSCRIBER`` across processes,
+subscriptions that follow the tabs, foreign publishers, bad payloads, and
+surviving a Redis restart."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import coredis
+import pytest
+import trio
+import trio_websocket
+from conftest import server_process, token, ws_url
+
+from mailpush.bus.redis import CONTROL_CHANNEL, RedisBus
+
+REDIS = shutil.which("redis-server") or "/usr/bin/redis-server"
+
+pytestmark = pytest.mark.skipif(
+    not os.path.exists(REDIS) and not os.environ.get("CI"),
+    reason="redis-server not installed (make test installs it; in CI this test must run)",
+)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class RedisServer:
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.url = f"redis://127.0.0.1:{port}/0"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [REDIS, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                return
+            except OSError:
+                assert time.monotonic() < deadline, "redis-server did not start"
+                time.sleep(0.05)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait(5)
+            self.proc = None
+
+
+@pytest.fixture
+def redis():
+    server = RedisServer(free_port())
+    server.start()
+    yield server
+    server.stop()
+
+
+async def channels(url: str) -> set[str]:
+    client = coredis.Redis.from_url(url, decode_responses=True)
+    async with client:
+        return set(await client.pubsub_channels())
+
+
+async def redis_publish(url: str, channel: str, payload: str) -> int:
+    client = coredis.Redis.from_url(url)
+    async with client:
+        return await client.publish(channel, payload)
+
+
+async def subscribed(ws) -> None:
+    await ws.send_message('{"type":"subscribe"}')
+    assert json.loads(await ws.get_message())["type"] == "subscribed"
+
+
+async def wait_channels(url: str, want: set[str]) -> None:
+    with trio.fail_after(5):
+        while await channels(url) != want | {CONTROL_CHANNEL}:
+            await trio.sleep(0.02)
+
+
+async def test_channels_follow_the_tabs_and_foreign_publishers_reach_them(start_server, redis):
+    server = await start_server(RedisBus(redis.url))
+    async with trio_websocket.open_websocket_url(ws_url(server, tok=token("alice"))) as a1:
+        await subscribed(a1)
+        async with trio_websocket.open_websocket_url(ws_url(server, tok=token("alice"))) as a2:
+            await subscribed(a2)
+            await wait_channels(redis.url, {"mailpush:alice"})
+            # A mail store in any language: a plain PUBLISH with one item.
+            assert await redis_publish(redis.url, "mailpush:alice", '{"subscriber":"alice","event":"new_letter","data":{"id":7}}') == 1
+            for ws in (a1, a2):
+                assert json.loads(await ws.get_message()) == {"type": "event", "subscriber": "alice", "event": "new_letter", "data": {"id": 7}}
+            # Bad payloads are dropped, the connection and the bus go on.
+            await redis_publish(redis.url, "mailpush:alice", "not json")
+            await redis_publish(redis.url, "mailpush:alice", '{"subscriber":"mallory","event":"x"}')
+            await redis_publish(redis.url, "mailpush:alice", '{"subscriber":"alice","event":"ok"}')
+            assert json.loads(await a1.get_message())["event"] == "ok"
+            assert server.bus.dropped == 2
+        await wait_channels(redis.url, {"mailpush:alice"})  # a1 still holds it
+    await wait_channels(redis.url, set())  # the last tab left
+
+
+def test_two_processes_each_get_only_their_subscribers(redis):
+    from websockets.sync.client import connect
+
+    with server_process("--bus", redis.url) as (_, la, aa), server_process("--bus", redis.url) as (_, lb, _ab):
+        with connect(f"ws://127.0.0.1:{la[1]}/v1/ws?token={token('ann')}") as wa, connect(f"ws://127.0.0.1:{lb[1]}/v1/ws?token={token('ben')}") as wb:
+            for ws in (wa, wb):
+                ws.send('{"type":"subscribe"}')
+                assert json.loads(ws.recv(timeout=5))["type"] == "subscribed"
+            deadline = time.monotonic() + 5
+            while trio.run(channels, redis.url) != {"mailpush:ann", "mailpush:ben", CONTROL_CHANNEL}:
+                assert time.monotonic() < deadline
+                time.sleep(0.02)
+            # Published at a's admin API, delivered by b for ben.
+            body = json.dumps([{"subscriber": "ann", "event": "e", "data": {"n": 1}}, {"subscriber": "ben", "event": "e", "data": {"n": 2}}]).encode()
+            req = urllib.request.Request(f"http://{aa[0]}:{aa[1]}/v1/publish", data=body, method="POST")
+            assert urllib.request.urlopen(req, timeout=5).status == 202
+            assert json.loads(wa.recv(timeout=5))["data"] == {"n": 1}
+            assert json.loads(wb.recv(timeout=5))["data"] == {"n": 2}
+            with pytest.raises(TimeoutError):
+                wa.recv(timeout=0.3)
+
+
+async def test_survives_a_redis_restart(start_server, redis):
+    server = await start_server(RedisBus(redis.url))
+    async with trio_websocket.open_websocket_url(ws_url(server, tok=token("carl"))) as ws:
+        await subscribed(ws)
+        await wait_channels(redis.url, {"mailpush:carl"})
+        redis.stop()
+        with trio.fail_after(5):
+            while server.bus.up:
+                await trio.sleep(0.02)
+        redis.start()
+        await wait_channels(redis.url, {"mailpush:carl"})  # subscribed again
+        assert server.bus.up
+        await redis_publish(redis.url, "mailpush:carl", '{"subscriber":"carl","event":"back"}')
+        assert json.loads(await ws.get_message())["event"] == "back"
+
+
+def test_unreachable_redis_at_startup_is_a_clear_error():
+    port = free_port()
+    from conftest import SECRET
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "mailpush", "serve", "--listen", "127.0.0.1:0", "--admin", "off", "--secret", SECRET, "--bus", f"redis://127.0.0.1:{port}/0"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert proc.returncode == 2
+    assert f"cannot reach the Redis bus at redis://127.0.0.1:{port}/0" in proc.stderr
