@@ -23,11 +23,13 @@ from collections import deque
 
 import trio
 
+from .admin import serve_admin
 from .auth import Verifier
 from .bus import Bus, make_bus
 from .config import Config
 from .connection import OPEN, F_PING, F_SEEN, Connection, _send_and_close, expire_handshake, serve_socket
 from .dispatch import Dispatcher
+from .errors import ConfigError
 from .frames import PING_FRAME, CloseCode
 from .handshake import response_text
 from .log import get_logger
@@ -115,30 +117,29 @@ class Server:
         :attr:`listen_address` and :attr:`admin_address` filled in.
         """
         if self.verifier is None:
-            from .errors import ConfigError
-
             raise ConfigError("no token secret: set --secret, MAILPUSH_SECRET or --secret-file")
         self.wait_readable = _parking_wait_readable()
         listener = self._bind(self.config.listen)
         self._listener = listener
         self.listen_address = listener.getsockname()[:2]
-        with self._cancel:
-            async with trio.open_nursery() as root:
-                await root.start(self.bus.run, self.dispatcher.deliver)
-                await root.start(self.dispatcher.run_subscriptions)
-                if self.config.admin is not None:
-                    from .admin import serve_admin
-
-                    self.admin_address = await root.start(serve_admin, self, self.config.admin)
-                root.start_soon(self._keepalive)
-                root.start_soon(self._sweep_handshakes)
-                async with trio.open_nursery() as conns:
-                    self.connections_nursery = conns
-                    conns.start_soon(self._accept_loop, listener)
-                    self.log.info("listening", listen=_fmt(self.listen_address), admin=_fmt(self.admin_address), bus=type(self.bus).__name__)
-                    task_status.started(self)
-                    await self._drained.wait()
-                    root.cancel_scope.cancel()
+        try:
+            with self._cancel:
+                async with trio.open_nursery() as root:
+                    await root.start(self.bus.run, self.dispatcher.deliver)
+                    await root.start(self.dispatcher.run_subscriptions)
+                    if self.config.admin is not None:
+                        self.admin_address = await root.start(serve_admin, self, self.config.admin)
+                    root.start_soon(self._keepalive)
+                    root.start_soon(self._sweep_handshakes)
+                    async with trio.open_nursery() as conns:
+                        self.connections_nursery = conns
+                        conns.start_soon(self._accept_loop, listener)
+                        self.log.info("listening", listen=_fmt(self.listen_address), admin=_fmt(self.admin_address), bus=type(self.bus).__name__)
+                        task_status.started(self)
+                        await self._drained.wait()
+                        root.cancel_scope.cancel()
+        finally:
+            listener.close()  # also when startup failed (bus, admin port)
         await self.bus.aclose()
 
     def _bind(self, address: tuple[str, int]) -> socket.socket:
@@ -152,8 +153,6 @@ class Server:
             sock.bind((host, port))
         except OSError as e:
             sock.close()
-            from .errors import ConfigError
-
             raise ConfigError(f"cannot listen on {host}:{port}: {e.strerror}") from None
         sock.listen(LISTEN_BACKLOG)
         sock.setblocking(False)
