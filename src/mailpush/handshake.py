@@ -154,9 +154,11 @@ def parse_request(head: bytes) -> Request:
                 raise _bad("duplicate Host header")
         elif bit == _UPGRADE:
             # A list of protocols; "websocket" must be one of them (§4.2.1).
-            req.upgrade = any(p.strip().lower() == b"websocket" for p in value.split(b","))
+            low = value.lower()
+            req.upgrade = low == b"websocket" or any(p.strip() == b"websocket" for p in low.split(b","))
         elif bit == _CONNECTION:
-            if any(p.strip().lower() == b"upgrade" for p in value.split(b",")):
+            low = value.lower()
+            if low == b"upgrade" or any(p.strip() == b"upgrade" for p in low.split(b",")):
                 req.connection_upgrade = True
         elif bit == _KEY:
             if seen & _KEY:
