@@ -26,6 +26,15 @@ In latency mode they also parse ``"t":NANOSECONDS`` out of each message and
 record ``time.monotonic_ns() - t``; CLOCK_MONOTONIC is system-wide on Linux,
 so a publisher in another process can stamp it.
 
+Options for the resource-control scenarios: every token can carry the same
+``sub`` (one subscriber with N tabs: the broadcast path); socket options set
+before ``connect()`` (a small ``SO_RCVBUF``, an Ethernet-sized
+``TCP_MAXSEG``); ``stall``: once open, a connection is never read again (a
+client that stopped reading); per-connection outcome times of failed
+opens (503, reset, timeout); a ``burst`` command that writes one packet on
+every open socket in one loop; per-connection receive tracking; and a
+record of every Close frame (time, code, reason) for the drain scenario.
+
 Run standalone for a quick look::
 
     python bench/loadgen.py --url ws://127.0.0.1:8080/v1/ws --secret S -n 2000
@@ -84,6 +93,13 @@ WS_ACCEPT = b"s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
 _ZERO_MASK = b"\x00\x00\x00\x00"
 SUBSCRIBE_MSG = b'{"type":"subscribe"}'
 SUBSCRIBE_FRAME = bytes([0x81, 0x80 | len(SUBSCRIBE_MSG)]) + _ZERO_MASK + SUBSCRIBE_MSG
+# The application-level ping browsers send (they cannot send WebSocket pings).
+PING_MSG = b'{"type":"ping"}'
+PING_PACKET_FRAME = bytes([0x81, 0x80 | len(PING_MSG)]) + _ZERO_MASK + PING_MSG
+
+# Stalled sockets (``stall``) are read once more at the end to see how the
+# server left them; each read takes at most this much.
+PROBE_RECV = 1 << 20
 
 # Token lifetime: longer than any bench run.
 TOKEN_TTL_S = 3600
@@ -92,7 +108,8 @@ TOKEN_TTL_S = 3600
 IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)
 
 # Connection states (the only per-socket data besides a partial frame).
-_CONNECTING, _HANDSHAKE, _SUBSCRIBING, _OPEN = range(4)
+# _STALLED: open, but never read again (unregistered from epoll).
+_CONNECTING, _HANDSHAKE, _SUBSCRIBING, _OPEN, _STALLED = range(5)
 
 _T_RE = re.compile(rb'"t":(\d+)')
 
@@ -109,7 +126,8 @@ class _Worker:
     """One client process: an epoll loop and a few dicts keyed by fd."""
 
     def __init__(self, pipe, index: int, host: str, port: int, path: str,
-                 secret: str, subscribe: bool, prefix: str):
+                 secret: str, subscribe: bool, prefix: str, sub: str | None = None,
+                 sockopts: tuple = (), stall: bool = False, source_base: int = 0):
         self.pipe = pipe
         self.index = index
         self.dst = (host, port)
@@ -118,7 +136,12 @@ class _Worker:
         self.secret = secret
         self.subscribe = subscribe
         self.prefix = prefix
-        self.sources = [f"127.0.{index + 1}.{k + 1}" for k in range(SOURCE_ADDRS_PER_PROC)]
+        self.fixed_sub = sub          # every token for this subscriber, if set
+        self.sockopts = sockopts      # (level, option, value) set before connect
+        self.stall = stall            # open connections are never read again
+        self._fixed_token = None
+        net = source_base + index + 1
+        self.sources = [f"127.0.{net}.{k + 1}" for k in range(SOURCE_ADDRS_PER_PROC)]
         self.ep = select.epoll()
         self.ep.register(pipe.fileno(), select.EPOLLIN)
         self.state: dict[int, int] = {}      # fd -> state
@@ -142,7 +165,9 @@ class _Worker:
         self.pings = 0
         self.server_closed = 0
         self.close_codes: dict[int, int] = {}
+        self.closes: list[tuple[int, int, bytes]] = []  # (time ns, code, reason) per Close frame
         self.errors: dict[str, int] = {}
+        self.track: dict[int, int] | None = None  # fd -> messages since arm, when tracking
         # waiting for frames
         self.wait_target = -1
         self.wait_deadline = 0.0
@@ -153,10 +178,18 @@ class _Worker:
 
     # -- opening -------------------------------------------------------------
 
+    def _name(self, sub: int) -> str:
+        return self.fixed_sub if self.fixed_sub is not None else f"{self.prefix}{self.index}-{sub}"
+
     def _request(self, sub: int) -> bytes:
-        name = f"{self.prefix}{self.index}-{sub}"
-        token = jwt.encode({"sub": name, "exp": int(time.time()) + TOKEN_TTL_S},
-                           self.secret, algorithm="HS256")
+        name = self._name(sub)
+        if self.fixed_sub is not None and self._fixed_token is not None:
+            token = self._fixed_token
+        else:
+            token = jwt.encode({"sub": name, "exp": int(time.time()) + TOKEN_TTL_S},
+                               self.secret, algorithm="HS256")
+            if self.fixed_sub is not None:
+                self._fixed_token = token
         return (f"GET {self.path}?token={token} HTTP/1.1\r\n"
                 f"Host: {self.host_header}\r\n"
                 "Upgrade: websocket\r\nConnection: Upgrade\r\n"
@@ -176,7 +209,7 @@ class _Worker:
         self.inflight = 0
         self.opening = True
         self.batch = {"ok": 0, "failed": 0, "errors": {}, "setup_ns": array.array("q"),
-                      "subs": [], "t0": time.monotonic_ns(), "t1": 0, "count": count}
+                      "fail_ns": {}, "subs": [], "t0": time.monotonic_ns(), "t1": 0, "count": count}
         self.open_deadline = time.monotonic() + timeout
         self._pump()
 
@@ -195,6 +228,8 @@ class _Worker:
             return
         try:
             s.setsockopt(socket.SOL_IP, IP_BIND_ADDRESS_NO_PORT, 1)
+            for level, opt, value in self.sockopts:
+                s.setsockopt(level, opt, value)
             s.bind((self.sources[sub % SOURCE_ADDRS_PER_PROC], 0))
             err = s.connect_ex(self.dst)
         except OSError as e:
@@ -213,37 +248,50 @@ class _Worker:
         self.inflight += 1
         self.ep.register(fd, select.EPOLLOUT)
 
-    def _batch_fail(self, reason: str):
+    def _batch_fail(self, reason: str, took_ns: int = 0):
         b = self.batch
         b["failed"] += 1
         b["errors"][reason] = b["errors"].get(reason, 0) + 1
         self.errors[reason] = self.errors.get(reason, 0) + 1
+        times = b["fail_ns"].get(reason)
+        if times is None:
+            times = b["fail_ns"][reason] = array.array("q")
+        times.append(took_ns)
 
     def _fail(self, fd: int, reason: str):
         """A connection died before it was open."""
+        started = self.started_ns.get(fd)
+        took = time.monotonic_ns() - started if started else 0
         self._drop(fd)
         self.inflight -= 1
-        self._batch_fail(reason)
+        self._batch_fail(reason, took)
 
     def _drop(self, fd: int):
-        self.state.pop(fd, None)
+        st = self.state.pop(fd, None)
         self.partial.pop(fd, None)
         self.sub_of.pop(fd, None)
         self.started_ns.pop(fd, None)
-        try:
-            self.ep.unregister(fd)
-        except OSError:
-            pass
+        if self.track is not None:
+            self.track.pop(fd, None)
+        if st != _STALLED:  # a stalled socket is no longer registered
+            try:
+                self.ep.unregister(fd)
+            except OSError:
+                pass
         os.close(fd)
 
     def _opened(self, fd: int, now: int):
-        self.state[fd] = _OPEN
         self.inflight -= 1
         b = self.batch
         b["ok"] += 1
         b["setup_ns"].append(now - self.started_ns.pop(fd))
-        b["subs"].append(f"{self.prefix}{self.index}-{self.sub_of[fd]}")
+        b["subs"].append(self._name(self.sub_of[fd]))
         b["t1"] = now
+        if self.stall:  # a client that stopped reading: never look at it again
+            self.state[fd] = _STALLED
+            self.ep.unregister(fd)
+        else:
+            self.state[fd] = _OPEN
 
     def _check_open_done(self):
         b = self.batch
@@ -259,6 +307,7 @@ class _Worker:
                 b["errors"]["not started"] = len(self.to_start)
             self.to_start = []
         b["setup_ns"] = b["setup_ns"].tobytes()
+        b["fail_ns"] = {k: v.tobytes() for k, v in b["fail_ns"].items()}
         self.pipe.send(("opened", b))
 
     # -- I/O -----------------------------------------------------------------
@@ -317,6 +366,8 @@ class _Worker:
             else:
                 self._opened(fd, now)
                 st = _OPEN
+                if self.stall:
+                    return
             if not data:
                 return
         self._frames(fd, st, data, now)
@@ -360,8 +411,12 @@ class _Worker:
                             return
                         self._opened(fd, now)
                         st = _OPEN
+                        if self.stall:
+                            return
                     else:
                         count += 1
+                        if self.track is not None:
+                            self.track[fd] = self.track.get(fd, 0) + 1
                         self.last_frame_len = end - i
                         if self.lat_on:
                             m = _T_RE.search(data, i + h, end)
@@ -379,6 +434,7 @@ class _Worker:
                 code = int.from_bytes(data[i + h:i + h + 2], "big") if ln >= 2 else 1005
                 self.close_codes[code] = self.close_codes.get(code, 0) + 1
                 self.server_closed += 1
+                self.closes.append((now, code, bytes(data[i + h + 2:end]) if ln > 2 else b""))
                 try:
                     os.write(fd, _CLOSE_REPLY)
                 except OSError:
@@ -406,7 +462,15 @@ class _Worker:
             self.cmd_open(*msg[1:])
         elif op == "arm":
             self.frames = self.first_ns = self.last_ns = 0
+            self.track = {} if len(msg) > 1 and msg[1] else None
             self.pipe.send(("armed", self.open_count()))
+        elif op == "burst":
+            self.cmd_burst(msg[1])
+        elif op == "closes":
+            closes, self.closes = self.closes, []
+            self.pipe.send(("closes", closes))
+        elif op == "probe_stalled":
+            self.pipe.send(("probed", self.probe_stalled(msg[1])))
         elif op == "wait":
             self.wait_target = msg[1]
             self.wait_deadline = time.monotonic() + msg[2]
@@ -434,11 +498,103 @@ class _Worker:
             self.pipe.send(("error", f"unknown command {op!r}"))
         return True
 
+    def cmd_burst(self, frame: bytes):
+        """Write ``frame`` on every open socket in one loop (no reads between)."""
+        t0 = time.monotonic_ns()
+        sent = failed = 0
+        for fd, st in self.state.items():
+            if st != _OPEN:
+                continue
+            try:
+                if os.write(fd, frame) == len(frame):
+                    sent += 1
+                else:
+                    failed += 1
+            except OSError:
+                failed += 1
+        self.pipe.send(("burst", {"sent": sent, "failed": failed, "t0": t0,
+                                  "t1": time.monotonic_ns()}))
+
+    def probe_stalled(self, timeout: float) -> dict:
+        """Read the stalled sockets to the end: how did the server leave them?
+
+        Each is read (everything it holds, frames parsed for a Close) until
+        EOF, an error or ``timeout``: "eof" (server closed the TCP connection
+        without a Close frame), "close CODE" (a Close frame came), "reset",
+        or "open" (still open at the deadline). Every stalled socket is
+        closed afterwards."""
+        fds = [fd for fd, st in self.state.items() if st == _STALLED]
+        out: dict[str, int] = {}
+        bytes_read = 0
+        if not fds:
+            return {"outcomes": out, "bytes": 0, "count": 0}
+        ep = select.epoll()
+        pending = {}
+        for fd in fds:
+            ep.register(fd, select.EPOLLIN)
+            pending[fd] = b""  # unparsed tail, to find a Close frame
+        code_of: dict[int, int] = {}
+        deadline = time.monotonic() + timeout
+        try:
+            while pending and time.monotonic() < deadline:
+                for fd, _ev in ep.poll(min(0.1, max(0.0, deadline - time.monotonic())), 4096):
+                    if fd not in pending:
+                        continue
+                    try:
+                        data = os.read(fd, PROBE_RECV)
+                    except BlockingIOError:
+                        continue
+                    except OSError as e:
+                        what = "reset" if e.errno == errno.ECONNRESET else f"error {errno.errorcode.get(e.errno, e.errno)}"
+                        if fd in code_of:
+                            what = f"close {code_of[fd]}"
+                        out[what] = out.get(what, 0) + 1
+                        del pending[fd]
+                        ep.unregister(fd)
+                        continue
+                    if not data:
+                        what = f"close {code_of[fd]}" if fd in code_of else "eof"
+                        out[what] = out.get(what, 0) + 1
+                        del pending[fd]
+                        ep.unregister(fd)
+                        continue
+                    bytes_read += len(data)
+                    buf = pending[fd] + data
+                    i = 0
+                    while len(buf) - i >= 2:  # skip whole frames, remember a Close
+                        ln = buf[i + 1] & 0x7F
+                        h = 2
+                        if ln == 126:
+                            if len(buf) - i < 4:
+                                break
+                            ln, h = int.from_bytes(buf[i + 2:i + 4], "big"), 4
+                        elif ln == 127:
+                            if len(buf) - i < 10:
+                                break
+                            ln, h = int.from_bytes(buf[i + 2:i + 10], "big"), 10
+                        if i + h + ln > len(buf):
+                            break
+                        if buf[i] & 0x0F == 0x8 and fd not in code_of:
+                            code_of[fd] = int.from_bytes(buf[i + h:i + h + 2], "big") if ln >= 2 else 1005
+                        i += h + ln
+                    pending[fd] = buf[i:]
+        finally:
+            ep.close()
+        if pending:
+            out["open"] = len(pending)
+        for fd in fds:
+            self._drop(fd)
+        return {"outcomes": out, "bytes": bytes_read, "count": len(fds)}
+
     def open_count(self) -> int:
         return sum(1 for st in self.state.values() if st == _OPEN)
 
     def stats(self) -> dict:
+        track = self.track
         return {"open": self.open_count(), "sockets": len(self.state),
+                "stalled": sum(1 for st in self.state.values() if st == _STALLED),
+                "tracked_with_frames": len(track) if track is not None else 0,
+                "tracked_multi": sum(1 for v in track.values() if v > 1) if track is not None else 0,
                 "total_frames": self.total_frames, "frames": self.frames,
                 "pings": self.pings, "server_closed": self.server_closed,
                 "close_codes": dict(self.close_codes), "errors": dict(self.errors),
@@ -450,7 +606,8 @@ class _Worker:
         if self.frames >= self.wait_target or time.monotonic() >= self.wait_deadline:
             self.pipe.send(("waited", {"frames": self.frames, "first_ns": self.first_ns,
                                        "last_ns": self.last_ns, "open": self.open_count(),
-                                       "last_frame_len": self.last_frame_len}))
+                                       "last_frame_len": self.last_frame_len,
+                                       "with_frames": len(self.track) if self.track is not None else 0}))
             self.wait_target = -1
 
     def run(self):
@@ -471,7 +628,7 @@ class _Worker:
                     if fd == pipe_fd:
                         continue
                     st = state.get(fd)
-                    if st is None:
+                    if st is None or st == _STALLED:
                         continue
                     if st == _CONNECTING:
                         if ev & EPOLLOUT:
@@ -518,22 +675,34 @@ class LoadGen:
       subscribe: send ``{"type":"subscribe"}`` and wait for the answer before
         counting a connection as open.
       prefix: subscriber ids are ``PREFIX<worker>-<n>``.
+      sub: if set, every token names this one subscriber (N tabs of one
+        mailbox owner: the server sends one prebuilt frame to all of them).
+      sockopts: ``(level, option, value)`` triples set on every socket before
+        ``connect()`` (e.g. a small SO_RCVBUF, TCP_MAXSEG).
+      stall: once open (subscribed), a connection is never read again: a
+        client that stopped reading. ``probe_stalled()`` reads them at the end.
+      source_base: workers use source addresses 127.0.(source_base+w+1).x,
+        so two LoadGens on one server use disjoint addresses.
 
     Resource handling: use as a context manager; ``stop()`` closes every
     socket and ends the processes (terminate after a grace period).
     """
 
     def __init__(self, host: str, port: int, path: str = "/v1/ws", secret: str = "bench",
-                 procs: int = 2, subscribe: bool = True, prefix: str = "s"):
+                 procs: int = 2, subscribe: bool = True, prefix: str = "s", sub: str | None = None,
+                 sockopts: tuple = (), stall: bool = False, source_base: int = 0):
         ctx = multiprocessing.get_context("fork")
         self.pipes = []
         self.procs = []
         self.open_per_worker = [0] * procs
         self.subscribers: list[str] = []
+        self.last_setup_ns = array.array("q")
+        self.last_fail_ns: dict[str, array.array] = {}
         for w in range(procs):
             parent, child = ctx.Pipe()
             p = ctx.Process(target=_worker_main, name=f"loadgen-{w}", daemon=True,
-                            args=(child, w, host, port, path, secret, subscribe, prefix))
+                            args=(child, w, host, port, path, secret, subscribe, prefix,
+                                  sub, tuple(sockopts), stall, source_base))
             p.start()
             child.close()
             self.pipes.append(parent)
@@ -590,6 +759,7 @@ class LoadGen:
         replies = self._gather(timeout + 30)
         ok = failed = 0
         errors: dict[str, int] = {}
+        fail_ns: dict[str, array.array] = {}
         setup = array.array("q")
         t0s, t1s = [], []
         for w, (_, b) in enumerate(replies):
@@ -599,6 +769,8 @@ class LoadGen:
             self.subscribers.extend(b["subs"])
             for k_, v in b["errors"].items():
                 errors[k_] = errors.get(k_, 0) + v
+            for k_, raw in b["fail_ns"].items():
+                fail_ns.setdefault(k_, array.array("q")).frombytes(raw)
             s = array.array("q")
             s.frombytes(b["setup_ns"])
             setup.extend(s)
@@ -608,14 +780,19 @@ class LoadGen:
                     t1s.append(b["t1"])
         seconds = (max(t1s) - min(t0s)) / 1e9 if t1s and t0s else 0.0
         srt = sorted(setup)
+        self.last_setup_ns = setup        # per connection that opened
+        self.last_fail_ns = fail_ns       # per failure reason, per connection
         return {"requested": n, "ok": ok, "failed": failed, "errors": errors,
                 "seconds": seconds, "rate": ok / seconds if seconds > 0 else 0.0,
                 "setup_ms_p50": _pct(srt, 0.50) / 1e6, "setup_ms_p99": _pct(srt, 0.99) / 1e6,
                 "setup_ms_max": (srt[-1] / 1e6) if srt else 0.0}
 
-    def arm(self) -> list[int]:
-        """Reset the per-round frame counters; returns open connections per worker."""
-        replies = self._all(("arm",), 10)
+    def arm(self, track: bool = False) -> list[int]:
+        """Reset the per-round frame counters; returns open connections per worker.
+
+        With ``track``, also count messages per connection until the next arm
+        (``wait_frames`` then reports how many connections got at least one)."""
+        replies = self._all(("arm", track), 10)
         self.open_per_worker = [r[1] for r in replies]
         return self.open_per_worker
 
@@ -630,7 +807,8 @@ class LoadGen:
                 "first_ns": min(firsts) if firsts else 0,
                 "last_ns": max(lasts) if lasts else 0,
                 "open": sum(r["open"] for r in replies),
-                "frame_len": max(r["last_frame_len"] for r in replies)}
+                "frame_len": max(r["last_frame_len"] for r in replies),
+                "with_frames": sum(r["with_frames"] for r in replies)}
 
     def latency_on(self, min_t_ns: int = 0):
         self._all(("lat_on", min_t_ns), 10)
@@ -645,6 +823,31 @@ class LoadGen:
 
     def stats(self) -> dict:
         return _merge([r[1] for r in self._all(("stats",), 10)])
+
+    def burst(self, frame: bytes = PING_PACKET_FRAME) -> dict:
+        """Every worker writes ``frame`` once on each of its open sockets, in
+        one tight loop; returns sent/failed and the span of the loops (ns)."""
+        replies = [r[1] for r in self._all(("burst", frame), 60)]
+        return {"sent": sum(r["sent"] for r in replies), "failed": sum(r["failed"] for r in replies),
+                "t0": min(r["t0"] for r in replies), "t1": max(r["t1"] for r in replies)}
+
+    def closes(self) -> list[tuple[int, int, bytes]]:
+        """Every Close frame received since the last call: (time ns, code, reason)."""
+        out = []
+        for r in self._all(("closes",), 30):
+            out.extend(r[1])
+        return out
+
+    def probe_stalled(self, timeout: float = 5.0) -> dict:
+        """Read every stalled socket to its end (see ``_Worker.probe_stalled``)."""
+        outcomes: dict[str, int] = {}
+        total = count = 0
+        for r in self._all(("probe_stalled", timeout), timeout + 30):
+            for k, v in r[1]["outcomes"].items():
+                outcomes[k] = outcomes.get(k, 0) + v
+            total += r[1]["bytes"]
+            count += r[1]["count"]
+        return {"outcomes": outcomes, "bytes": total, "count": count}
 
     def close_all(self) -> dict:
         self.subscribers = []
@@ -669,10 +872,12 @@ class LoadGen:
 
 
 def _merge(stats: list[dict]) -> dict:
-    out: dict[str, Any] = {"open": 0, "sockets": 0, "total_frames": 0, "frames": 0, "pings": 0,
-                           "server_closed": 0, "close_codes": {}, "errors": {}, "last_frame_len": 0}
+    counted = ("open", "sockets", "stalled", "tracked_with_frames", "tracked_multi", "total_frames",
+               "frames", "pings", "server_closed")
+    out: dict[str, Any] = dict.fromkeys(counted, 0)
+    out.update({"close_codes": {}, "errors": {}, "last_frame_len": 0})
     for s in stats:
-        for k in ("open", "sockets", "total_frames", "frames", "pings", "server_closed"):
+        for k in counted:
             out[k] += s[k]
         out["last_frame_len"] = max(out["last_frame_len"], s["last_frame_len"])
         for k in ("close_codes", "errors"):

@@ -23,6 +23,11 @@ COLORS = {"mailpush": "#d62728", "triows": "#1f77b4", "websockets": "#2ca02c", "
 # One line style per latency run of a server (bus x rate).
 LINESTYLES = ["-", "--", ":", "-."]
 
+# Avalanche outcomes and health-check answers.
+OUTCOME_COLORS = {"upgrade": "#2ca02c", "503": "#ff7f0e", "reset/refused": "#9467bd", "timeout": "#d62728",
+                  "other status": "#8c564b", "other": "#7f7f7f"}
+HEALTH_COLORS = {"200": "#2ca02c", "503": "#ff7f0e", "timeout": "#d62728"}
+
 # Plot size in inches at 100 dpi: readable on GitHub without zooming.
 FIGSIZE = (9, 4.5)
 DPI = 100
@@ -79,7 +84,8 @@ def plots(out: Path, data: dict) -> list[tuple[str, Path]]:
         written.append(("Memory vs connections", path))
 
     for key, title, ylabel in (("upgrade", "Upgrade rate", "connections/s"),
-                               ("fanout", "Fan-out", "deliveries/s")):
+                               ("fanout", "Fan-out", "deliveries/s"),
+                               ("broadcast", "Broadcast", "deliveries/s")):
         if key not in data or not _ok(data[key]["results"]):
             continue
         ok = _ok(data[key]["results"])
@@ -128,7 +134,136 @@ def plots(out: Path, data: dict) -> list[tuple[str, Path]]:
         fig.savefig(path)
         plt.close(fig)
         written.append(("Latency CDF", path))
+
+    mp = _ok(data.get("avalanche", {}).get("results", {})).get("mailpush")
+    if mp:
+        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=FIGSIZE, dpi=DPI)
+        h = mp["outcome_hist"]
+        step, counts = h["step_s"], h["counts"]
+        nb = len(next(iter(counts.values())))
+        xs = [i * step for i in range(nb)]
+        bottom = [0] * nb
+        for kind, c in counts.items():
+            ax1.bar(xs, c, width=step, align="edge", bottom=bottom, label=f"{kind} ({sum(c):,})",
+                    color=OUTCOME_COLORS.get(kind))
+            bottom = [b + v for b, v in zip(bottom, c)]
+        ax1.axvline(1.0, color="k", ls="--", lw=1)
+        ax1.set(xlabel=f"seconds from connect to outcome (last bar: ≥ {(nb - 1) * step:g} s)", ylabel="clients",
+                title=f"{mp['clients']:,} clients, --max-connections {mp['limit']:,}")
+        ax1.legend(fontsize=8)
+        tl = mp["health"]["timeline"]
+        for status in sorted({o for _, _, o in tl}):
+            pts = [(t / 1e3, lat) for t, lat, o in tl if o == status]
+            ax2.scatter([x for x, _ in pts], [y for _, y in pts], s=6, label=f"/healthz {status}",
+                        color=HEALTH_COLORS.get(status, "#9467bd"))
+        ax2.axvspan(0, mp["seconds"], color="#ffdd99", alpha=0.3, label="avalanche")
+        ax2.set_yscale("log")
+        ax2.set(xlabel="seconds since the first connect", ylabel="health check latency (ms, log)",
+                title=f"/healthz on the listen port, p99 {mp['health']['p99_ms']:.0f} ms")
+        ax2.legend(fontsize=8)
+        for ax in (ax1, ax2):
+            ax.grid(alpha=0.3)
+        fig.tight_layout()
+        path = out / "avalanche.png"
+        fig.savefig(path)
+        plt.close(fig)
+        written.append(("Avalanche", path))
+
+    mp = _ok(data.get("burst", {}).get("results", {})).get("mailpush")
+    if mp:
+        fig, ax = plt.subplots(figsize=FIGSIZE, dpi=DPI)
+        tl = mp["rss_timeline"]
+        base = mp["rss_before_kb"]
+        ax.plot([t for t, _ in tl], [(kb - base) for _, kb in tl], color=COLORS["mailpush"], lw=1,
+                label="mailpush RSS above the RSS before the burst")
+        ax.axhline(mp["pool_bound_kb"], color="k", ls="--", lw=1,
+                   label=f"pool size × buffer size = {mp['pool_bound_kb']:,.0f} KiB")
+        if mp.get("answer_seconds"):
+            ax.axvspan(0, mp["answer_seconds"] * 1e3, color="#ffdd99", alpha=0.3, label="first ping → last pong")
+        ax.set(xlabel="ms since the burst started", ylabel="KiB",
+               title=f"Burst: {mp['n']:,} connections send at once (RSS every 2 ms)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        path = out / "burst.png"
+        fig.savefig(path)
+        plt.close(fig)
+        written.append(("Burst", path))
+
+    mp = _ok(data.get("slow_consumers", {}).get("results", {})).get("mailpush")
+    if mp:
+        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=FIGSIZE, dpi=DPI)
+        b, w, a = mp["baseline_rounds"], mp["rounds"], mp["alone_rounds"]
+        nb = len(b)
+        ax1.plot(range(1 - nb, 1), [r["rate"] for r in b], "o-", color="#7f7f7f", ms=3,
+                 label=f"{mp['fast']:,} fast clients alone")
+        ax1.plot([r["round"] for r in a], [r["rate"] for r in a], "o", color="#7f7f7f", ms=3)
+        xs = range(1, len(w) + 1)
+        ax1.plot(xs, [r["rate"] for r in w], "o-", color=COLORS["mailpush"], ms=3,
+                 label=f"events to the {mp['stalled']:,} stalled clients too")
+        ax1.axhline(0.9 * mp["baseline_rate"], color="k", ls="--", lw=1, label="90% of the median alone")
+        if mp.get("all_dropped_round"):
+            ax1.axvline(mp["all_dropped_round"], color="#2ca02c", ls=":", lw=1, label="all stalled dropped")
+        ax1.set(xlabel="round (≤ 0: before the stalled clients connect)", ylabel="fast deliveries/s",
+                title="Fast clients' rate per round")
+        ax1.set_ylim(bottom=0)
+        ax1.legend(fontsize=7)
+        ax2.plot(xs, [(r["rss_kb"] or 0) / 1024 for r in w], "o-", color=COLORS["mailpush"], ms=3,
+                 label="server RSS after the round")
+        ref = max(mp["rss_baseline_peak_kb"], mp["rss_with_stalled_kb"])
+        ax2.axhline(ref / 1024, color="#7f7f7f", ls=":", lw=1, label="before: peak alone / idle with stalled")
+        ax2.axhline((ref + mp["rss_bound_kb"]) / 1024, color="k", ls="--", lw=1,
+                    label="+ stalled × --send-queue-bytes")
+        if mp.get("all_dropped_round"):
+            ax2.axvline(mp["all_dropped_round"], color="#2ca02c", ls=":", lw=1, label="all stalled dropped")
+        ax2.set(xlabel="round", ylabel="MiB", title="Server RSS while the stalled clients fill up")
+        ax2.legend(fontsize=7)
+        for ax in (ax1, ax2):
+            ax.grid(alpha=0.3)
+        fig.tight_layout()
+        path = out / "slow_consumers.png"
+        fig.savefig(path)
+        plt.close(fig)
+        written.append(("Slow consumers", path))
+
+    mp = _ok(data.get("drain", {}).get("results", {})).get("mailpush")
+    if mp:
+        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=FIGSIZE, dpi=DPI)
+        step, hist = mp["hist_step_s"], mp["hist"]
+        ax1.bar([i * step for i in range(len(hist))], hist, width=step, align="edge",
+                color=COLORS["mailpush"], edgecolor="white")
+        ax1.axhline(mp["n"] / len(hist), color="k", ls="--", lw=1, label="even spread")
+        ax1.set(xlabel="seconds after SIGTERM", ylabel="Close frames (1012)",
+                title=f"{mp['n']:,} Close frames, --drain-seconds {mp['drain_seconds']:g}\n"
+                      f"exit code {mp['exit_code']} after {mp['exit_seconds'] or float('nan'):.2f} s", fontsize=10)
+        ax1.legend(fontsize=8)
+        rstep, rh = mp["reconnect_hist_step_s"], mp["reconnect_hist"]
+        ax2.bar([i * rstep for i in range(len(rh))], rh, width=rstep, align="edge", color="#1f77b4",
+                edgecolor="white")
+        ax2.set(xlabel=f"seconds after SIGTERM (last bar: ≥ {(len(rh) - 1) * rstep:g} s)", ylabel="clients",
+                title="Suggested reconnect time\n(close + the delay in the reason)", fontsize=10)
+        for ax in (ax1, ax2):
+            ax.grid(alpha=0.3)
+        fig.tight_layout()
+        path = out / "drain.png"
+        fig.savefig(path)
+        plt.close(fig)
+        written.append(("Drain", path))
     return written
+
+
+def verdicts(data: dict) -> list[str]:
+    """The issues' targets judged in this run, one row each."""
+    rows = []
+    for name, sc in SCENARIOS.items():
+        if sc.verdicts is None or name not in data:
+            continue
+        for v in sc.verdicts(data[name]["results"]):
+            met = {True: "yes", False: "**no**", None: "–"}[v["met"]]
+            rows.append(f"| {v['issue']} | {sc.title} | {v['target']} | {v['measured']} | {met} |")
+    if not rows:
+        return []
+    return ["| issue | scenario | target | measured | met |", "|---|---|---|---|---|"] + rows
 
 
 def summary(data: dict) -> list[str]:
@@ -193,10 +328,14 @@ def write(out: Path, md_path: Path, meta: dict) -> Path:
     ]
     lines += [f"- {k}: {v}" for k, v in meta["machine"].items()]
     table = summary(data)
-    if table:
-        lines = lines[:6] + ["## Summary", ""] + table + [
-            "", "Memory: lower is better; rates: higher is better. Details, method and plots below.",
-            ""] + lines[6:]
+    targets = verdicts(data)
+    if table or targets:
+        head = ["## Summary", ""]
+        if table:
+            head += table + ["", "Memory: lower is better; rates: higher is better. Details, method and plots below.", ""]
+        if targets:
+            head += ["### Targets of the issues, as measured in this run", ""] + targets + [""]
+        lines = lines[:6] + head + lines[6:]
     lines += [
         "",
         "## Method",
@@ -226,9 +365,11 @@ def write(out: Path, md_path: Path, meta: dict) -> Path:
         lines += [f"## {sc.title}", ""]
         if sc.doc:
             lines += [" ".join(sc.doc.split()), ""]
-        lines += sc.table(d["results"])
+        lines += sc.report(d["results"])
         lines += img({"memory": "Memory vs connections", "upgrade": "Upgrade rate",
-                      "fanout": "Fan-out", "latency": "Latency CDF"}.get(name, ""))
+                      "fanout": "Fan-out", "broadcast": "Broadcast", "latency": "Latency CDF",
+                      "avalanche": "Avalanche", "burst": "Burst", "slow_consumers": "Slow consumers",
+                      "drain": "Drain"}.get(name, ""))
         lines += ["", f"Raw numbers: `{os.path.relpath(out / f'{name}.json', md_path.parent)}`.", ""]
     if meta.get("notes"):
         lines += ["## Notes from this run", ""] + [f"- {n}" for n in meta["notes"]] + [""]

@@ -186,7 +186,7 @@ def main(argv=None) -> int:
                     notes.append(f"{name} / {server}: {type(e).__name__}: {str(e).splitlines()[0][:300]}")
                 finally:
                     stop_all()
-            print("\n".join(sc.table(results)), flush=True)
+            print("\n".join(sc.report(results)), flush=True)
             (out / f"{name}.json").write_text(json.dumps({
                 "scenario": name, "title": sc.title, "profile": asdict(profile),
                 "seconds": time.monotonic() - t0, "results": results}, indent=1))
