@@ -233,15 +233,15 @@ def plots(out: Path, data: dict) -> list[tuple[str, Path]]:
         ax1.bar([i * step for i in range(len(hist))], hist, width=step, align="edge",
                 color=COLORS["mailpush"], edgecolor="white")
         ax1.axhline(mp["n"] / len(hist), color="k", ls="--", lw=1, label="even spread")
-        ax1.set(xlabel="seconds after SIGTERM", ylabel="Close frames (1012)",
-                title=f"{mp['n']:,} Close frames, --drain-seconds {mp['drain_seconds']:g}\n"
+        ax1.set(xlabel="seconds after SIGTERM", ylabel="Close frames (1012)")
+        ax1.set_title(f"{mp['n']:,} Close frames, --drain-seconds {mp['drain_seconds']:g}\n"
                       f"exit code {mp['exit_code']} after {mp['exit_seconds'] or float('nan'):.2f} s", fontsize=10)
         ax1.legend(fontsize=8)
         rstep, rh = mp["reconnect_hist_step_s"], mp["reconnect_hist"]
         ax2.bar([i * rstep for i in range(len(rh))], rh, width=rstep, align="edge", color="#1f77b4",
                 edgecolor="white")
-        ax2.set(xlabel=f"seconds after SIGTERM (last bar: ≥ {(len(rh) - 1) * rstep:g} s)", ylabel="clients",
-                title="Suggested reconnect time\n(close + the delay in the reason)", fontsize=10)
+        ax2.set(xlabel=f"seconds after SIGTERM (last bar: ≥ {(len(rh) - 1) * rstep:g} s)", ylabel="clients")
+        ax2.set_title("Suggested reconnect time\n(close + the delay in the reason)", fontsize=10)
         for ax in (ax1, ax2):
             ax.grid(alpha=0.3)
         fig.tight_layout()

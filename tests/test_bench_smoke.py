@@ -1,12 +1,15 @@
 """The bench must not rot: run every scenario at a tiny scale, check the numbers.
 
-``bench/run.py --tiny`` opens 50 connections per server and runs the
-memory, upgrade, fan-out and latency scenarios once each, writing its JSON,
-plots and RESULTS.md into a temporary directory (never over bench/results).
-This test does not judge performance; it checks that every connection
-upgraded and every delivery arrived, for every server, so a change in
-mailpush's contract or in the bench breaks here rather than in a release's
-`make bench`.
+``bench/run.py --tiny`` opens 50 connections per server and runs every
+scenario once (memory, upgrade, fan-out, broadcast, latency, and the
+resource-control ones on mailpush: avalanche, burst, slow consumers,
+drain), writing its JSON, plots and RESULTS.md into a temporary directory
+(never over bench/results). This test does not judge performance; it
+checks that every connection upgraded and every delivery arrived, for every
+server, and that the resource-control scenarios saw what they exist to see
+(refusals at the limit, an answer per packet, stalled clients dropped,
+1012 closes and exit 0), so a change in mailpush's contract or in the bench
+breaks here rather than in a release's `make bench`.
 """
 
 from __future__ import annotations
@@ -19,15 +22,19 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 RUN = ROOT / "bench" / "run.py"
 
-# The tiny run takes ~20 s on the 2-core dev machines (13 server starts);
-# 150 s means something hangs, and the run's own deadlines should fire first.
+# The tiny run takes ~30 s on the 2-core dev machines (19 server starts, a
+# 1 s drain, ~10 slow-consumer rounds); 150 s means something hangs, and
+# the run's own deadlines should fire first.
 TIMEOUT_S = 150
 
 # Connections per server in the tiny profile (bench/scenarios.py PROFILES).
 TINY_N = 50
 
-SCENARIOS = ("memory", "upgrade", "fanout", "latency")
+SCENARIOS = ("memory", "upgrade", "fanout", "broadcast", "latency", "avalanche", "burst", "slow_consumers", "drain")
 REFERENCE_SERVERS = ("triows", "websockets", "floor")
+# The tiny profile's resource-control sizes (bench/scenarios.py PROFILES).
+TINY_AVALANCHE_CLIENTS, TINY_AVALANCHE_LIMIT = 60, 50
+TINY_FAST, TINY_STALLED = 45, 5
 
 
 def _results(out: Path, scenario: str) -> dict:
@@ -75,9 +82,66 @@ def test_bench_tiny(tmp_path: Path) -> None:
             assert b["lost"] == 0 and b["samples"] > 0, (name, b)
             assert 0 < b["p50_ms"] <= b["p99_ms"] <= b["max_ms"], (name, b)
 
+    broadcast = _results(tmp_path, "broadcast")
+    for name in ("floor",) + (("mailpush",) if mailpush_ready else ()):
+        b = broadcast[name]
+        assert "error" not in b and "skipped" not in b, (name, b)
+        assert b["missing"] == 0 and b["every_connection_served"], (name, b["rounds"])
+        assert all(r["delivered"] == r["expected"] == TINY_N for r in b["rounds"]), (name, b["rounds"])
+    if mailpush_ready:
+        # One subscriber, one small frame for all its tabs.
+        assert broadcast["mailpush"]["subscribers"] == 1
+        assert broadcast["mailpush"]["frame_bytes"] < 64, broadcast["mailpush"]["frame_bytes"]
+        _check_resource_control(tmp_path)
+
     report = (tmp_path / "RESULTS.md").read_text()
-    for heading in ("Idle memory", "Upgrade rate", "Fan-out", "## Machine"):
+    for heading in ("Idle memory", "Upgrade rate", "Fan-out", "Broadcast", "## Machine"):
         assert heading in report
-    for png in ("memory.png", "upgrade.png", "fanout.png"):
+    for png in ("memory.png", "upgrade.png", "fanout.png", "broadcast.png"):
         assert (tmp_path / png).stat().st_size > 0, png
     assert (tmp_path / "latency_cdf.png").stat().st_size > 0
+    if mailpush_ready:
+        for heading in ("Connection avalanche", "Burst", "Slow consumers", "Graceful drain",
+                        "Targets of the issues"):
+            assert heading in report, heading
+        for png in ("avalanche.png", "burst.png", "slow_consumers.png", "drain.png"):
+            assert (tmp_path / png).stat().st_size > 0, png
+
+
+def _check_resource_control(out: Path) -> None:
+    """What each resource-control scenario exists to see, at a tiny scale."""
+    av = _results(out, "avalanche")["mailpush"]
+    assert "error" not in av, av
+    outcomes = {k: v["count"] for k, v in av["outcomes"].items()}
+    assert sum(outcomes.values()) == TINY_AVALANCHE_CLIENTS, outcomes
+    assert 0 < outcomes.get("upgrade", 0) <= TINY_AVALANCHE_LIMIT, outcomes
+    refused = outcomes.get("503", 0) + outcomes.get("reset/refused", 0)
+    assert refused >= TINY_AVALANCHE_CLIENTS - TINY_AVALANCHE_LIMIT, outcomes
+    assert "timeout" not in outcomes and "other" not in outcomes, av["errors"]
+    assert av["peak"]["mailpush_sockets"] is not None and av["peak"]["mailpush_sockets"] <= TINY_AVALANCHE_LIMIT
+    assert av["final"]["mailpush_connections"] == outcomes["upgrade"] == av["client_open_after"]
+    timeline = av["health"]["timeline"]
+    assert timeline and all(o in ("200", "503") for _, _, o in timeline), timeline
+
+    burst = _results(out, "burst")["mailpush"]
+    assert "error" not in burst, burst
+    assert burst["sent"] == burst["answers"] == burst["connections_answered"] == TINY_N, burst
+    assert 0 < burst["pool_buffers_after"] <= burst["pool_size"], burst
+    assert burst["rss_samples"] > 10 and not burst["client_errors"], burst
+
+    slow = _results(out, "slow_consumers")["mailpush"]
+    assert "error" not in slow, slow
+    assert slow["slow_consumers_total"] == TINY_STALLED, slow["slow_consumers_total"]
+    assert slow["all_dropped_round"] is not None
+    assert slow["missing_fast"] == 0 and slow["fast_server_closed"] == 0, slow
+    assert slow["fast_open_after"] == TINY_FAST
+    probe = slow["stalled_probe"]
+    assert probe["count"] == TINY_STALLED and "open" not in probe["outcomes"], probe
+
+    drain = _results(out, "drain")["mailpush"]
+    assert "error" not in drain, drain
+    assert drain["exit_code"] == 0, drain
+    assert drain["exit_seconds"] is not None and drain["exit_seconds"] <= drain["exit_limit_s"], drain
+    assert drain["codes"] == {"1012": TINY_N}, drain["codes"]
+    assert sum(drain["hist"]) + drain["after_window"] == TINY_N
+    assert drain["delays_with_reason"] == TINY_N and drain["client_open_after"] == 0, drain
