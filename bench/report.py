@@ -334,7 +334,11 @@ def write(out: Path, md_path: Path, meta: dict) -> Path:
         if table:
             head += table + ["", "Memory: lower is better; rates: higher is better. Details, method and plots below.", ""]
         if targets:
-            head += ["### Targets of the issues, as measured in this run", ""] + targets + [""]
+            head += ["### Targets of the issues, as measured in this run", ""]
+            if meta.get("profile") != "full":
+                head += [f"A **{meta.get('profile')}** run, at smaller sizes than the issues name: "
+                         "these verdicts are indicative only.", ""]
+            head += targets + [""]
         lines = lines[:6] + head + lines[6:]
     lines += [
         "",
@@ -355,7 +359,18 @@ def write(out: Path, md_path: Path, meta: dict) -> Path:
         "server, and a loopback `send()` pays for the receiver's TCP work too, so absolute "
         "rates are below what separate client machines would show; the ratios are the point.",
         "- Reference servers send a 40-byte text payload; mailpush sends its real event frame "
-        "(envelope with subscriber and event name), whose size is in the fan-out table.",
+        "(envelope with subscriber and event name), whose size is in the fan-out table. In the "
+        "broadcast scenario every token names the same subscriber, and its one event has empty data, "
+        "so mailpush sends one small prebuilt frame to all tabs.",
+        "- Resource-control scenarios (mailpush only, issue 4) watch the server while loading it, "
+        "from threads of the bench process (`bench/probes.py`): RSS from `/proc/PID/statm` every "
+        "2–10 ms, `GET /metrics` on the admin port every 20–50 ms, and a load balancer's "
+        "`GET /healthz` on the listen port (a fresh connection every 20 ms, each allowed 2 s).",
+        "- Targets: each issue's target is judged against this run's numbers next to the table it "
+        "comes from, and all of them are gathered in the summary. Only a full run measures at the "
+        "sizes the issues name; quick and tiny runs judge the same targets at their smaller sizes, "
+        "which is indicative only (the memory target, stated at 15,000 connections, is not judged "
+        "below that).",
         "",
     ]
     for name, sc in SCENARIOS.items():

@@ -835,7 +835,9 @@ def avalanche(ctx: Context, spec: ServerSpec) -> dict:
         before = metrics_now(HOST, srv.aport)
         with RssProbe(srv.pids(), period=0.005) as rss, \
                 MetricsProbe(HOST, srv.aport, AVALANCHE_GAUGES, period=0.05) as mets, \
-                HealthProbe(HOST, srv.port, period=HEALTH_PERIOD_S, timeout=HEALTH_TIMEOUT_S) as health:
+                HealthProbe(HOST, srv.port, period=HEALTH_PERIOD_S, timeout=HEALTH_TIMEOUT_S) as health, \
+                HealthProbe(HOST, srv.aport, period=HEALTH_PERIOD_S, timeout=HEALTH_TIMEOUT_S,
+                            source="127.0.250.2") as admin_health:
             time.sleep(0.3)  # a few health checks before
             t0 = time.monotonic_ns()
             opened = lg.open(n, window=n, timeout=p.avalanche_timeout_s)
@@ -856,6 +858,11 @@ def avalanche(ctx: Context, spec: ServerSpec) -> dict:
     h_out: dict[str, int] = {}
     for s in during:
         h_out[s[2]] = h_out.get(s[2], 0) + 1
+    a_during = [s for s in admin_health.samples if t0 <= s[0] <= t1]
+    a_lat = sorted(s[1] for s in a_during)
+    a_out: dict[str, int] = {}
+    for s in a_during:
+        a_out[s[2]] = a_out.get(s[2], 0) + 1
     open_conns = after.get("mailpush_connections", 0)
     hist_edges = [i * AVALANCHE_HIST_STEP_S for i in range(AVALANCHE_HIST_BINS + 1)]
     hist = {}
@@ -883,6 +890,10 @@ def avalanche(ctx: Context, spec: ServerSpec) -> dict:
                    "max_ms": h_lat[-1] if h_lat else None, "period_ms": HEALTH_PERIOD_S * 1e3,
                    "timeout_ms": HEALTH_TIMEOUT_S * 1e3,
                    "timeline": [((t - t0) / 1e6, lat, o) for t, lat, o in health.samples]},
+        # The same check on the admin port (loopback only: not the load
+        # balancer's, but the same event loop without the accept backlog).
+        "admin_health": {"checks": len(a_during), "outcomes": a_out, "p50_ms": _pct(a_lat, 0.5),
+                         "p99_ms": _pct(a_lat, 0.99), "max_ms": a_lat[-1] if a_lat else None},
     }
     ctx.log(f"  {spec.name}: {n:,} clients in {res['seconds']:.2f} s: "
             + ", ".join(f"{k} {v['count']:,}" for k, v in res["outcomes"].items())
@@ -917,7 +928,11 @@ def avalanche_table(results: dict) -> list[str]:
                  f"{_fmt(r['kb_per_conn_peak'], '.2f')} KiB |",
                  f"| /healthz on the listen port during the avalanche: checks, p50 / p99 / max | "
                  f"{h['checks']:,}, {_fmt(h['p50_ms'], '.1f')} / {_fmt(h['p99_ms'], '.1f')} / {_fmt(h['max_ms'], '.1f')} ms |",
-                 f"| /healthz answers | {h['outcomes']} |"]
+                 f"| /healthz answers | {h['outcomes']} |",
+                 f"| for comparison, /healthz on the admin port: checks, p50 / p99 / max, answers | "
+                 f"{r['admin_health']['checks']:,}, {_fmt(r['admin_health']['p50_ms'], '.1f')} / "
+                 f"{_fmt(r['admin_health']['p99_ms'], '.1f')} / {_fmt(r['admin_health']['max_ms'], '.1f')} ms, "
+                 f"{r['admin_health']['outcomes']} |"]
     return rows + _problems(results, 5)
 
 
