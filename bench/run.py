@@ -1,7 +1,7 @@
 """`make bench`: every scenario, every server, one run, one report.
 
-    .venv/bin/python bench/run.py            # full: ~6-7 min -> bench/RESULTS.md, bench/results/
-    .venv/bin/python bench/run.py --quick    # 2,000 connections: ~1 min -> bench/results/quick/
+    .venv/bin/python bench/run.py            # full: ~9 min -> bench/RESULTS.md, bench/results/
+    .venv/bin/python bench/run.py --quick    # 2,000 connections: ~1.5 min -> bench/results/quick/
     .venv/bin/python bench/run.py --tiny --out DIR   # 50 connections: the smoke test
 
 Options: ``--only memory,fanout`` (scenarios), ``--servers mailpush,floor``.

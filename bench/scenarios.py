@@ -211,12 +211,15 @@ PROFILES = {
     # `make bench`: DESIGN.md's 9,000 connections for rates (5 upgrade runs,
     # 20 fan-out rounds, so a median is not one lucky round), memory up to one
     # process's limit, latency for 20 s at 1,000 events/s (the unloaded push
-    # path) and at 10,000 events/s (200,000 samples: p99.9 rests on 200).
-    # About 6-7 minutes on 2 cores.
+    # path) and at 10,000 events/s (200,000 samples: p99.9 rests on 200);
+    # the issues' sizes for the broadcast (9,000 tabs of one subscriber),
+    # avalanche (18,000 clients, limit 15,000), burst (15,000), slow
+    # consumers (9,000 + 1,000 stalled) and drain (15,000 over 10 s).
+    # About 9 minutes on 2 cores.
     "full": Profile("full", (1_000, 5_000, 10_000, 15_000), (20_000, 30_000), 9_000, 5, 9_000, 20,
                     5_000, (1_000, 10_000), 20.0, 1.0, 5.0),
     # `make bench-quick`: the same shapes at 2,000 connections; 3 s of
-    # 10,000 events/s (30,000 samples). About a minute.
+    # 10,000 events/s (30,000 samples); a 3 s drain. About 1.5 minutes.
     "quick": Profile("quick", (500, 1_000, 2_000), (), 2_000, 2, 2_000, 5,
                      1_000, (10_000,), 3.0, 0.5, 3.0,
                      broadcast_n=2_000, broadcast_rounds=5,
