@@ -1245,7 +1245,7 @@ def slow_consumers_table(results: dict) -> list[str]:
                  f"| RSS: idle → peak of the rounds without stalled clients → with them connected, idle → "
                  f"peak of the rounds with them | {r['rss_before_kb'] / 1024:.1f} → {r['rss_baseline_peak_kb'] / 1024:.1f} → "
                  f"{r['rss_with_stalled_kb'] / 1024:.1f} → {r['rss_peak_kb'] / 1024:.1f} MiB |",
-                 f"| RSS once they were all dropped (settled) | {r['rss_after_kb'] / 1024:.1f} MiB |",
+                 f"| RSS after the last round (settled) | {r['rss_after_kb'] / 1024:.1f} MiB |",
                  f"| RSS growth for the stalled clients (last peak over the higher of the two before) vs "
                  f"stalled × --send-queue-bytes | {r['rss_growth_kb'] / 1024:.2f} MiB vs {r['rss_bound_kb'] / 1024:.2f} MiB |",
                  f"| fast clients: missing deliveries / closed by server / errors | {r['missing_fast']:,} / "
@@ -1266,7 +1266,8 @@ def slow_consumers_verdicts(results: dict) -> list[dict]:
         _verdict("#4", "memory bounded, ≈ stalled × --send-queue-bytes at worst (judged: growth ≤ "
                        f"{SLOW_RSS_SLACK:g}× that), every stalled client closed and counted",
                  f"+{r['rss_growth_kb'] / 1024:.2f} MiB = {r['rss_growth_kb'] / r['rss_bound_kb']:.2f}× "
-                 f"{r['rss_bound_kb'] / 1024:.2f} MiB; {r['slow_consumers_total']:,.0f} of {r['stalled']:,} closed",
+                 f"{r['rss_bound_kb'] / 1024:.2f} MiB; {r['slow_consumers_total']:,.0f} of {r['stalled']:,} "
+                 "dropped as slow consumers",
                  r["rss_growth_kb"] <= SLOW_RSS_SLACK * r["rss_bound_kb"]
                  and r["slow_consumers_total"] >= r["stalled"]),
     ]
