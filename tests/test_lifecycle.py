@@ -64,6 +64,38 @@ async def test_accept_waits_for_a_handshake_slot(start_server, autojump_clock):
         await c.stream.aclose()
 
 
+async def test_a_saturated_server_sheds_the_backlog_it_cannot_serve_in_time(start_server, autojump_clock, monkeypatch):
+    monkeypatch.setattr(server_mod, "SHED_MIN_QUEUE", 3)
+    server = await start_server(max_handshakes=1, handshake_timeout=3)
+    idle = await AsyncRaw.connect(server.listen_address)  # holds the only slot
+    await trio.sleep(0.1)
+    request = UPGRADE.format(path="/v1/ws?token=" + token("q"), extra="").encode()
+    clients = []
+    for _ in range(11):  # the first is accepted and waits; ten stay in the backlog
+        c = await AsyncRaw.connect(server.listen_address)
+        await c.stream.send_all(request)
+        clients.append(c)
+    t0 = trio.current_time()
+    answers = []
+    for c in clients:
+        with trio.move_on_after(0.1):
+            answers.append(await c.head())
+            continue
+        answers.append(None)
+    # No upgrade rate known yet: the backlog keeps SHED_MIN_QUEUE = 3, the
+    # other seven are refused at once, the accepted one keeps waiting.
+    refused = [a for a in answers if a is not None]
+    assert len(refused) == 7 and all(a.startswith(b"HTTP/1.1 503") for a in refused)
+    assert trio.current_time() - t0 < 1.2
+    assert server.stats.rejections["overloaded"] == 7
+    # When the idle one hits its deadline, the rest are served in turn.
+    for c, a in zip(clients, answers):
+        if a is None:
+            assert (await c.head()).startswith(b"HTTP/1.1 101")
+    for c in [idle, *clients]:
+        await c.stream.aclose()
+
+
 async def test_slowloris_dribble_hits_the_deadline(start_server, autojump_clock):
     server = await start_server(handshake_timeout=2)
     raw = await AsyncRaw.connect(server.listen_address)
