@@ -125,6 +125,32 @@ async def test_unanswered_pings_close_only_the_dead_client(start_server, autojum
         assert server.stats.pings >= 7
 
 
+async def test_a_closed_peer_that_never_reads_is_cut_after_the_close_timeout(start_server, autojump_clock):
+    bus = FakeBus()
+    server = await start_server(bus, ping_interval=10, pong_timeout=5, send_queue_bytes=8 << 20)
+    stalled = await AsyncRaw.connect(server.listen_address, rcvbuf=4096)
+    assert (await stalled.upgrade(token("st"))).startswith(b"HTTP/1.1 101")
+    await stalled.stream.send_all(client_frame(0x1, b'{"type":"subscribe"}'))
+    await bus.wait_until(lambda f: "st" in f.subscribed)
+    (conn,) = server.connections
+    pad = "x" * 50_000
+    for _ in range(200):  # until the kernel buffers are full and a queue forms
+        if conn.queue is not None:
+            break
+        bus.inject([("st", "big", {"pad": pad})])
+        await trio.sleep(0.01)
+    assert conn.queue is not None and conn.queued < 8 << 20
+    t0 = trio.current_time()
+    # Keepalive closes it (no pong) behind a queue that never drains; the
+    # close timeout then cuts it instead of keeping it forever.
+    with trio.fail_after(60):
+        while server.connections:
+            await trio.sleep(0.5)
+    assert server.stats.pong_timeouts == 1 and server.stats.slow_consumers == 0
+    assert trio.current_time() - t0 <= 10 + 5 + server_mod.CLOSE_TIMEOUT + 1
+    await stalled.stream.aclose()
+
+
 @pytest.mark.parametrize("guard", [True, False])
 async def test_lag_guard_does_not_blame_clients_for_a_server_stall(start_server, autojump_clock, monkeypatch, guard):
     if not guard:

@@ -113,9 +113,7 @@ class Connection:
         if self.queued + len(frame) > self.server.config.send_queue_bytes:
             # The client stopped reading. Nothing more can reach it, not even
             # a Close frame: drop it so it holds neither memory nor others.
-            self.server.stats.slow_consumers += 1
-            self.server.stats.closes[CloseCode.POLICY_VIOLATION] += 1
-            self.server.log.warning("slow_consumer", subscriber=self.subscriber, queued=self.queued)
+            self.server.slow_consumer(self)
             self.abort()
             return False
         self.queue.append(frame)
@@ -140,11 +138,12 @@ class Connection:
         self._push(encode_close(code, reason))
         if self.state == CLOSED:
             return
-        if not wait_for_peer:
-            if self.queue is None:
-                self.abort()
-        else:
-            self.server.closing(self)
+        if not wait_for_peer and self.queue is None:
+            self.abort()
+            return
+        # Waiting for the peer's Close, or for a queue a dead peer may never
+        # drain: either way bounded by the server's close timeout.
+        self.server.closing(self)
 
     def abort(self) -> None:
         """Close the socket now; wakes the parked reader and any writer."""

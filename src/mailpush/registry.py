@@ -16,11 +16,18 @@ if TYPE_CHECKING:
 __all__ = ["Registry"]
 
 
+# Up to this many tabs a subscriber's connections are a tuple (small, and
+# rebuilt on the rare add or remove); beyond it a dict, so that thousands of
+# tabs of one subscriber (a shared inbox on a wall of screens, a benchmark)
+# cost O(1) per add and remove instead of a copy of all of them.
+SMALL = 16
+
+
 class Registry:
     __slots__ = ("_subs",)
 
     def __init__(self) -> None:
-        self._subs: dict[str, tuple[Connection, ...]] = {}
+        self._subs: dict[str, tuple[Connection, ...] | dict[Connection, None]] = {}
 
     def add(self, conn: Connection) -> bool:
         """Register ``conn`` under its subscriber; True if it is the first."""
@@ -29,8 +36,13 @@ class Registry:
         if conns is None:
             self._subs[sub] = (conn,)
             return True
-        if conn not in conns:
-            self._subs[sub] = conns + (conn,)
+        if type(conns) is dict:
+            conns[conn] = None
+        elif conn not in conns:
+            if len(conns) < SMALL:
+                self._subs[sub] = conns + (conn,)
+            else:
+                self._subs[sub] = dict.fromkeys((*conns, conn))
         return False
 
     def remove(self, conn: Connection) -> bool:
@@ -39,6 +51,11 @@ class Registry:
         conns = self._subs.get(sub)
         if conns is None or conn not in conns:
             return False
+        if type(conns) is dict:
+            del conns[conn]
+            if len(conns) < SMALL // 2:
+                self._subs[sub] = tuple(conns)
+            return False
         if len(conns) == 1:
             del self._subs[sub]
             return True
@@ -46,7 +63,12 @@ class Registry:
         return False
 
     def get(self, subscriber: str) -> tuple[Connection, ...] | None:
-        return self._subs.get(subscriber)
+        """The subscriber's connections, as a snapshot safe to iterate
+        across checkpoints."""
+        conns = self._subs.get(subscriber)
+        if type(conns) is dict:
+            return tuple(conns)
+        return conns
 
     def __contains__(self, subscriber: str) -> bool:
         return subscriber in self._subs

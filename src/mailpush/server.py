@@ -49,8 +49,11 @@ ACCEPT_BATCH = 64
 # After EMFILE/ENFILE, wait this long before accepting again (a file
 # descriptor must be freed first; retrying at once would spin).
 ACCEPT_ERROR_PAUSE = 0.1
-# How long a connection that we sent a Close may take to answer it (§7.1.1).
+# How long a connection that we sent a Close may take to answer it (§7.1.1),
+# or to take the rest of its queue before it.
 CLOSE_TIMEOUT = 5.0
+# Slow-consumer drops are logged at most once per this many seconds.
+SLOW_LOG_INTERVAL = 1.0
 # Keepalive visits connections in this many slices per interval, so pings
 # go out spread over the interval rather than all at once.
 KEEPALIVE_SLICES = 50
@@ -121,6 +124,8 @@ class Server:
         self._cancel = trio.CancelScope()
         self._drained = trio.Event()
         self._seq = 0
+        self._slow_unlogged = 0
+        self._slow_log_at = 0.0
         self._rate: float | None = None  # upgrades/s, see _upgrade_rate
         self._rate_at = 0.0
         self._rate_upgrades = 0
@@ -301,8 +306,20 @@ class Server:
             self.dispatcher.changed(conn.subscriber)
         self.log.debug("disconnected", subscriber=conn.subscriber)
 
+    def slow_consumer(self, conn: Connection) -> None:
+        """Count a client dropped for not reading; log at most once a second
+        (a thousand dropped at once must not become a thousand log lines)."""
+        self.stats.slow_consumers += 1
+        self.stats.closes[CloseCode.POLICY_VIOLATION] += 1
+        self._slow_unlogged += 1
+        now = trio.current_time()
+        if now >= self._slow_log_at:
+            self.log.warning("slow_consumers_dropped", count=self._slow_unlogged, last_subscriber=conn.subscriber, send_queue_bytes=self.config.send_queue_bytes)
+            self._slow_unlogged = 0
+            self._slow_log_at = now + SLOW_LOG_INTERVAL
+
     def closing(self, conn: Connection) -> None:
-        """``conn`` sent its Close; give the peer CLOSE_TIMEOUT to answer."""
+        """``conn`` is closing; cut it if it is not closed within CLOSE_TIMEOUT."""
         self._closing.append((trio.current_time() + CLOSE_TIMEOUT, conn))
 
     async def _sweep_handshakes(self) -> None:
