@@ -281,14 +281,18 @@ def _refuse(server: Server, sock: socket.socket, err: HandshakeError, reason_lab
     _send_and_close(sock, hs.response_error(err))
 
 
-def _send_and_close(sock: socket.socket, data: bytes) -> None:
-    """Best-effort send of a small response, then FIN and close."""
+def _send_and_close(sock: socket.socket, data: bytes, *, parked: bool = True) -> None:
+    """Best-effort send of a small response, then close (FIN).
+
+    ``parked``: a task may be waiting on the socket and must be woken; the
+    accept loop's fast refusals never had one, and skip that step.
+    """
     try:
         sock.send(data)
-        sock.shutdown(socket.SHUT_WR)
     except OSError:
         pass
-    _notify_closing(sock)
+    if parked:
+        _notify_closing(sock)
     sock.close()
 
 

@@ -40,9 +40,13 @@ from .registry import Registry
 
 __all__ = ["Server"]
 
-# Kernel accept backlog; the kernel caps it at net.core.somaxconn (4096 here).
-# While all handshake slots are busy, new connections wait here, not in tasks.
-LISTEN_BACKLOG = 4096
+# Kernel accept backlog: as large as the system allows (the kernel caps it at
+# net.core.somaxconn, 4096 on a stock Debian). While all handshake slots are
+# busy, new connections wait here, not in tasks, and the accept loop sheds
+# what cannot be served in time. When the queue itself overflows, the kernel
+# drops SYNs and clients retry only after a second or more: for reconnect
+# avalanches raise net.core.somaxconn and net.ipv4.tcp_max_syn_backlog.
+LISTEN_BACKLOG = 65535
 # Accepts in one go before going back to the scheduler, so a connection
 # avalanche cannot starve the connections already open.
 ACCEPT_BATCH = 64
@@ -217,7 +221,11 @@ class Server:
         try:
             while not self.draining:
                 await trio.lowlevel.wait_readable(listener)
-                self._upgrade_rate()  # keep the estimate fresh for _shed
+                # Before taking more: if the backlog holds more than can be
+                # served within the budget, refuse the excess now, before the
+                # accept queue overflows and the kernel starts dropping SYNs
+                # (which costs clients a second or more of retransmission).
+                self._shed(listener)
                 for _ in range(ACCEPT_BATCH):
                     try:
                         sock, _addr = listener.accept()
@@ -272,8 +280,9 @@ class Server:
         await self.handshakes.acquire_on_behalf_of(slot)
 
     def _shed(self, listener: socket.socket) -> None:
-        depth = _backlog_depth(listener)
+        """Refuse (fast 503) what the backlog holds beyond QUEUE_BUDGET's worth."""
         allowed = max(SHED_MIN_QUEUE, int(self._upgrade_rate() * QUEUE_BUDGET))
+        depth = _backlog_depth(listener)
         for _ in range(min(depth - allowed, SHED_BATCH)):
             try:
                 sock, _addr = listener.accept()
@@ -456,7 +465,7 @@ def _refuse_fast(sock: socket.socket, response: bytes = _RESPONSE_FULL) -> None:
         sock.recv(8192)  # take the request if it is there, so close sends FIN, not RST
     except OSError:
         pass
-    _send_and_close(sock, response)
+    _send_and_close(sock, response, parked=False)
 
 
 _TCP_INFO_SIZE = 104
