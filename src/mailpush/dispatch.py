@@ -53,23 +53,29 @@ class Dispatcher:
         stats = self.stats
         stats.received += len(batch)
         budget = DELIVERIES_PER_CHECKPOINT
-        for sub, event, data in batch:
-            conns = get(sub)
-            if conns is None:
-                stats.dropped += 1
-                continue
-            frame = None
-            for conn in conns:
-                events = conn.events
-                if events is None or event in events:
-                    if frame is None:
-                        frame = event_frame(sub, event, data)
-                    if conn.send(frame):
-                        stats.delivered += 1
-                    budget -= 1
-                    if not budget:
-                        budget = DELIVERIES_PER_CHECKPOINT
-                        await trio.lowlevel.checkpoint()
+        delivered = 0
+        try:
+            for sub, event, data in batch:
+                conns = get(sub)
+                if conns is None:
+                    stats.dropped += 1
+                    continue
+                frame = None
+                for conn in conns:
+                    events = conn.events
+                    if events is None or event in events:
+                        if frame is None:
+                            frame = event_frame(sub, event, data)
+                        if conn.send(frame):
+                            delivered += 1
+                        budget -= 1
+                        if not budget:
+                            budget = DELIVERIES_PER_CHECKPOINT
+                            stats.delivered += delivered
+                            delivered = 0
+                            await trio.lowlevel.checkpoint()
+        finally:
+            stats.delivered += delivered
 
     # -- bus subscriptions --------------------------------------------------
 
