@@ -283,3 +283,34 @@ def test_sigterm_drains_and_exits_zero():
         assert codes == [1012] * 10
         assert proc.wait(10) == 0
         assert time.monotonic() - t0 < 2 + 3
+
+
+async def test_trio_wakes_a_bounded_number_of_readers_per_iteration(start_server):
+    from trio._core._io_epoll import EpollIOManager
+
+    await start_server()
+    assert EpollIOManager.get_events._mailpush_limit == server_mod.MAX_WAKEUPS
+    # Bounded but not lossy: a burst bigger than the bound is still served
+    # (test_burst_uses_at_most_pool_size_buffers, with the bound lowered).
+
+
+async def test_a_burst_larger_than_the_wakeup_bound_is_served(start_server, monkeypatch):
+    from trio._core._io_epoll import EpollIOManager
+
+    server = await start_server()
+    real = EpollIOManager.get_events
+    monkeypatch.setattr(EpollIOManager, "get_events", lambda self, timeout: self._epoll.poll(timeout, 3))
+    clients = []
+    for i in range(40):
+        c = await AsyncRaw.connect(server.listen_address)
+        assert (await c.upgrade(token(f"b{i}"))).startswith(b"HTTP/1.1 101")
+        clients.append(c)
+    frame = client_frame(0x1, b'{"type":"ping"}')
+    for c in clients:
+        c.stream.socket._sock.send(frame)
+    for c in clients:
+        with trio.fail_after(5):
+            assert b'"pong"' in await c.stream.receive_some(4096)
+    monkeypatch.setattr(EpollIOManager, "get_events", real)
+    for c in clients:
+        await c.stream.aclose()
