@@ -290,8 +290,6 @@ async def test_trio_wakes_a_bounded_number_of_readers_per_iteration(start_server
 
     await start_server()
     assert EpollIOManager.get_events._mailpush_limit == server_mod.MAX_WAKEUPS
-    # Bounded but not lossy: a burst bigger than the bound is still served
-    # (test_burst_uses_at_most_pool_size_buffers, with the bound lowered).
 
 
 async def test_a_burst_larger_than_the_wakeup_bound_is_served(start_server, monkeypatch):
