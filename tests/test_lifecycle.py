@@ -24,6 +24,21 @@ import mailpush.server as server_mod
 from mailpush.bus import FakeBus
 
 
+async def upgraded_clients(server, n: int, prefix: str) -> list[AsyncRaw]:
+    clients = []
+    for i in range(n):
+        c = await AsyncRaw.connect(server.listen_address)
+        assert (await c.upgrade(token(f"{prefix}{i}"))).startswith(b"HTTP/1.1 101")
+        clients.append(c)
+    return clients
+
+
+def send_on_all(clients: list[AsyncRaw], frame: bytes) -> None:
+    """The same bytes on every socket, without yielding to the server."""
+    for c in clients:
+        c.stream.socket._sock.send(frame)
+
+
 async def test_503_at_the_connection_limit_and_health(start_server):
     server = await start_server(max_connections=2)
     async with trio_websocket.open_websocket_url(ws_url(server, tok=token("a"))), trio_websocket.open_websocket_url(ws_url(server, tok=token("b"))):
@@ -200,15 +215,9 @@ async def test_slow_consumer_is_dropped_and_the_fast_one_gets_everything_in_orde
 
 async def test_burst_uses_at_most_pool_size_buffers(start_server):
     server = await start_server(pool_size=4)
-    clients = []
-    for i in range(60):
-        c = await AsyncRaw.connect(server.listen_address)
-        assert (await c.upgrade(token(f"u{i}"))).startswith(b"HTTP/1.1 101")
-        clients.append(c)
-    frame = client_frame(0x1, b'{"type":"subscribe"}')
+    clients = await upgraded_clients(server, 60, "u")
     # Every socket becomes readable before the server runs again.
-    for c in clients:
-        c.stream.socket._sock.send(frame)
+    send_on_all(clients, client_frame(0x1, b'{"type":"subscribe"}'))
     await trio.sleep(0.2)
     for c in clients:
         got = await c.stream.receive_some(4096)
@@ -298,14 +307,8 @@ async def test_a_burst_larger_than_the_wakeup_bound_is_served(start_server, monk
     server = await start_server()
     real = EpollIOManager.get_events
     monkeypatch.setattr(EpollIOManager, "get_events", lambda self, timeout: self._epoll.poll(timeout, 3))
-    clients = []
-    for i in range(40):
-        c = await AsyncRaw.connect(server.listen_address)
-        assert (await c.upgrade(token(f"b{i}"))).startswith(b"HTTP/1.1 101")
-        clients.append(c)
-    frame = client_frame(0x1, b'{"type":"ping"}')
-    for c in clients:
-        c.stream.socket._sock.send(frame)
+    clients = await upgraded_clients(server, 40, "b")
+    send_on_all(clients, client_frame(0x1, b'{"type":"ping"}'))
     for c in clients:
         with trio.fail_after(5):
             assert b'"pong"' in await c.stream.receive_some(4096)
