@@ -22,7 +22,6 @@ oracle refuses; all make the Verifier stricter):
 from __future__ import annotations
 
 import base64
-import hashlib
 import hmac
 import json
 import time
