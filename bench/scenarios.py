@@ -22,13 +22,16 @@ scenario's table and gathered in the summary of RESULTS.md.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import re
 import select
+import shutil
 import signal
 import socket
 import statistics
+import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -67,10 +70,9 @@ DRAIN_TIMEOUT_S = 15.0
 MULTI_WORKERS = 2
 
 # Buses to measure latency on: name -> extra `mailpush serve` arguments.
-# The embedded bus is all mailpush has today; add e.g.
-# "redis": ["--bus", "redis://127.0.0.1:6379/0"] (and start redis-server
-# around the run) when the Redis bus lands.
-LATENCY_BUSES: dict[str, list[str]] = {"embedded": []}
+# Every bus mailpush has; "redis" starts a throwaway redis-server (Debian's)
+# on a free port for the run, and is skipped if none is installed.
+LATENCY_BUSES: tuple[str, ...] = ("embedded", "redis")
 
 # The issues' targets, judged in the report (issue numbers in the verdicts).
 MEMORY_BUDGET_KB = 3.5        # #2/#3: RSS per idle connection at 15,000 (KB = 1,000 bytes)
@@ -586,14 +588,50 @@ def latency(ctx: Context, spec: ServerSpec) -> dict:
     waking idle processes cost on this machine. Samples published during
     the warmup are dropped."""
     runs = []
-    buses = LATENCY_BUSES if spec.kind == "mailpush" else {"none": []}
-    for bus, args in buses.items():
-        for rate in ctx.profile.latency_rates:
-            runs.append(_latency_one(ctx, spec, bus, args, rate))
-            r = runs[-1]
-            ctx.log(f"  {spec.name} {bus} bus @ {rate:,}/s: p50 {r['p50_ms']:.2f} ms, "
-                    f"p99 {r['p99_ms']:.2f} ms, p99.9 {r['p999_ms']:.2f} ms, lost {r['lost']}")
+    buses = LATENCY_BUSES if spec.kind == "mailpush" else ("none",)
+    for bus in buses:
+        with _bus_args(bus) as args:
+            if args is None:
+                ctx.log(f"  {spec.name} {bus} bus skipped: redis-server is not installed")
+                continue
+            for rate in ctx.profile.latency_rates:
+                runs.append(_latency_one(ctx, spec, bus, args, rate))
+                r = runs[-1]
+                ctx.log(f"  {spec.name} {bus} bus @ {rate:,}/s: p50 {r['p50_ms']:.2f} ms, "
+                        f"p99 {r['p99_ms']:.2f} ms, p99.9 {r['p999_ms']:.2f} ms, lost {r['lost']}")
     return {"runs": runs}
+
+
+@contextlib.contextmanager
+def _bus_args(bus: str):
+    """mailpush's options for ``bus``, with its server running; None if the
+    bus cannot be had here."""
+    if bus != "redis":
+        yield []
+        return
+    exe = shutil.which("redis-server") or ("/usr/bin/redis-server" if os.path.exists("/usr/bin/redis-server") else None)
+    if exe is None:
+        yield None
+        return
+    with socket.socket() as probe:
+        probe.bind((HOST, 0))
+        port = probe.getsockname()[1]
+    proc = subprocess.Popen([exe, "--port", str(port), "--bind", HOST, "--save", "", "--appendonly", "no"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                socket.create_connection((HOST, port), timeout=1).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    raise ServerError("redis-server did not start") from None
+                time.sleep(0.05)
+        yield ["--bus", f"redis://{HOST}:{port}/0"]
+    finally:
+        proc.kill()
+        proc.wait(10)
 
 
 def _latency_one(ctx: Context, spec: ServerSpec, bus: str, args: list[str], rate: int) -> dict:
