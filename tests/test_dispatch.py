@@ -63,3 +63,30 @@ async def test_a_large_batch_checkpoints_while_it_is_delivered():
     assert stats.delivered == n and all(len(t.frames) == 1 for t in tabs)
     # The other task ran between the chunks, not only after the whole batch.
     assert others_ran - before >= n // DELIVERIES_PER_CHECKPOINT - 1
+
+
+class FlakyBus(FakeBus):
+    """Fails the first subscribe, like a bus that timed out."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.failures = 1
+
+    async def subscribe(self, subscribers):
+        if self.failures:
+            self.failures -= 1
+            raise TimeoutError("no acknowledgement")
+        await super().subscribe(subscribers)
+
+
+async def test_a_failing_bus_subscription_is_retried_not_fatal(nursery, autojump_clock):
+    registry = Registry()
+    bus = FlakyBus()
+    d = Dispatcher(registry, bus, Stats())
+    await nursery.start(d.run_subscriptions)
+    tab = Tab("x")
+    registry.add(tab)
+    d.changed("x")
+    with trio.fail_after(10):
+        await bus.wait_until(lambda f: "x" in f.subscribed)
+    assert bus.failures == 0 and bus.calls == [("subscribe", ("x",))]

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 import trio
 
 from .bus import Bus, Item
+from .log import get_logger
 from .metrics import Stats
 from .packets import event_frame
 from .registry import Registry
@@ -26,6 +27,10 @@ __all__ = ["Dispatcher"]
 # sending on these machines, so a 9,000-recipient publish lets the rest of
 # the server run every few hundred microseconds instead of stalling ~150 ms.
 DELIVERIES_PER_CHECKPOINT = 256
+# After a failed subscription change, wait this long before retrying,
+# doubling up to RETRY_MAX (seconds).
+RETRY_FIRST = 0.1
+RETRY_MAX = 5.0
 # Subscription changes sent to the bus in one call at most; a reconnect
 # avalanche of 15,000 tabs becomes a few dozen bus commands.
 SUBSCRIBE_BATCH = 1000
@@ -90,21 +95,37 @@ class Dispatcher:
         task_status.started()
         if not self._track:
             return
+        delay = RETRY_FIRST
         while True:
             await self._wakeup.wait()
             self._wakeup = trio.Event()
-            await self.flush()
+            try:
+                await self.flush()
+            except Exception as e:  # noqa: BLE001 - the bus failed; the server must not
+                # Whatever was not done stays dirty and is tried again: the
+                # bus ends up matching the registry once it answers again.
+                log = get_logger()
+                log.error("bus_subscription_failed", error=repr(e), retry_in=delay, pending=len(self._dirty))
+                self._wakeup.set()
+                await trio.sleep(delay)
+                delay = min(delay * 2, RETRY_MAX)
+            else:
+                delay = RETRY_FIRST
 
     async def flush(self) -> None:
         while self._dirty:
             dirty, self._dirty = self._dirty, set()
             want = [s for s in dirty if s in self.registry and s not in self._bus_subscribed]
             drop = [s for s in dirty if s not in self.registry and s in self._bus_subscribed]
-            for i in range(0, len(want), SUBSCRIBE_BATCH):
-                chunk = want[i : i + SUBSCRIBE_BATCH]
-                await self.bus.subscribe(chunk)
-                self._bus_subscribed.update(chunk)
-            for i in range(0, len(drop), SUBSCRIBE_BATCH):
-                chunk = drop[i : i + SUBSCRIBE_BATCH]
-                await self.bus.unsubscribe(chunk)
-                self._bus_subscribed.difference_update(chunk)
+            try:
+                for i in range(0, len(want), SUBSCRIBE_BATCH):
+                    chunk = want[i : i + SUBSCRIBE_BATCH]
+                    await self.bus.subscribe(chunk)
+                    self._bus_subscribed.update(chunk)
+                for i in range(0, len(drop), SUBSCRIBE_BATCH):
+                    chunk = drop[i : i + SUBSCRIBE_BATCH]
+                    await self.bus.unsubscribe(chunk)
+                    self._bus_subscribed.difference_update(chunk)
+            except BaseException:
+                self._dirty |= dirty  # not done: try these again
+                raise

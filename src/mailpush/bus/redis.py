@@ -43,6 +43,10 @@ CONTROL_CHANNEL = "mailpush.control"
 # Reconnect backoff after the connection to Redis is lost: first wait, cap.
 RECONNECT_FIRST = 0.1
 RECONNECT_MAX = 5.0
+# How long coredis waits for Redis to acknowledge a SUBSCRIBE. Under a heavy
+# event stream the acknowledgement queues behind the messages (its default,
+# 1 s, was exceeded at 10,000 events/s); a late one is not a failure.
+SUBSCRIBE_ACK_TIMEOUT = 10.0
 # Channels per SUBSCRIBE/UNSUBSCRIBE command: one command for a thousand
 # tabs arriving at once, small enough to keep the command line short.
 CHANNELS_PER_COMMAND = 500
@@ -109,7 +113,9 @@ class RedisBus(Bus):
         async with self.client:
             # No retries inside coredis: run() reconnects, so the outage is
             # logged and visible (mailpush_bus_up).
-            async with self.client.pubsub(channels=[CONTROL_CHANNEL], retry_policy=NoRetryPolicy()) as pubsub:
+            async with self.client.pubsub(
+                channels=[CONTROL_CHANNEL], retry_policy=NoRetryPolicy(), subscription_timeout=SUBSCRIBE_ACK_TIMEOUT
+            ) as pubsub:
                 for chunk in _chunks(sorted(self._channels)):
                     await pubsub.subscribe(*chunk)
                 self._pubsub = pubsub
