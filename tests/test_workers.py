@@ -4,6 +4,7 @@ between them, one signal drains them all."""
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -13,6 +14,14 @@ import urllib.request
 
 from conftest import SECRET, _drain, token
 from websockets.sync.client import connect
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
 
 
 def metric(admin: str, name: str) -> float:
@@ -64,3 +73,30 @@ def test_two_workers_share_the_port_and_every_publish_reaches_every_tab():
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_workers_drain_when_the_supervisor_is_killed():
+    cmd = [sys.executable, "-m", "mailpush", "serve", "--workers", "2", "--listen", "127.0.0.1:0", "--admin", "off",
+           "--secret", SECRET, "--log-format", "json", "--drain-seconds", "0.5"]
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE)
+    pids = []
+    try:
+        deadline = time.monotonic() + 20
+        while len(pids) < 2 and time.monotonic() < deadline:
+            rec = json.loads(proc.stderr.readline())
+            if rec["event"] == "listening":
+                pids.append(rec["pid"])
+        threading.Thread(target=_drain, args=(proc.stderr, []), daemon=True).start()
+        proc.kill()  # SIGKILL: the supervisor cannot pass anything on
+        proc.wait()
+        deadline = time.monotonic() + 10
+        while any(_alive(p) for p in pids):
+            assert time.monotonic() < deadline, "workers outlived their supervisor"
+            time.sleep(0.05)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        for pid in pids:
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)

@@ -16,6 +16,7 @@ Nursery tree::
 from __future__ import annotations
 
 import errno
+import os
 import math
 import random
 import socket
@@ -166,7 +167,7 @@ class Server:
                     async with trio.open_nursery() as conns:
                         self.connections_nursery = conns
                         conns.start_soon(self._accept_loop, listener)
-                        self.log.info("listening", listen=_fmt(self.listen_address), admin=_fmt(self.admin_address), bus=type(self.bus).__name__)
+                        self.log.info("listening", listen=_fmt(self.listen_address), admin=_fmt(self.admin_address), bus=type(self.bus).__name__, pid=os.getpid())
                         task_status.started(self)
                         await self._drained.wait()
                         root.cancel_scope.cancel()

@@ -16,6 +16,7 @@ manager restarts the whole set.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 import socket
@@ -43,6 +44,7 @@ def run_workers(config: Config, demo: bool, serve) -> int:
         reserve.bind((host, 0))
         port = reserve.getsockname()[1]
     pairs = [socket.socketpair() for _ in range(config.workers)]
+    supervisor = os.getpid()
     pids = []
     for i in range(config.workers):
         admin = config.admin
@@ -52,6 +54,7 @@ def run_workers(config: Config, demo: bool, serve) -> int:
         pid = os.fork()
         if pid == 0:  # the worker
             code = 1
+            _die_with(supervisor)
             try:
                 for j, (parent_end, child_end) in enumerate(pairs):
                     parent_end.close()
@@ -81,6 +84,22 @@ def run_workers(config: Config, demo: bool, serve) -> int:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+
+
+def _die_with(supervisor: int) -> None:
+    """Have the kernel send this worker SIGTERM (a drain) if the supervisor
+    dies, even by SIGKILL, so no worker is left holding the port alone."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != supervisor:  # it died before prctl took effect
+        os._exit(1)
+
+
+# linux/prctl.h
+_PR_SET_PDEATHSIG = 1
 
 
 async def _supervise(socks: list[socket.socket], pids: list[int]) -> int:
