@@ -29,10 +29,15 @@ def metric(admin: str, name: str) -> float:
     return float(next(line.split()[1] for line in text.splitlines() if line.startswith(name + " ")))
 
 
+def start_workers(admin: str, drain: str) -> subprocess.Popen:
+    """A supervisor with two workers; its JSON log on the stderr pipe."""
+    cmd = [sys.executable, "-m", "mailpush", "serve", "--workers", "2", "--listen", "127.0.0.1:0", "--admin", admin,
+           "--secret", SECRET, "--log-format", "json", "--drain-seconds", drain]
+    return subprocess.Popen(cmd, stderr=subprocess.PIPE)
+
+
 def test_two_workers_share_the_port_and_every_publish_reaches_every_tab():
-    cmd = [sys.executable, "-m", "mailpush", "serve", "--workers", "2", "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0",
-           "--secret", SECRET, "--log-format", "json", "--drain-seconds", "1"]
-    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE)
+    proc = start_workers(admin="127.0.0.1:0", drain="1")
     clients = []
     try:
         workers = {}
@@ -76,9 +81,7 @@ def test_two_workers_share_the_port_and_every_publish_reaches_every_tab():
 
 
 def test_workers_drain_when_the_supervisor_is_killed():
-    cmd = [sys.executable, "-m", "mailpush", "serve", "--workers", "2", "--listen", "127.0.0.1:0", "--admin", "off",
-           "--secret", SECRET, "--log-format", "json", "--drain-seconds", "0.5"]
-    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE)
+    proc = start_workers(admin="off", drain="0.5")
     pids = []
     try:
         deadline = time.monotonic() + 20
