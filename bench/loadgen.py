@@ -77,6 +77,12 @@ RECV_SIZE = 65_536
 # kernel's retry timer instead of the server.
 DEFAULT_WINDOW = 256
 
+# Connects started per turn of the event loop: between turns the worker
+# reads what has arrived, so a client's time to its answer is not inflated
+# by thousands of other connects started after it (an avalanche starts all
+# of them "at once", i.e. as fast as this loop goes).
+PUMP_CHUNK = 64
+
 # Each worker spreads its sockets over this many source addresses
 # (127.0.W.1 .. 127.0.W.4 for worker W, all on the loopback /8), so even
 # without IP_BIND_ADDRESS_NO_PORT no address needs more than ~4,500 ports.
@@ -214,7 +220,9 @@ class _Worker:
         self._pump()
 
     def _pump(self):
-        while self.to_start and self.inflight < self.window:
+        for _ in range(PUMP_CHUNK):
+            if not self.to_start or self.inflight >= self.window:
+                break
             req = self.to_start.pop()
             sub = self.next_sub - len(self.to_start) - 1
             self._connect(sub, req)
@@ -622,6 +630,8 @@ class _Worker:
                 if self.wait_target >= 0:
                     deadlines.append(self.wait_deadline)
                 timeout = max(0.0, min(deadlines) - time.monotonic()) if deadlines else -1
+                if self.opening and self.to_start and self.inflight < self.window:
+                    timeout = 0  # more connects to start: just look at what has arrived
                 events = self.ep.poll(timeout, 4096)
                 now = time.monotonic_ns()
                 for fd, ev in events:
