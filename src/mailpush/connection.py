@@ -281,18 +281,14 @@ def _refuse(server: Server, sock: socket.socket, err: HandshakeError, reason_lab
     _send_and_close(sock, hs.response_error(err))
 
 
-def _send_and_close(sock: socket.socket, data: bytes, *, parked: bool = True) -> None:
-    """Best-effort send of a small response, then close (FIN).
-
-    ``parked``: a task may be waiting on the socket and must be woken; the
-    accept loop's fast refusals never had one, and skip that step.
-    """
+def _send_and_close(sock: socket.socket, data: bytes) -> None:
+    """Best-effort send of a small response, then close (FIN); wakes any
+    task parked on the socket."""
     try:
         sock.send(data)
     except OSError:
         pass
-    if parked:
-        _notify_closing(sock)
+    _notify_closing(sock)
     sock.close()
 
 

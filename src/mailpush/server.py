@@ -29,7 +29,7 @@ from .admin import serve_admin
 from .auth import Verifier
 from .bus import Bus, make_bus
 from .config import Config
-from .connection import OPEN, F_PING, F_SEEN, Connection, _send_and_close, expire_handshake, serve_socket
+from .connection import OPEN, F_PING, F_SEEN, Connection, expire_handshake, serve_socket
 from .dispatch import Dispatcher
 from .errors import ConfigError
 from .frames import PING_FRAME, CloseCode
@@ -37,6 +37,7 @@ from .handshake import response_text
 from .log import get_logger
 from .metrics import Stats
 from .pool import Pool
+from .rawsock import accept_fd, refuse_fd, socket_for
 from .registry import Registry
 
 __all__ = ["Server"]
@@ -233,7 +234,7 @@ class Server:
                 self._shed(listener)
                 for _ in range(ACCEPT_BATCH):
                     try:
-                        sock, _addr = listener.accept()
+                        fd = accept_fd(listener)
                     except BlockingIOError:
                         break
                     except OSError as e:
@@ -244,8 +245,9 @@ class Server:
                         continue  # ECONNABORTED and the like: that client is gone
                     if self.open_sockets >= max_conns:
                         stats.rejections["full"] += 1
-                        _refuse_fast(sock)
+                        refuse_fd(fd, _RESPONSE_FULL)
                         continue
+                    sock = socket_for(listener, fd)
                     self._seq += 1
                     slot = self._seq
                     try:
@@ -261,7 +263,6 @@ class Server:
                             raise
                         finally:
                             self.paused = False
-                    sock.setblocking(False)
                     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                     self.open_sockets += 1
                     nursery.start_soon(serve_socket, self, sock, slot, name=_CONNECTION_TASK)
@@ -288,13 +289,14 @@ class Server:
         """Refuse (fast 503) what the backlog holds beyond QUEUE_BUDGET's worth."""
         allowed = max(SHED_MIN_QUEUE, int(self._upgrade_rate() * QUEUE_BUDGET))
         depth = _backlog_depth(listener)
+        rejections = self.stats.rejections
         for _ in range(min(depth - allowed, SHED_BATCH)):
             try:
-                sock, _addr = listener.accept()
+                fd = accept_fd(listener)
             except OSError:
                 break
-            self.stats.rejections["overloaded"] += 1
-            _refuse_fast(sock, _RESPONSE_BUSY)
+            rejections["overloaded"] += 1
+            refuse_fd(fd, _RESPONSE_BUSY)
 
     def _upgrade_rate(self) -> float:
         """Upgrades per second lately (an exponentially weighted average)."""
@@ -496,16 +498,6 @@ def _parking_wait_readable():
         return GLOBAL_RUN_CONTEXT.runner.io_manager.wait_readable
     except (ImportError, AttributeError):
         return trio.lowlevel.wait_readable
-
-
-def _refuse_fast(sock: socket.socket, response: bytes = _RESPONSE_FULL) -> None:
-    """The cheap refusal (connection limit, overload): no task, no parsing."""
-    try:
-        sock.setblocking(False)
-        sock.recv(8192)  # take the request if it is there, so close sends FIN, not RST
-    except OSError:
-        pass
-    _send_and_close(sock, response, parked=False)
 
 
 _TCP_INFO_SIZE = 104

@@ -1,0 +1,70 @@
+"""Accepting and refusing on bare file descriptors.
+
+In a reconnect avalanche most connections get the cheap 503: accept, read
+the request off, send a prebuilt response, close. Python's
+``socket.accept()`` builds a socket object for each (and converts its
+family and type to enums), which is about a third of that refusal's cost.
+``accept4`` through ctypes returns the bare descriptor, already
+non-blocking; a refusal then never creates a Python socket object, and an
+accepted connection gets one made without further system calls.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import socket
+
+_FLAGS = socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC
+# Enough for any request head a client sends before it reads the answer
+# (one read, so the close sends FIN rather than RST for unread bytes).
+_SCRATCH = bytearray(8192)
+
+
+def _load_accept4():
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).accept4
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = (ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int)
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_accept4 = _load_accept4()
+
+
+def accept_fd(listener: socket.socket) -> int:
+    """Accept one connection: a non-blocking, close-on-exec descriptor.
+
+    Raises BlockingIOError when none is waiting, OSError (with its errno)
+    for any other failure, as ``socket.accept()`` does.
+    """
+    if _accept4 is not None:
+        fd = _accept4(listener.fileno(), None, None, _FLAGS)
+        if fd >= 0:
+            return fd
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))  # EAGAIN makes a BlockingIOError
+    fd, _addr = listener._accept()  # type: ignore[attr-defined]  # no accept4 in this libc
+    os.set_blocking(fd, False)
+    return fd
+
+
+def socket_for(listener: socket.socket, fd: int) -> socket.socket:
+    """The socket object for a descriptor from :func:`accept_fd`
+    (non-blocking already: no system call)."""
+    return socket.socket(listener.family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK, 0, fd)
+
+
+def refuse_fd(fd: int, response: bytes) -> None:
+    """Read the request off (if it is there), send ``response``, close."""
+    try:
+        os.readv(fd, (_SCRATCH,))
+    except OSError:
+        pass
+    try:
+        os.write(fd, response)
+    except OSError:
+        pass
+    os.close(fd)
