@@ -1124,7 +1124,10 @@ def slow_consumers(ctx: Context, spec: ServerSpec) -> dict:
     stalled sockets are read at the end to see how they were closed."""
     p = ctx.profile
     n_fast, n_slow = p.slow_fast, p.slow_stalled
-    args = ["--send-queue-bytes", str(p.slow_queue_bytes)]
+    # Keepalive off: a client that never reads never answers a ping either,
+    # and would otherwise be closed by whichever of the two bounds it hits
+    # first; this scenario measures the send-queue bound alone.
+    args = ["--send-queue-bytes", str(p.slow_queue_bytes), "--ping-interval", "0"]
     sockopts = ((socket.SOL_SOCKET, socket.SO_RCVBUF, STALLED_RCVBUF),
                 (socket.IPPROTO_TCP, socket.TCP_MAXSEG, STALLED_MSS))
     with ctx.server(spec, "slow_consumers", args) as srv, ctx.loadgen(srv, n_fast) as lg, \

@@ -132,6 +132,7 @@ async def run_server(config: Config, demo: bool = False, bus=None, worker: int |
 
         await nursery.start(serve)
         _tune_gc()
+        _tune_malloc()
         if demo:
             _print_demo(server)
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
@@ -158,6 +159,27 @@ def _tune_gc() -> None:
     gc.collect()
     gc.freeze()
     gc.set_threshold(*GC_THRESHOLDS)
+
+
+# glibc serves blocks above its mmap threshold with their own mappings,
+# returned to the system when freed; but it raises that threshold to the
+# size of each such block freed (up to 32 MiB). After one multi-megabyte
+# publish body, later bodies come from the heap instead, interleaved with
+# long-lived frames and connections, and the heap never shrinks back: RSS
+# ratchets up with every large publish. A fixed threshold keeps buffers of
+# this size or more in their own mappings (M_MMAP_THRESHOLD = -3).
+MMAP_THRESHOLD = 256 * 1024
+_M_MMAP_THRESHOLD = -3
+
+
+def _tune_malloc() -> None:
+    """Fix glibc's mmap threshold (see above); nothing elsewhere."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None).mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)
+    except (OSError, AttributeError):
+        pass  # not glibc
 
 
 def _print_demo(server) -> None:
