@@ -4,8 +4,9 @@ batch lets the rest of the server run while it is delivered."""
 from __future__ import annotations
 
 import trio
+import trio.testing
 
-from mailpush.bus import FakeBus
+from mailpush.bus import EmbeddedBus, FakeBus
 from mailpush.dispatch import DELIVERIES_PER_CHECKPOINT, Dispatcher
 from mailpush.metrics import Stats
 from mailpush.registry import Registry
@@ -90,3 +91,70 @@ async def test_a_failing_bus_subscription_is_retried_not_fatal(nursery, autojump
     with trio.fail_after(10):
         await bus.wait_until(lambda f: "x" in f.subscribed)
     assert bus.failures == 0 and bus.calls == [("subscribe", ("x",))]
+
+
+class GatedBus(FakeBus):
+    """Acknowledges a subscribe only when the test opens the gate, like a
+    network bus whose SUBSCRIBE reply is on its way."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = trio.Event()
+        self.asked = trio.Event()
+
+    async def subscribe(self, subscribers):
+        self.asked.set()
+        await self.gate.wait()
+        await super().subscribe(subscribers)
+
+
+async def test_subscribed_is_answered_only_once_the_bus_acknowledges(nursery):
+    registry = Registry()
+    bus = GatedBus()
+    d = Dispatcher(registry, bus, Stats())
+    await nursery.start(d.run_subscriptions)
+    first, leaver = Tab("x"), Tab("x")
+    for t in (first, leaver):
+        registry.add(t)
+        d.confirm(t, b"subscribed")
+    d.changed("x")
+    await bus.asked.wait()
+    registry.remove(leaver)  # leaves before the acknowledgement
+    await trio.testing.wait_all_tasks_blocked()
+    assert first.frames == [] and leaver.frames == []  # the bus has not answered yet
+    bus.gate.set()
+    await bus.wait_until(lambda f: "x" in f.subscribed)
+    await trio.testing.wait_all_tasks_blocked()
+    assert first.frames == [b"subscribed"] and leaver.frames == []
+    # Once the subscription stands, another tab is answered at once.
+    late = Tab("x")
+    registry.add(late)
+    d.confirm(late, b"subscribed")
+    assert late.frames == [b"subscribed"] and d._pending == {}
+
+
+async def test_tabs_that_all_leave_before_the_acknowledgement_leave_nothing_behind(nursery, autojump_clock):
+    registry = Registry()
+    bus = FlakyBus()
+    bus.failures = 3  # the bus is down for a while
+    d = Dispatcher(registry, bus, Stats())
+    await nursery.start(d.run_subscriptions)
+    tab = Tab("y")
+    registry.add(tab)
+    d.confirm(tab, b"subscribed")
+    d.changed("y")
+    await trio.sleep(0.15)  # one retry failed
+    assert tab.frames == [] and "y" in d._pending
+    registry.remove(tab)
+    d.changed("y")
+    await trio.sleep(10)
+    assert d._pending == {} and "y" not in bus.subscribed and tab.frames == []
+
+
+async def test_a_bus_that_routes_everything_here_answers_at_once():
+    registry = Registry()
+    d = Dispatcher(registry, EmbeddedBus(), Stats())
+    tab = Tab("z")
+    registry.add(tab)
+    d.confirm(tab, b"subscribed")
+    assert tab.frames == [b"subscribed"]

@@ -5,7 +5,9 @@ surviving a Redis restart."""
 
 from __future__ import annotations
 
+import functools
 import json
+import math
 import os
 import shutil
 import socket
@@ -166,3 +168,67 @@ def test_unreachable_redis_at_startup_is_a_clear_error():
     )
     assert proc.returncode == 2
     assert f"cannot reach the Redis bus at redis://127.0.0.1:{port}/0" in proc.stderr
+
+
+async def _delay_pump(src: trio.SocketStream, dst: trio.SocketStream, delay: float) -> None:
+    """Forward src → dst, each chunk ``delay`` late, in order (and close dst at EOF)."""
+    send, receive = trio.open_memory_channel(math.inf)
+
+    async def forward():
+        async for at, chunk in receive:
+            await trio.sleep_until(at)
+            await dst.send_all(chunk)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(forward)
+        with send:
+            while chunk := await src.receive_some(65536):
+                send.send_nowait((trio.current_time() + delay, chunk))
+
+
+async def latency_proxy(nursery, port: int, delay: float) -> int:
+    """A TCP proxy to 127.0.0.1:``port`` adding ``delay`` seconds each way
+    (Redis across a slow network); returns its own port."""
+
+    async def serve(client: trio.SocketStream) -> None:
+        upstream = await trio.open_tcp_stream("127.0.0.1", port)
+        async with client, upstream, trio.open_nursery() as n:
+            n.start_soon(_delay_pump, client, upstream, delay)
+            n.start_soon(_delay_pump, upstream, client, delay)
+
+    listeners = await nursery.start(functools.partial(trio.serve_tcp, serve, 0, host="127.0.0.1"))
+    return listeners[0].socket.getsockname()[1]
+
+
+async def test_an_event_published_as_soon_as_subscribed_arrives_is_delivered(start_server, redis, nursery):
+    """``subscribed`` comes after Redis acknowledged the SUBSCRIBE: a mail
+    store that publishes the moment a tab is subscribed loses nothing, even
+    when mailpush reaches Redis across 50 ms of network each way."""
+    proxy = await latency_proxy(nursery, redis.port, 0.05)
+    server = await start_server(RedisBus(f"redis://127.0.0.1:{proxy}/0"))
+    publisher = coredis.Redis.from_url(redis.url)  # the mail store: next to Redis
+    async with publisher:
+        for i in range(5):  # fresh subscribers: each needs its own SUBSCRIBE
+            async with trio_websocket.open_websocket_url(ws_url(server, tok=token(f"fresh{i}"))) as ws:
+                await subscribed(ws)
+                assert await publisher.publish(f"mailpush:fresh{i}", f'{{"subscriber":"fresh{i}","event":"first"}}') == 1
+                with trio.fail_after(5):
+                    assert json.loads(await ws.get_message())["event"] == "first"
+
+
+async def test_a_tab_subscribing_during_an_outage_is_answered_when_redis_is_back(start_server, redis):
+    server = await start_server(RedisBus(redis.url))
+    redis.stop()
+    with trio.fail_after(5):
+        while server.bus.up:
+            await trio.sleep(0.02)
+    async with trio_websocket.open_websocket_url(ws_url(server, tok=token("dora"))) as ws:
+        await ws.send_message('{"type":"subscribe"}')
+        with trio.move_on_after(0.5):
+            await ws.get_message()
+            pytest.fail("answered subscribed while Redis was down")
+        redis.start()
+        with trio.fail_after(10):
+            assert json.loads(await ws.get_message())["type"] == "subscribed"
+        assert await redis_publish(redis.url, "mailpush:dora", '{"subscriber":"dora","event":"here"}') == 1
+        assert json.loads(await ws.get_message())["event"] == "here"

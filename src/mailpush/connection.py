@@ -220,7 +220,7 @@ class Connection:
             self.events = packet.events
             if server.registry.add(self):
                 server.dispatcher.changed(self.subscriber)
-            self.send(subscribed_frame(self.subscriber, packet.events))
+            server.dispatcher.confirm(self, subscribed_frame(self.subscriber, packet.events))
         elif type(packet) is Ping:
             self.send(PONG_FRAME)
         else:  # Unsubscribe

@@ -12,6 +12,7 @@ by one task.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import trio
 
@@ -20,6 +21,9 @@ from .log import get_logger
 from .metrics import Stats
 from .packets import event_frame
 from .registry import Registry
+
+if TYPE_CHECKING:
+    from .connection import Connection
 
 __all__ = ["Dispatcher"]
 
@@ -44,6 +48,9 @@ class Dispatcher:
         self._track = bus.routes_by_subscription
         self._bus_subscribed: set[str] = set()
         self._dirty: set[str] = set()
+        # Tabs whose ``subscribed`` answer waits for the bus to acknowledge
+        # their subscriber's subscription: subscriber -> {connection: frame}.
+        self._pending: dict[str, dict[Connection, bytes]] = {}
         self._wakeup = trio.Event()
 
     async def deliver(self, batch: Sequence[Item]) -> None:
@@ -84,6 +91,29 @@ class Dispatcher:
 
     # -- bus subscriptions --------------------------------------------------
 
+    def confirm(self, conn: Connection, frame: bytes) -> None:
+        """Send ``conn`` its ``subscribed`` answer once events for its
+        subscriber reach this process: at once with a bus that routes
+        everything here or whose subscription already stands; otherwise when
+        the bus acknowledges it (Redis: the SUBSCRIBE reply), so that every
+        event published after the tab got ``subscribed`` reaches it."""
+        sub = conn.subscriber
+        if not self._track or sub in self._bus_subscribed:
+            conn.send(frame)
+        else:
+            self._pending.setdefault(sub, {})[conn] = frame  # a later subscribe replaces the answer
+
+    def _confirmed(self, subscribers: Sequence[str]) -> None:
+        """The bus acknowledged these: answer the tabs that wait for it."""
+        pending = self._pending
+        for sub in subscribers:
+            waiting = pending.pop(sub, None)
+            if waiting:
+                live = set(self.registry.get(sub) or ())
+                for conn, frame in waiting.items():
+                    if conn in live:  # still subscribed (so still open)
+                        conn.send(frame)
+
     def changed(self, subscriber: str) -> None:
         """A subscriber got its first or lost its last local connection."""
         if self._track:
@@ -115,17 +145,28 @@ class Dispatcher:
     async def flush(self) -> None:
         while self._dirty:
             dirty, self._dirty = self._dirty, set()
-            want = [s for s in dirty if s in self.registry and s not in self._bus_subscribed]
-            drop = [s for s in dirty if s not in self.registry and s in self._bus_subscribed]
+            registry, subscribed = self.registry, self._bus_subscribed
+            want = [s for s in dirty if s in registry and s not in subscribed]
+            drop = [s for s in dirty if s not in registry]
+            for s in drop:
+                self._pending.pop(s, None)  # every tab that waited has left
+            drop = [s for s in drop if s in subscribed]
             try:
                 for i in range(0, len(want), SUBSCRIBE_BATCH):
                     chunk = want[i : i + SUBSCRIBE_BATCH]
                     await self.bus.subscribe(chunk)
-                    self._bus_subscribed.update(chunk)
+                    subscribed.update(chunk)
+                    self._confirmed(chunk)
                 for i in range(0, len(drop), SUBSCRIBE_BATCH):
                     chunk = drop[i : i + SUBSCRIBE_BATCH]
-                    await self.bus.unsubscribe(chunk)
-                    self._bus_subscribed.difference_update(chunk)
+                    # Not subscribed from the moment the bus is asked: a tab
+                    # arriving meanwhile waits for the subscription again.
+                    subscribed.difference_update(chunk)
+                    try:
+                        await self.bus.unsubscribe(chunk)
+                    except BaseException:
+                        subscribed.update(chunk)  # unknown: unsubscribe again on retry
+                        raise
             except BaseException:
                 self._dirty |= dirty  # not done: try these again
                 raise

@@ -80,3 +80,8 @@ class PacketError(MailpushError):
 
 class PublishError(MailpushError):
     """A publish request is malformed (HTTP 400)."""
+
+
+class BusUnavailable(MailpushError):
+    """The bus is not connected: a subscription change cannot be made now
+    (the dispatcher retries it with backoff)."""

@@ -37,7 +37,12 @@ class Bus(abc.ABC):
         """Publish validated items (all of them, or raise)."""
 
     async def subscribe(self, subscribers: Sequence[str]) -> None:  # noqa: B027 - optional
-        """Start receiving events for these subscribers."""
+        """Start receiving events for these subscribers; returns once the bus
+        has acknowledged it (events published from then on arrive).
+
+        Raises:
+          BusUnavailable: not connected now; the caller retries.
+        """
 
     async def unsubscribe(self, subscribers: Sequence[str]) -> None:  # noqa: B027 - optional
         """Stop receiving events for these subscribers."""

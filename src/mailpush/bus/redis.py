@@ -27,7 +27,7 @@ from coredis.retry import NoRetryPolicy
 import msgspec
 import trio
 
-from ..errors import ConfigError, PublishError
+from ..errors import BusUnavailable, ConfigError, PublishError
 from ..log import get_logger
 from ..packets import parse_item_json
 from .base import Bus, Item, Sink
@@ -147,11 +147,16 @@ class RedisBus(Bus):
                 pipe.publish(CHANNEL_PREFIX + sub, _encode(_Payload(sub, event, data)))
 
     async def subscribe(self, subscribers: Sequence[str]) -> None:
+        pubsub = self._pubsub
+        if pubsub is None:
+            # Not connected: say so rather than pretend (the tabs' answers
+            # wait for the acknowledgement); the dispatcher retries, and the
+            # channels are wanted only once subscribed.
+            raise BusUnavailable(f"not connected to the Redis bus at {_safe(self.url)}")
         channels = [CHANNEL_PREFIX + s for s in subscribers]
-        self._channels.update(channels)
-        if self._pubsub is not None:
-            for chunk in _chunks(channels):
-                await self._pubsub.subscribe(*chunk)
+        self._channels.update(channels)  # a reconnect meanwhile subscribes them too
+        for chunk in _chunks(channels):
+            await pubsub.subscribe(*chunk)
 
     async def unsubscribe(self, subscribers: Sequence[str]) -> None:
         channels = [CHANNEL_PREFIX + s for s in subscribers]
