@@ -158,3 +158,23 @@ async def test_a_bus_that_routes_everything_here_answers_at_once():
     registry.add(tab)
     d.confirm(tab, b"subscribed")
     assert tab.frames == [b"subscribed"]
+
+
+async def test_an_event_that_beats_the_acknowledgement_comes_after_subscribed(nursery):
+    """The bus's acknowledgement and the first event race to the server: a
+    waiting tab still hears ``subscribed`` first."""
+    registry = Registry()
+    bus = GatedBus()
+    d = Dispatcher(registry, bus, Stats())
+    await nursery.start(d.run_subscriptions)
+    tab = Tab("w")
+    registry.add(tab)
+    d.confirm(tab, b"subscribed")
+    d.changed("w")
+    await bus.asked.wait()
+    await d.deliver([("w", "new_letter", {})])
+    assert tab.frames[0] == b"subscribed" and len(tab.frames) == 2 and b"new_letter" in tab.frames[1]
+    bus.gate.set()
+    await bus.wait_until(lambda f: "w" in f.subscribed)
+    await trio.testing.wait_all_tasks_blocked()
+    assert len(tab.frames) == 2  # answered once

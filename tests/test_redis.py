@@ -23,6 +23,7 @@ import trio_websocket
 from conftest import server_process, token, ws_url
 
 from mailpush.bus.redis import CONTROL_CHANNEL, RedisBus
+from mailpush.errors import ConfigError
 
 REDIS = shutil.which("redis-server") or "/usr/bin/redis-server"
 
@@ -39,14 +40,15 @@ def free_port() -> int:
 
 
 class RedisServer:
-    def __init__(self, port: int) -> None:
+    def __init__(self, port: int, *extra: str) -> None:
         self.port = port
         self.url = f"redis://127.0.0.1:{port}/0"
+        self.extra = list(extra)
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> None:
         self.proc = subprocess.Popen(
-            [REDIS, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+            [REDIS, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", *self.extra],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
@@ -232,3 +234,41 @@ async def test_a_tab_subscribing_during_an_outage_is_answered_when_redis_is_back
             assert json.loads(await ws.get_message())["type"] == "subscribed"
         assert await redis_publish(redis.url, "mailpush:dora", '{"subscriber":"dora","event":"here"}') == 1
         assert json.loads(await ws.get_message())["event"] == "here"
+
+
+@pytest.fixture
+def secured_redis(tmp_path):
+    """A Redis with a password, listening on a unix socket too."""
+    server = RedisServer(free_port(), "--requirepass", "s3cret", "--unixsocket", str(tmp_path / "redis.sock"))
+    server.start()
+    server.socket = str(tmp_path / "redis.sock")
+    yield server
+    server.stop()
+
+
+@pytest.mark.parametrize("where", ["tcp", "unix"])
+async def test_a_password_and_a_unix_socket(start_server, secured_redis, where):
+    url = f"redis://:s3cret@127.0.0.1:{secured_redis.port}/0" if where == "tcp" else f"unix://:s3cret@{secured_redis.socket}"
+    server = await start_server(RedisBus(url))
+    async with trio_websocket.open_websocket_url(ws_url(server, tok=token("eve"))) as ws:
+        await subscribed(ws)
+        await server.bus.publish([("eve", "locked", {"n": 1})])  # through coredis, same URL
+        assert json.loads(await ws.get_message()) == {"type": "event", "subscriber": "eve", "event": "locked", "data": {"n": 1}}
+
+
+def test_a_wrong_password_is_a_clear_error_at_startup(secured_redis):
+    from conftest import SECRET
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "mailpush", "serve", "--listen", "127.0.0.1:0", "--admin", "off", "--secret", SECRET,
+         "--bus", f"redis://:wrong@127.0.0.1:{secured_redis.port}/0"],
+        capture_output=True, text=True, timeout=30,
+    )
+    assert proc.returncode == 2
+    assert "cannot reach the Redis bus at redis://***@127.0.0.1" in proc.stderr and "Redis refused AUTH" in proc.stderr
+    assert "wrong" not in proc.stderr  # the password is not logged
+
+
+def test_an_unknown_bus_url_scheme_is_a_clear_error():
+    with pytest.raises(ConfigError, match="scheme must be redis://, rediss:// or unix://"):
+        RedisBus("redis+sentinel://127.0.0.1/0")

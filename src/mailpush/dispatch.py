@@ -63,6 +63,7 @@ class Dispatcher:
         """
         get = self.registry.get
         stats = self.stats
+        pending = self._pending
         stats.received += len(batch)
         budget = DELIVERIES_PER_CHECKPOINT
         delivered = 0
@@ -72,6 +73,10 @@ class Dispatcher:
                 if conns is None:
                     stats.dropped += 1
                     continue
+                if pending and sub in pending:
+                    # An event for it came through the bus: its subscription
+                    # stands, and the waiting tabs hear so before the event.
+                    self._confirmed((sub,))
                 frame = None
                 for conn in conns:
                     events = conn.events
