@@ -48,7 +48,8 @@ class RedisServer:
 
     def start(self) -> None:
         self.proc = subprocess.Popen(
-            [REDIS, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", *self.extra],
+            [REDIS, *([] if "--tls-port" in self.extra else ["--port", str(self.port)]),
+             "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", *self.extra],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
@@ -272,3 +273,43 @@ def test_a_wrong_password_is_a_clear_error_at_startup(secured_redis):
 def test_an_unknown_bus_url_scheme_is_a_clear_error():
     with pytest.raises(ConfigError, match="scheme must be redis://, rediss:// or unix://"):
         RedisBus("redis+sentinel://127.0.0.1/0")
+
+
+@pytest.fixture
+def tls_redis(tmp_path):
+    """A Redis speaking only TLS, with a self-signed certificate for 127.0.0.1."""
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert), "-days", "1",
+         "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
+        check=True, capture_output=True,
+    )
+    port = free_port()
+    server = RedisServer(port, "--port", "0", "--tls-port", str(port), "--tls-cert-file", str(cert), "--tls-key-file",
+                         str(key), "--tls-ca-cert-file", str(cert), "--tls-auth-clients", "no")
+    server.start()
+    server.cert = str(cert)
+    yield server
+    server.stop()
+
+
+async def test_tls_with_the_certificate_verified(start_server, tls_redis):
+    url = (f"rediss://127.0.0.1:{tls_redis.port}/0?ssl_ca_certs={tls_redis.cert}"
+           "&ssl_cert_reqs=required&ssl_check_hostname=true")
+    server = await start_server(RedisBus(url))
+    async with trio_websocket.open_websocket_url(ws_url(server, tok=token("tia"))) as ws:
+        await subscribed(ws)
+        await server.bus.publish([("tia", "sealed", {})])
+        assert json.loads(await ws.get_message())["event"] == "sealed"
+
+
+def test_tls_with_an_unknown_certificate_is_refused(tls_redis):
+    from conftest import SECRET
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "mailpush", "serve", "--listen", "127.0.0.1:0", "--admin", "off", "--secret", SECRET,
+         "--bus", f"rediss://127.0.0.1:{tls_redis.port}/0?ssl_cert_reqs=required"],
+        capture_output=True, text=True, timeout=30,
+    )
+    assert proc.returncode == 2
+    assert "cannot reach the Redis bus" in proc.stderr and "CERTIFICATE_VERIFY_FAILED" in proc.stderr

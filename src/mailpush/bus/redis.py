@@ -79,7 +79,10 @@ class RedisBus(Bus):
     def __init__(self, url: str) -> None:
         try:
             self.client = coredis.Redis.from_url(url)
-            self._address = _Address.parse(url)
+            # TLS as the publishing side has it (ssl_ca_certs=…, ssl_cert_reqs=…
+            # and the other coredis URL options): one context for both.
+            pool_kwargs = getattr(self.client.connection_pool, "connection_kwargs", {})
+            self._address = _Address.parse(url, pool_kwargs.get("ssl_context"))
         except (ValueError, TypeError) as e:
             raise ConfigError(f"bad --bus URL {_safe(url)!r}: {e}") from None
         self.url = url
@@ -117,8 +120,8 @@ class RedisBus(Bus):
             self._sub = None
             self.up = False
             if not started:
-                raise ConfigError(f"cannot reach the Redis bus at {_safe(self.url)}: {lost}")
-            self.log.error("bus_lost", url=_safe(self.url), error=str(lost), retry_in=delay)
+                raise ConfigError(f"cannot reach the Redis bus at {_safe(self.url)}: {_describe(lost)}")
+            self.log.error("bus_lost", url=_safe(self.url), error=_describe(lost), retry_in=delay)
             await trio.sleep(delay)
             delay = min(delay * 2, RECONNECT_MAX)
 
@@ -279,6 +282,15 @@ class _Subscription:
             waiter.done.set()
 
 
+def _describe(error: BaseException | None) -> str:
+    """An error and what caused it, for a log line or a startup error
+    (TLS failures arrive as a bare BrokenResourceError caused by the SSLError)."""
+    if error is None:
+        return "unknown error"
+    text = str(error) or type(error).__name__
+    return f"{text}: {_describe(error.__cause__)}" if error.__cause__ is not None else text
+
+
 def _eof() -> bytes:
     raise ConnectionError("Redis closed the connection")
 
@@ -286,12 +298,14 @@ def _eof() -> bytes:
 class _Address:
     """Where the subscription connection goes, from the --bus URL."""
 
-    def __init__(self, scheme: str, host: str, port: int, path: str, username: str | None, password: str | None) -> None:
+    def __init__(self, scheme: str, host: str, port: int, path: str, username: str | None, password: str | None,
+                 tls: ssl.SSLContext | None = None) -> None:
         self.scheme, self.host, self.port, self.path = scheme, host, port, path
         self.username, self.password = username, password
+        self.tls = tls
 
     @classmethod
-    def parse(cls, url: str) -> _Address:
+    def parse(cls, url: str, tls: ssl.SSLContext | None = None) -> _Address:
         parts = urlsplit(url)
         scheme = parts.scheme
         if scheme not in ("redis", "rediss", "unix"):
@@ -302,7 +316,9 @@ class _Address:
             if not parts.path:
                 raise ValueError("unix:// needs a socket path, as in unix:///run/redis.sock")
             return cls(scheme, "", 0, parts.path, username, password)
-        return cls(scheme, parts.hostname or "127.0.0.1", parts.port or 6379, "", username, password)
+        if scheme == "rediss" and tls is None:
+            tls = ssl.create_default_context()
+        return cls(scheme, parts.hostname or "127.0.0.1", parts.port or 6379, "", username, password, tls)
 
     async def connect(self) -> trio.abc.Stream:
         if self.scheme == "unix":
@@ -310,7 +326,7 @@ class _Address:
         stream = await trio.open_tcp_stream(self.host, self.port)
         if self.scheme == "redis":
             return stream
-        tls = trio.SSLStream(stream, ssl.create_default_context(), server_hostname=self.host)
+        tls = trio.SSLStream(stream, self.tls, server_hostname=self.host)
         await tls.do_handshake()
         return tls
 
