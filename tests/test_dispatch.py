@@ -134,15 +134,9 @@ async def test_subscribed_is_answered_only_once_the_bus_acknowledges(nursery):
 
 
 async def test_tabs_that_all_leave_before_the_acknowledgement_leave_nothing_behind(nursery, autojump_clock):
-    registry = Registry()
     bus = FlakyBus()
     bus.failures = 3  # the bus is down for a while
-    d = Dispatcher(registry, bus, Stats())
-    await nursery.start(d.run_subscriptions)
-    tab = Tab("y")
-    registry.add(tab)
-    d.confirm(tab, b"subscribed")
-    d.changed("y")
+    d, registry, tab = await waiting_tab(nursery, bus, "y")
     await trio.sleep(0.15)  # one retry failed
     assert tab.frames == [] and "y" in d._pending
     registry.remove(tab)
@@ -163,14 +157,8 @@ async def test_a_bus_that_routes_everything_here_answers_at_once():
 async def test_an_event_that_beats_the_acknowledgement_comes_after_subscribed(nursery):
     """The bus's acknowledgement and the first event race to the server: a
     waiting tab still hears ``subscribed`` first."""
-    registry = Registry()
     bus = GatedBus()
-    d = Dispatcher(registry, bus, Stats())
-    await nursery.start(d.run_subscriptions)
-    tab = Tab("w")
-    registry.add(tab)
-    d.confirm(tab, b"subscribed")
-    d.changed("w")
+    d, _registry, tab = await waiting_tab(nursery, bus, "w")
     await bus.asked.wait()
     await d.deliver([("w", "new_letter", {})])
     assert tab.frames[0] == b"subscribed" and len(tab.frames) == 2 and b"new_letter" in tab.frames[1]
@@ -178,3 +166,16 @@ async def test_an_event_that_beats_the_acknowledgement_comes_after_subscribed(nu
     await bus.wait_until(lambda f: "w" in f.subscribed)
     await trio.testing.wait_all_tasks_blocked()
     assert len(tab.frames) == 2  # answered once
+
+
+async def waiting_tab(nursery, bus, name: str):
+    """A dispatcher on ``bus`` with its subscription flusher running, and one
+    tab of ``name`` waiting for its ``subscribed`` answer."""
+    registry = Registry()
+    d = Dispatcher(registry, bus, Stats())
+    await nursery.start(d.run_subscriptions)
+    tab = Tab(name)
+    registry.add(tab)
+    d.confirm(tab, b"subscribed")
+    d.changed(name)
+    return d, registry, tab

@@ -159,18 +159,24 @@ async def test_survives_a_redis_restart(start_server, redis):
         assert json.loads(await ws.get_message())["event"] == "back"
 
 
-def test_unreachable_redis_at_startup_is_a_clear_error():
-    port = free_port()
+def startup_error(bus_url: str) -> str:
+    """``mailpush serve --bus bus_url`` must fail at startup with exit code 2:
+    its message."""
     from conftest import SECRET
 
     proc = subprocess.run(
-        [sys.executable, "-m", "mailpush", "serve", "--listen", "127.0.0.1:0", "--admin", "off", "--secret", SECRET, "--bus", f"redis://127.0.0.1:{port}/0"],
+        [sys.executable, "-m", "mailpush", "serve", "--listen", "127.0.0.1:0", "--admin", "off", "--secret", SECRET, "--bus", bus_url],
         capture_output=True,
         text=True,
         timeout=30,
     )
-    assert proc.returncode == 2
-    assert f"cannot reach the Redis bus at redis://127.0.0.1:{port}/0" in proc.stderr
+    assert proc.returncode == 2, proc.stderr
+    return proc.stderr
+
+
+def test_unreachable_redis_at_startup_is_a_clear_error():
+    port = free_port()
+    assert f"cannot reach the Redis bus at redis://127.0.0.1:{port}/0" in startup_error(f"redis://127.0.0.1:{port}/0")
 
 
 async def _delay_pump(src: trio.SocketStream, dst: trio.SocketStream, delay: float) -> None:
@@ -258,16 +264,9 @@ async def test_a_password_and_a_unix_socket(start_server, secured_redis, where):
 
 
 def test_a_wrong_password_is_a_clear_error_at_startup(secured_redis):
-    from conftest import SECRET
-
-    proc = subprocess.run(
-        [sys.executable, "-m", "mailpush", "serve", "--listen", "127.0.0.1:0", "--admin", "off", "--secret", SECRET,
-         "--bus", f"redis://:wrong@127.0.0.1:{secured_redis.port}/0"],
-        capture_output=True, text=True, timeout=30,
-    )
-    assert proc.returncode == 2
-    assert "cannot reach the Redis bus at redis://***@127.0.0.1" in proc.stderr and "Redis refused AUTH" in proc.stderr
-    assert "wrong" not in proc.stderr  # the password is not logged
+    err = startup_error(f"redis://:wrong@127.0.0.1:{secured_redis.port}/0")
+    assert "cannot reach the Redis bus at redis://***@127.0.0.1" in err and "Redis refused AUTH" in err
+    assert "wrong" not in err  # the password is not logged
 
 
 def test_an_unknown_bus_url_scheme_is_a_clear_error():
@@ -304,12 +303,5 @@ async def test_tls_with_the_certificate_verified(start_server, tls_redis):
 
 
 def test_tls_with_an_unknown_certificate_is_refused(tls_redis):
-    from conftest import SECRET
-
-    proc = subprocess.run(
-        [sys.executable, "-m", "mailpush", "serve", "--listen", "127.0.0.1:0", "--admin", "off", "--secret", SECRET,
-         "--bus", f"rediss://127.0.0.1:{tls_redis.port}/0?ssl_cert_reqs=required"],
-        capture_output=True, text=True, timeout=30,
-    )
-    assert proc.returncode == 2
-    assert "cannot reach the Redis bus" in proc.stderr and "CERTIFICATE_VERIFY_FAILED" in proc.stderr
+    err = startup_error(f"rediss://127.0.0.1:{tls_redis.port}/0?ssl_cert_reqs=required")
+    assert "cannot reach the Redis bus" in err and "CERTIFICATE_VERIFY_FAILED" in err
