@@ -862,7 +862,8 @@ def _dist_ms(values_ns) -> dict:
 def avalanche(ctx: Context, spec: ServerSpec) -> dict:
     """A reconnect avalanche: more clients than mailpush's
     ``--max-connections`` connect at once (the load generator starts every
-    connect without a window), each recording its outcome and the time
+    connect without a window, reading the answers that have arrived after
+    each 64), each recording its outcome and the time
     from connect to it: upgraded (and subscribed), 503, reset/refused, or
     no answer before the deadline. Meanwhile one thread reads the server's
     RSS every 5 ms, one scrapes ``/metrics`` every 50 ms (sockets,
