@@ -54,6 +54,14 @@ def _ok(results: dict) -> dict:
     return {k: v for k, v in results.items() if "error" not in v and "skipped" not in v}
 
 
+def _save(plt, fig, path: Path, title: str) -> tuple[str, Path]:
+    """Lay out, write and close one figure; (title, path) for the report."""
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return title, path
+
+
 def plots(out: Path, data: dict) -> list[tuple[str, Path]]:
     """Write the PNGs; returns (title, path) for those written."""
     import matplotlib
@@ -77,11 +85,7 @@ def plots(out: Path, data: dict) -> list[tuple[str, Path]]:
         ax1.legend(fontsize=8)
         for ax in (ax1, ax2):
             ax.grid(alpha=0.3)
-        fig.tight_layout()
-        path = out / "memory.png"
-        fig.savefig(path)
-        plt.close(fig)
-        written.append(("Memory vs connections", path))
+        written.append(_save(plt, fig, out / "memory.png", "Memory vs connections"))
 
     for key, title, ylabel in (("upgrade", "Upgrade rate", "connections/s"),
                                ("fanout", "Fan-out", "deliveries/s"),
@@ -104,11 +108,7 @@ def plots(out: Path, data: dict) -> list[tuple[str, Path]]:
         n = next(iter(ok.values()))["n"]
         ax.set(ylabel=ylabel, title=f"{title}, {n:,} connections (median, min–max)")
         ax.grid(axis="y", alpha=0.3)
-        fig.tight_layout()
-        path = out / f"{key}.png"
-        fig.savefig(path)
-        plt.close(fig)
-        written.append((title, path))
+        written.append(_save(plt, fig, out / f"{key}.png", title))
 
     if "latency" in data and _ok(data["latency"]["results"]):
         fig, ax = plt.subplots(figsize=FIGSIZE, dpi=DPI)
@@ -129,11 +129,7 @@ def plots(out: Path, data: dict) -> list[tuple[str, Path]]:
                title="Latency CDF")
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=8)
-        fig.tight_layout()
-        path = out / "latency_cdf.png"
-        fig.savefig(path)
-        plt.close(fig)
-        written.append(("Latency CDF", path))
+        written.append(_save(plt, fig, out / "latency_cdf.png", "Latency CDF"))
 
     mp = _ok(data.get("avalanche", {}).get("results", {})).get("mailpush")
     if mp:
@@ -163,11 +159,7 @@ def plots(out: Path, data: dict) -> list[tuple[str, Path]]:
         ax2.legend(fontsize=8)
         for ax in (ax1, ax2):
             ax.grid(alpha=0.3)
-        fig.tight_layout()
-        path = out / "avalanche.png"
-        fig.savefig(path)
-        plt.close(fig)
-        written.append(("Avalanche", path))
+        written.append(_save(plt, fig, out / "avalanche.png", "Avalanche"))
 
     mp = _ok(data.get("burst", {}).get("results", {})).get("mailpush")
     if mp:
@@ -184,11 +176,7 @@ def plots(out: Path, data: dict) -> list[tuple[str, Path]]:
                title=f"Burst: {mp['n']:,} connections send at once (RSS every 2 ms)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-        fig.tight_layout()
-        path = out / "burst.png"
-        fig.savefig(path)
-        plt.close(fig)
-        written.append(("Burst", path))
+        written.append(_save(plt, fig, out / "burst.png", "Burst"))
 
     mp = _ok(data.get("slow_consumers", {}).get("results", {})).get("mailpush")
     if mp:
@@ -220,11 +208,7 @@ def plots(out: Path, data: dict) -> list[tuple[str, Path]]:
         ax2.legend(fontsize=7)
         for ax in (ax1, ax2):
             ax.grid(alpha=0.3)
-        fig.tight_layout()
-        path = out / "slow_consumers.png"
-        fig.savefig(path)
-        plt.close(fig)
-        written.append(("Slow consumers", path))
+        written.append(_save(plt, fig, out / "slow_consumers.png", "Slow consumers"))
 
     mp = _ok(data.get("drain", {}).get("results", {})).get("mailpush")
     if mp:
@@ -244,11 +228,7 @@ def plots(out: Path, data: dict) -> list[tuple[str, Path]]:
         ax2.set_title("Suggested reconnect time\n(close + the delay in the reason)", fontsize=10)
         for ax in (ax1, ax2):
             ax.grid(alpha=0.3)
-        fig.tight_layout()
-        path = out / "drain.png"
-        fig.savefig(path)
-        plt.close(fig)
-        written.append(("Drain", path))
+        written.append(_save(plt, fig, out / "drain.png", "Drain"))
     return written
 
 

@@ -234,9 +234,12 @@ class _Subscription:
         """AUTH before anything else (the reader is not running yet)."""
         args = (b"AUTH", username, password) if username else (b"AUTH", password)
         await self.stream.send_all(command(*args))
-        parser = PushParser()
-        while not (replies := parser.feed(await self.stream.receive_some(4096) or _eof())):
-            pass
+        parser, replies = PushParser(), []
+        while not replies:
+            data = await self.stream.receive_some(4096)
+            if not data:
+                raise ConnectionError("Redis closed the connection")
+            replies = parser.feed(data)
         if isinstance(replies[0], RespError):
             raise ConnectionError(f"Redis refused AUTH: {replies[0]}")
 
@@ -289,10 +292,6 @@ def _describe(error: BaseException | None) -> str:
         return "unknown error"
     text = str(error) or type(error).__name__
     return f"{text}: {_describe(error.__cause__)}" if error.__cause__ is not None else text
-
-
-def _eof() -> bytes:
-    raise ConnectionError("Redis closed the connection")
 
 
 class _Address:
