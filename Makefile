@@ -4,12 +4,12 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 
-.PHONY: run test bench bench-quick system-deps venv clean
+.PHONY: run test bench bench-quick soak fuzz system-deps node-deps venv clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[test,bench]'
+	$(BIN)/pip install -q -e '.[test,bench,fuzz]'
 	touch $(STAMP)
 
 venv: $(STAMP)
@@ -28,10 +28,21 @@ system-deps:
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
 	fi
 
+# Node.js packages of the interop tests (the ws client), pinned by the lock file.
+NODE_DIR   := tests/interop
+NODE_STAMP := $(NODE_DIR)/node_modules/.installed
+
+$(NODE_STAMP): $(NODE_DIR)/package.json $(NODE_DIR)/package-lock.json
+	cd $(NODE_DIR) && npm ci --no-audit --no-fund --loglevel=error
+	touch $@
+
+node-deps:
+	@if [ -f $(NODE_DIR)/package.json ]; then $(MAKE) --no-print-directory $(NODE_STAMP); fi
+
 run: $(STAMP)
 	$(BIN)/mailpush serve --demo
 
-test: $(STAMP) system-deps
+test: $(STAMP) system-deps node-deps
 	$(BIN)/python -m pytest
 
 bench: $(STAMP)
@@ -39,6 +50,17 @@ bench: $(STAMP)
 
 bench-quick: $(STAMP)
 	$(BIN)/python bench/run.py --quick
+
+# Coverage-guided fuzzing of every parser, FUZZ_SECONDS per target.
+FUZZ_SECONDS ?= 60
+fuzz: $(STAMP)
+	$(BIN)/python fuzz/run.py --seconds $(FUZZ_SECONDS)
+
+# The long-running soak (bench/soak.py): SOAK_SECONDS of steady load, churn,
+# slow and malformed clients; report and plot in bench/results/soak*.
+SOAK_SECONDS ?= 600
+soak: $(STAMP)
+	$(BIN)/python bench/soak.py --seconds $(SOAK_SECONDS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info
