@@ -12,8 +12,9 @@ import msgspec
 import pytest
 import trio
 import trio_websocket
-from conftest import RawClient, token, ws_url
+from conftest import AsyncRaw, RawClient, token, ws_url
 
+from mailpush import admin
 from mailpush.bus import FakeBus
 from mailpush.errors import PublishError
 from mailpush.packets import event_frame, parse_items
@@ -82,8 +83,8 @@ async def test_chunked_publish_and_keepalive(start_server):
     def talk():
         s = socket.create_connection(server.admin_address, timeout=5)
         chunks = b"".join(b"%x\r\n%s\r\n" % (len(body[i : i + 10]), body[i : i + 10]) for i in range(0, len(body), 10)) + b"0\r\n\r\n"
-        req = b"POST /v1/publish HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n" + chunks
-        s.sendall(req + b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        req = b"POST /v1/publish HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n\r\n" + chunks
+        s.sendall(req + b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
         data = b""
         while data.count(b"HTTP/1.1") < 2 or not data.endswith(b"ok\n"):
             chunk = s.recv(4096)
@@ -108,7 +109,7 @@ async def test_wrong_method_unknown_path_and_body_limits(start_server):
 
     def huge():
         s = socket.create_connection(server.admin_address, timeout=5)
-        s.sendall(b"POST /v1/publish HTTP/1.1\r\nHost: x\r\nContent-Length: 999999999\r\n\r\n")
+        s.sendall(b"POST /v1/publish HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 999999999\r\n\r\n")
         data = s.recv(4096)
         s.close()
         return data
@@ -117,7 +118,7 @@ async def test_wrong_method_unknown_path_and_body_limits(start_server):
 
 
 async def test_health_metrics_token_and_demo_page(start_server):
-    server = await start_server()
+    server = await start_server(demo=True)
     status, body, _ = await ahttp(server.admin_address, "GET", "/healthz")
     assert (status, body) == (200, b"ok\n")
     status, body, _ = await ahttp(server.listen_address, "GET", "/healthz")
@@ -167,3 +168,55 @@ def test_parse_items_shapes():
     assert event_frame(*parse_items(b'{"subscriber":"a","event":"b","data":{"k": 1.50}}')[0])[2:] == b'{"type":"event","subscriber":"a","event":"b","data":{"k": 1.50}}'
     with pytest.raises(PublishError, match="item 0"):
         parse_items(b"[1]")
+
+
+# -- hardening: nothing a client sends stops the server ----------------------
+
+NESTED = b'{"subscriber":"a","event":"e","data":{"x":' + b"[" * 2000 + b"]" * 2000 + b"}}"
+
+
+async def admin_raw(server):
+    return await AsyncRaw.connect(server.admin_address)
+
+
+async def test_an_idle_admin_connection_is_closed_quietly_and_the_server_goes_on(start_server, autojump_clock):
+    # Regression: the idle timeout firing before the first request raised
+    # UnboundLocalError, which ended the admin server and the process.
+    server = await start_server()
+    probe = await admin_raw(server)  # a TCP health probe: connects, sends nothing
+    t0 = trio.current_time()
+    assert await probe.rest() == b""  # closed without an answer
+    assert trio.current_time() - t0 >= admin.IDLE_TIMEOUT
+    await probe.stream.aclose()
+    status, body, _ = await ahttp(server.admin_address, "GET", "/healthz")
+    assert (status, body) == (200, b"ok\n")
+
+
+async def test_an_idle_keepalive_connection_does_not_replay_its_last_request(start_server, autojump_clock):
+    # Regression: when the idle timeout fired after a request, the previous
+    # request was handled again: the publish delivered twice, an unasked 202.
+    bus = FakeBus()
+    server = await start_server(bus)
+    c = await admin_raw(server)
+    body = b'{"subscriber":"a","event":"once"}'
+    await c.stream.send_all(b"POST /v1/publish HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+    assert (await c.head()).startswith(b"HTTP/1.1 202")
+    with trio.fail_after(admin.IDLE_TIMEOUT * 3):
+        rest = await c.rest()  # waits out the idle timeout, until the server closes
+    assert rest == b'{"accepted":1}\n'  # the body of the one answer, nothing after it
+    assert [i[1] for i in bus.published] == ["once"]
+    await c.stream.aclose()
+
+
+async def test_deeply_nested_json_is_400_and_the_server_goes_on(start_server):
+    # Regression: RecursionError escaped the publish handler and ended the process.
+    bus = FakeBus()
+    server = await start_server(bus)
+    status, resp, _ = await ahttp(server.admin_address, "POST", "/v1/publish", NESTED)
+    assert status == 400 and "nested too deeply" in json.loads(resp)["error"]
+    for body in (b"[" + NESTED + b"]", NESTED + b"\n" + NESTED):
+        status, resp, _ = await ahttp(server.admin_address, "POST", "/v1/publish", body)
+        assert status == 400 and "nested too deeply" in json.loads(resp)["error"]
+    assert bus.published == []
+    status, _, _ = await ahttp(server.admin_address, "POST", "/v1/publish", b'{"subscriber":"a","event":"e"}')
+    assert status == 202

@@ -116,7 +116,7 @@ async def test_channels_follow_the_tabs_and_foreign_publishers_reach_them(start_
             await redis_publish(redis.url, "mailpush:alice", '{"subscriber":"mallory","event":"x"}')
             await redis_publish(redis.url, "mailpush:alice", '{"subscriber":"alice","event":"ok"}')
             assert json.loads(await a1.get_message())["event"] == "ok"
-            assert server.bus.dropped == 2
+            assert server.bus.bad_items == 2
         await wait_channels(redis.url, {"mailpush:alice"})  # a1 still holds it
     await wait_channels(redis.url, set())  # the last tab left
 
@@ -305,3 +305,134 @@ async def test_tls_with_the_certificate_verified(start_server, tls_redis):
 def test_tls_with_an_unknown_certificate_is_refused(tls_redis):
     err = startup_error(f"rediss://127.0.0.1:{tls_redis.port}/0?ssl_cert_reqs=required")
     assert "cannot reach the Redis bus" in err and "CERTIFICATE_VERIFY_FAILED" in err
+
+
+# -- hardening: no payload, outage or stream stops the server ------------------
+
+NESTED = '{"subscriber":"alice","event":"e","data":{"x":' + "[" * 2000 + "]" * 2000 + "}}"
+
+
+async def test_a_deeply_nested_payload_is_dropped_and_the_bus_goes_on(start_server, redis):
+    # Regression: RecursionError escaped the bus reader and ended the process.
+    server = await start_server(RedisBus(redis.url))
+    async with trio_websocket.open_websocket_url(ws_url(server, tok=token("alice"))) as ws:
+        await subscribed(ws)
+        await wait_channels(redis.url, {"mailpush:alice"})
+        await redis_publish(redis.url, "mailpush:alice", NESTED)
+        await redis_publish(redis.url, "mailpush:alice", '{"subscriber":"alice","event":"after"}')
+        assert json.loads(await ws.get_message())["event"] == "after"
+        assert server.bus.bad_items == 1 and server.bus.up
+
+
+async def test_publishing_while_redis_is_down_is_503_and_the_server_goes_on(start_server, redis):
+    # Regression: coredis's "Connection pool is not initialized" escaped the
+    # publish handler and ended the process.
+    from test_admin import ahttp
+
+    server = await start_server(RedisBus(redis.url))
+    redis.stop()
+    with trio.fail_after(5):
+        while server.bus.up:
+            await trio.sleep(0.02)
+    status, body, headers = await ahttp(server.admin_address, "POST", "/v1/publish", b'{"subscriber":"a","event":"e"}')
+    assert status == 503 and headers["Retry-After"] == "1"
+    assert "bus is unavailable" in json.loads(body)["error"]
+    status, _, _ = await ahttp(server.admin_address, "GET", "/healthz")
+    assert status == 200  # the WebSocket side is still serving
+    redis.start()
+    with trio.fail_after(10):
+        while not server.bus.up:
+            await trio.sleep(0.05)
+    status, _, _ = await ahttp(server.admin_address, "POST", "/v1/publish", b'{"subscriber":"a","event":"e"}')
+    assert status == 202
+
+
+class HostileRedis:
+    """A stand-in for Redis that acknowledges the subscription, then, once
+    the server is up, sends ``junk`` on the first connection only; later
+    connections behave. Only a fake can break the protocol this way;
+    everything else here is real."""
+
+    ACK = b"*3\r\n$9\r\nsubscribe\r\n$16\r\nmailpush.control\r\n:1\r\n"
+
+    def __init__(self, junk: bytes) -> None:
+        self.junk = junk
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.connections = 0
+        self._socks: list[socket.socket] = []
+        import threading
+
+        self.go = threading.Event()  # set once the server is listening
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                sock, _ = self.listener.accept()
+            except OSError:
+                return
+            self._socks.append(sock)
+            import threading
+
+            threading.Thread(target=self._talk, args=(sock,), daemon=True).start()
+
+    def _talk(self, sock: socket.socket) -> None:
+        try:
+            data = b""
+            while b"mailpush.control" not in data:
+                chunk = sock.recv(4096)
+                if not chunk:
+                    return
+                data += chunk
+            self.connections += 1
+            sock.sendall(self.ACK)
+            if self.connections == 1:
+                self.go.wait(30)
+                sock.sendall(self.junk)
+            while sock.recv(4096):
+                pass
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        self.listener.close()
+        for s in self._socks:
+            s.close()
+
+
+@pytest.mark.parametrize(
+    "junk",
+    [
+        # -42 points the parser back at the start of this very push
+        pytest.param(b"*3\r\n$7\r\nmessage\r\n$10\r\nmailpush:a\r\n$-42\r\n" + b"x" * 64, id="negative-bulk-length"),
+        pytest.param(b"*1\r\n" * 5000, id="nested-arrays"),
+        # far beyond any publish item, and the rest of the stream never completes it
+        pytest.param(b"*3\r\n$7\r\nmessage\r\n$10\r\nmailpush:a\r\n$60000000\r\n" + b"x" * 64, id="absurd-bulk-length"),
+        pytest.param(b"+" + b"a" * 200_000, id="endless-line"),
+    ],
+)
+def test_a_hostile_subscription_stream_ends_that_connection_not_the_process(junk):
+    # Regressions: a negative length looped at 100% CPU growing memory; deep
+    # nesting raised RecursionError; an absurd length silently swallowed every
+    # later message while mailpush_bus_up read 1.
+    fake = HostileRedis(junk)
+    try:
+        with server_process("--bus", f"redis://127.0.0.1:{fake.port}/0") as (proc, _, admin):
+            fake.go.set()
+            deadline = time.monotonic() + 15
+            while fake.connections < 2:  # the bad session ended; a new one was made
+                assert proc.poll() is None, "the server died"
+                assert time.monotonic() < deadline, "no reconnect after the hostile stream"
+                time.sleep(0.05)
+            while True:
+                metrics = urllib.request.urlopen(f"http://{admin[0]}:{admin[1]}/metrics", timeout=5).read().decode()
+                if "mailpush_bus_up 1.0" in metrics:
+                    break
+                assert time.monotonic() < deadline, "the bus did not come back up"
+                time.sleep(0.05)
+            assert proc.poll() is None
+            lost = [json.loads(line) for line in proc.log_lines if b'"bus_lost"' in line]
+            assert lost and lost[0]["level"] == "error", proc.log_lines
+    finally:
+        fake.close()

@@ -45,6 +45,7 @@ def _serve_options(p: argparse.ArgumentParser) -> None:
     opt("bus", _D.bus, "message bus: 'embedded' (in-process) or a Redis URL, redis://HOST:PORT/DB (channels mailpush:SUBSCRIBER)")
     opt("secret", None, "HS256 secret for tokens, at least 32 bytes")
     opt("secret-file", None, "file whose first line is the secret")
+    opt("admin-token", None, "Bearer token required by every admin endpoint but /healthz; required when --admin is not a loopback address")
     opt("ws-path", _D.ws_path, "upgrade path of the push WebSocket")
     opt("echo-path", None, "TEST ONLY: path of an echo endpoint without tokens, for the conformance runner")
     opt("allowed-origins", "", "comma-separated Origins allowed to connect; empty: any")
@@ -82,6 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     pub.add_argument("event", help="event name, e.g. new_letter")
     pub.add_argument("--data", default="{}", help="event data, a JSON object [default {}]")
     pub.add_argument("--admin", default=_env("admin", f"{_D.admin[0]}:{_D.admin[1]}"), help="HOST:PORT of the server's admin API [env MAILPUSH_ADMIN]")
+    pub.add_argument("--admin-token", default=_env("admin-token", None), help="the server's admin token, if it has one [env MAILPUSH_ADMIN_TOKEN]")
     return parser
 
 
@@ -97,6 +99,8 @@ def config_from_args(args: argparse.Namespace) -> Config:
         admin=admin,
         bus=args.bus,
         secret=secret,
+        admin_token=args.admin_token or None,
+        demo=args.demo,
         ws_path=args.ws_path,
         echo_path=args.echo_path or None,
         allowed_origins=origins,
@@ -220,7 +224,10 @@ def _cmd_publish(args: argparse.Namespace) -> int:
     body = orjson.dumps({"subscriber": item[0], "event": item[1], "data": item[2]})
     conn = http.client.HTTPConnection(host if host != "0.0.0.0" else "127.0.0.1", port, timeout=10)
     try:
-        conn.request("POST", "/v1/publish", body, {"Content-Type": "application/json"})
+        headers = {"Content-Type": "application/json"}
+        if args.admin_token:
+            headers["Authorization"] = f"Bearer {args.admin_token}"
+        conn.request("POST", "/v1/publish", body, headers)
         resp = conn.getresponse()
         text = resp.read().decode("utf-8", "replace").strip()
     except OSError as e:

@@ -6,11 +6,13 @@ tests build it directly. Each default says why it has that value.
 
 from __future__ import annotations
 
+import ipaddress
+
 import attrs
 
 from .errors import ConfigError
 
-__all__ = ["Config", "parse_hostport"]
+__all__ = ["Config", "parse_hostport", "is_loopback"]
 
 
 def parse_hostport(value: str, what: str) -> tuple[str, int]:
@@ -22,6 +24,20 @@ def parse_hostport(value: str, what: str) -> tuple[str, int]:
     return host, int(port)
 
 
+# An admin token shorter than this is guessable.
+MIN_ADMIN_TOKEN = 16
+
+
+def is_loopback(host: str) -> bool:
+    """``host`` (an address or ``localhost``) is this machine's loopback."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 @attrs.frozen(kw_only=True)
 class Config:
     # Where browsers connect (behind the TCP load balancer).
@@ -31,7 +47,14 @@ class Config:
     admin: tuple[str, int] | None = ("127.0.0.1", 8081)
     # "embedded" (in-process) or a bus URL; the fake bus is passed in by tests.
     bus: str = "embedded"
-    secret: str = ""
+    # The token secret; never in a repr or a log line.
+    secret: str = attrs.field(default="", repr=False)
+    # Bearer token every admin endpoint but /healthz requires; None: none,
+    # and then the admin API must listen on a loopback address.
+    admin_token: str | None = attrs.field(default=None, repr=False)
+    # Development mode (--demo): the demo page may mint tokens (/v1/token)
+    # without an admin token.
+    demo: bool = False
     # Upgrade path of the push WebSocket (the external contract).
     ws_path: str = "/v1/ws"
     # Test-only echo endpoint for the conformance runner; off by default.
@@ -89,5 +112,12 @@ class Config:
             raise ConfigError("--ping-interval must be 0 (off) or a positive number of seconds")
         if not self.ws_path.startswith("/"):
             raise ConfigError("--ws-path must start with '/'")
+        if self.admin_token is not None and len(self.admin_token) < MIN_ADMIN_TOKEN:
+            raise ConfigError(f"--admin-token must be at least {MIN_ADMIN_TOKEN} characters (e.g. python3 -c 'import secrets; print(secrets.token_urlsafe(32))')")
+        if self.admin is not None and not self.admin_token and not is_loopback(self.admin[0]):
+            raise ConfigError(
+                f"--admin {self.admin[0]}:{self.admin[1]} is not a loopback address: anyone who reaches it could publish to every"
+                " subscriber; set --admin-token (MAILPUSH_ADMIN_TOKEN), or listen on 127.0.0.1"
+            )
         if self.echo_path is not None and (not self.echo_path.startswith("/") or self.echo_path == self.ws_path):
             raise ConfigError("--echo-path must start with '/' and differ from the push path")

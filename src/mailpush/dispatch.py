@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 import trio
 
 from .bus import Bus, Item
-from .log import get_logger
+from .log import LogLimiter, get_logger
 from .metrics import Stats
 from .packets import event_frame
 from .registry import Registry
@@ -52,6 +52,7 @@ class Dispatcher:
         # their subscriber's subscription: subscriber -> {connection: frame}.
         self._pending: dict[str, dict[Connection, bytes]] = {}
         self._wakeup = trio.Event()
+        self._bad_log = LogLimiter()
 
     async def deliver(self, batch: Sequence[Item]) -> None:
         """The sink: route one batch of items to local connections.
@@ -60,6 +61,13 @@ class Dispatcher:
         checkpoint every DELIVERIES_PER_CHECKPOINT of them, so that a large
         batch never holds up accepting, health checks or other connections
         for longer than a few milliseconds.
+
+        Error handling: this runs in the bus-client task, which every
+        connection depends on, so it is an isolation boundary: an item that
+        fails in an unexpected way (a bug, an object the encoder refuses)
+        is dropped, counted (``mailpush_bus_bad_items``) and logged at most
+        once a second; the rest of the batch and every later one are
+        delivered. Only cancellation leaves.
         """
         get = self.registry.get
         stats = self.stats
@@ -68,31 +76,40 @@ class Dispatcher:
         budget = DELIVERIES_PER_CHECKPOINT
         delivered = 0
         try:
-            for sub, event, data in batch:
-                conns = get(sub)
-                if conns is None:
-                    stats.dropped += 1
-                    continue
-                if pending and sub in pending:
-                    # An event for it came through the bus: its subscription
-                    # stands, and the waiting tabs hear so before the event.
-                    self._confirmed((sub,))
-                frame = None
-                for conn in conns:
-                    events = conn.events
-                    if events is None or event in events:
-                        if frame is None:
-                            frame = event_frame(sub, event, data)
-                        if conn.send(frame):
-                            delivered += 1
-                        budget -= 1
-                        if not budget:
-                            budget = DELIVERIES_PER_CHECKPOINT
-                            stats.delivered += delivered
-                            delivered = 0
-                            await trio.lowlevel.checkpoint()
+            for item in batch:
+                try:
+                    sub, event, data = item
+                    conns = get(sub)
+                    if conns is None:
+                        stats.dropped += 1
+                        continue
+                    if pending and sub in pending:
+                        # An event for it came through the bus: its subscription
+                        # stands, and the waiting tabs hear so before the event.
+                        self._confirmed((sub,))
+                    frame = None
+                    for conn in conns:
+                        events = conn.events
+                        if events is None or event in events:
+                            if frame is None:
+                                frame = event_frame(sub, event, data)
+                            if conn.send(frame):
+                                delivered += 1
+                            budget -= 1
+                            if not budget:
+                                budget = DELIVERIES_PER_CHECKPOINT
+                                stats.delivered += delivered
+                                delivered = 0
+                                await trio.lowlevel.checkpoint()
+                except Exception as e:  # noqa: BLE001 - the isolation boundary, see above
+                    self._bad_item(item, e)
         finally:
             stats.delivered += delivered
+
+    def _bad_item(self, item: object, error: Exception) -> None:
+        self.stats.bad_items += 1
+        if n := self._bad_log.tick():
+            get_logger().error("bad_bus_item_dropped", count=n, error=repr(error)[:300], item=repr(item)[:300])
 
     # -- bus subscriptions --------------------------------------------------
 

@@ -8,7 +8,9 @@
     │   └── AuthError          401: missing, malformed, badly signed or expired token
     ├── ProtocolError          the peer broke RFC 6455: carries the close code
     ├── PacketError            a bad JSON packet: answered with an ``error`` packet
-    └── PublishError           a bad publish item or body: 400 with what is wrong
+    ├── PublishError           a bad publish item or body: 400 with what is wrong
+    ├── AdminHTTPError         a bad admin request: carries the HTTP status
+    └── BusUnavailable         the bus cannot be reached now: 503, retry
 
 Each error that reaches a client says what was wrong and which rule or limit
 it broke; the text is sent as-is (HTTP reason body, close reason, error
@@ -25,6 +27,8 @@ __all__ = [
     "ProtocolError",
     "PacketError",
     "PublishError",
+    "AdminHTTPError",
+    "BusUnavailable",
 ]
 
 
@@ -82,6 +86,18 @@ class PublishError(MailpushError):
     """A publish request is malformed (HTTP 400)."""
 
 
+class AdminHTTPError(MailpushError):
+    """An admin request is refused with HTTP ``status``; ``message`` says
+    what was wrong (sent back as the JSON ``error``)."""
+
+    def __init__(self, status: int, message: str, headers: tuple[tuple[str, str], ...] = ()) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.headers = headers
+
+
 class BusUnavailable(MailpushError):
-    """The bus is not connected: a subscription change cannot be made now
-    (the dispatcher retries it with backoff)."""
+    """The bus cannot be reached now: a subscription change or a publish
+    cannot be made (the dispatcher retries with backoff; a publisher gets
+    503 with Retry-After)."""

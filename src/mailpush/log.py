@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
 
 import structlog
 
-__all__ = ["configure", "get_logger"]
+__all__ = ["configure", "get_logger", "LogLimiter"]
 
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 
@@ -43,3 +44,31 @@ def configure(level: str = "info", fmt: str = "auto") -> None:
 
 def get_logger() -> structlog.typing.FilteringBoundLogger:
     return structlog.get_logger("mailpush")
+
+
+class LogLimiter:
+    """At most one log line per ``interval`` seconds for a recurring event.
+
+    A thousand slow consumers dropped at once, or a publisher sending bad
+    payloads in a loop, must not become a thousand log lines: :meth:`tick`
+    counts each occurrence and says when a line is due, with how many
+    occurrences it stands for.
+    """
+
+    __slots__ = ("interval", "_next", "_count")
+
+    def __init__(self, interval: float = 1.0) -> None:
+        self.interval = interval
+        self._next = 0.0
+        self._count = 0
+
+    def tick(self) -> int:
+        """Count one occurrence; the number to log now (this one and those
+        not logged since the last line), or 0 when no line is due."""
+        self._count += 1
+        now = time.monotonic()
+        if now < self._next:
+            return 0
+        n, self._count = self._count, 0
+        self._next = now + self.interval
+        return n

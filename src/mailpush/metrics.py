@@ -36,19 +36,25 @@ class Stats:
         self.accept_pauses = 0
         self.lag_skips = 0  # keepalive rounds not judged because the loop stalled
         self.writers = 0  # writer tasks spawned
+        self.bad_items = 0  # bus items dropped as unusable (bad payload or failed delivery)
 
 
-def render(stats: Stats, gauges: Callable[[], dict[str, tuple[str, float]]]) -> bytes:
-    """Prometheus text exposition of ``stats`` plus the live ``gauges``."""
+Values = Callable[[], dict[str, tuple[str, float]]]
+
+
+def render(stats: Stats, gauges: Values, counters: Values = dict) -> bytes:
+    """Prometheus text exposition of ``stats`` plus the live ``gauges`` and
+    the ``counters`` kept outside :class:`Stats` (by the bus, say)."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(_Collector(stats, gauges))
+    registry.register(_Collector(stats, gauges, counters))
     return generate_latest(registry)
 
 
 class _Collector(Collector):
-    def __init__(self, stats: Stats, gauges: Callable[[], dict[str, tuple[str, float]]]) -> None:
+    def __init__(self, stats: Stats, gauges: Values, counters: Values) -> None:
         self.stats = stats
         self.gauges = gauges
+        self.counters = counters
 
     def collect(self) -> Iterator:
         s = self.stats
@@ -75,5 +81,7 @@ class _Collector(Collector):
         for code, n in sorted(s.closes.items()):
             closes.add_metric([str(code)], n)
         yield closes
+        for name, (doc, value) in self.counters().items():
+            yield CounterMetricFamily(name, doc, value=value)
         for name, (doc, value) in self.gauges().items():
             yield GaugeMetricFamily(name, doc, value=value)

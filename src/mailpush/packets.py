@@ -36,6 +36,7 @@ __all__ = [
     "MAX_SUBSCRIBER_LEN",
     "MAX_EVENT_LEN",
     "MAX_FILTER_EVENTS",
+    "MAX_PUBLISH_BYTES",
     "ALL_EVENTS",
     "Subscribe",
     "Unsubscribe",
@@ -58,6 +59,10 @@ MAX_SUBSCRIBER_LEN = 256
 MAX_EVENT_LEN = 64
 # A tab filters on a handful of event kinds; more is a client bug.
 MAX_FILTER_EVENTS = 32
+# The largest publish body the admin API takes (100,000 items of ~150
+# bytes), and so the largest single item any bus carries: bigger batches
+# should be split; the limit bounds what one publisher can make us hold.
+MAX_PUBLISH_BYTES = 16 * 1024 * 1024
 
 # The wildcard filter: every event.
 ALL_EVENTS = "*"
@@ -196,6 +201,13 @@ class _Item(msgspec.Struct):
     data: msgspec.Raw = msgspec.Raw(b"{}")
 
 
+# JSON nested deeper than the decoder's recursion bound (the interpreter's,
+# a few hundred levels inside the server) is refused, never parsed: no mail
+# event needs more than a handful of levels, and it would only be a way to
+# make the decoders (and every browser that receives it) recurse.
+_TOO_DEEP = "JSON nested too deeply: events' data may nest a few hundred levels at most"
+
+
 # The fast path: one C call validates a whole batch and keeps each item's
 # data as the raw JSON it came in (it goes out again as it is).
 _decode_batch = msgspec.json.Decoder(list[_Item] | _Item).decode
@@ -238,6 +250,8 @@ def parse_items(body: bytes, content_type: str = "") -> list[tuple[str, str, Any
     if not ndjson:
         try:
             decoded = _decode_batch(stripped)
+        except RecursionError:
+            raise PublishError(_TOO_DEEP) from None
         except msgspec.ValidationError:
             decoded = None
         except msgspec.DecodeError:
@@ -252,6 +266,8 @@ def parse_items(body: bytes, content_type: str = "") -> list[tuple[str, str, Any
             return _slow_items(stripped)
     try:
         items = _fast_items([_decode_one(line) for line in stripped.split(b"\n") if line.strip()])
+    except RecursionError:
+        raise PublishError(_TOO_DEEP) from None
     except msgspec.MsgspecError:
         items = None
     return items or _slow_ndjson(stripped)
@@ -265,6 +281,8 @@ def parse_item_json(data: bytes) -> tuple[str, str, Any]:
     """
     try:
         items = _fast_items([_decode_one(data)])
+    except RecursionError:
+        raise PublishError(_TOO_DEEP) from None
     except msgspec.MsgspecError:
         items = None
     if items:

@@ -214,7 +214,13 @@ class Server:
             "mailpush_pool_buffers": ("Read buffers allocated (never more than the pool size)", self.pool.created),
             "mailpush_pool_waits": ("Times a reader waited for a pool slot", self.pool.waits),
             "mailpush_draining": ("1 while draining", int(self.draining)),
-            "mailpush_bus_up": ("1 while the bus is connected", int(getattr(self.bus, "up", True))),
+            "mailpush_bus_up": ("1 while the bus is connected", int(self.bus.up)),
+        }
+
+    def counters(self) -> dict[str, tuple[str, float]]:
+        """Counters for /metrics kept outside :class:`Stats`."""
+        return {
+            "mailpush_bus_bad_items": ("Items from the bus dropped as unusable (malformed payload, or delivery failed)", self.stats.bad_items + self.bus.bad_items),
         }
 
     # -- accepting ----------------------------------------------------------

@@ -27,6 +27,12 @@ class Bus(abc.ABC):
     """
 
     routes_by_subscription: bool = False
+    # Items received that could not be used (a malformed payload from
+    # another publisher), dropped one by one; exported as
+    # mailpush_bus_bad_items together with the dispatcher's own.
+    bad_items: int = 0
+    # False while the bus is known to be unreachable (publishes get 503).
+    up: bool = True
 
     @abc.abstractmethod
     async def run(self, sink: Sink, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:

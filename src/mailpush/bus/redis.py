@@ -14,11 +14,14 @@ pub/sub reader, an await per message, topped out near 10,000 messages a
 second on these machines.
 
 Error handling: Redis pub/sub delivers at most once. If the connection
-drops, the bus-client task logs it, reconnects with backoff and subscribes
-again to every channel it had; events published meanwhile are lost (tabs
-that need them re-sync from the mail store). A payload that is not a valid
-publish item, or names another subscriber than its channel, is dropped and
-logged.
+drops, or the stream breaks the protocol or a bound of the parser, the
+bus-client task logs it, reconnects with backoff and subscribes again to
+every channel it had; events published meanwhile are lost (tabs that need
+them re-sync from the mail store). A payload that is not a valid publish
+item, or names another subscriber than its channel, is dropped on its own,
+counted (``mailpush_bus_bad_items``) and logged at most once a second; the
+messages around it are delivered. A publish while Redis is unreachable
+raises :class:`~mailpush.errors.BusUnavailable` (the admin API answers 503).
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ import msgspec
 import trio
 
 from ..errors import BusUnavailable, ConfigError, PublishError
-from ..log import get_logger
+from ..log import LogLimiter, get_logger
 from ..packets import parse_item_json
 from .base import Bus, Item, Sink
 from .resp import PushParser, RespError, RespProtocolError, command
@@ -90,9 +93,20 @@ class RedisBus(Bus):
         self._channels: set[str] = set()  # what we want to be subscribed to
         self._sub: _Subscription | None = None
         self.up = False
-        self.dropped = 0  # bad payloads
+        self._bad_log = LogLimiter()
 
     async def run(self, sink: Sink, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """The bus-client task: one subscription session after another.
+
+        ``task_status.started()`` once the first session is subscribed.
+
+        Error handling: a failure of the connection (network, TLS, a
+        timeout, a stream the parser refuses) ends the session; it is logged
+        and a new one is made with backoff. Before the first session is up
+        the failure is a :class:`~mailpush.errors.ConfigError` (the server
+        does not start). Bad payloads never end a session (see
+        :meth:`_item`); anything else is a bug and propagates.
+        """
         delay = RECONNECT_FIRST
         started = False
 
@@ -110,7 +124,7 @@ class RedisBus(Bus):
             lost: BaseException | None = None
             try:
                 await self._session(sink, connected)
-            except* (coredis.exceptions.ConnectionError, TimeoutError, trio.TooSlowError, OSError, RespProtocolError,
+            except* (coredis.exceptions.ConnectionError, TimeoutError, trio.TooSlowError, OSError, RespProtocolError, BusUnavailable,
                      trio.BrokenResourceError, trio.ClosedResourceError,
                      anyio.ClosedResourceError, anyio.BrokenResourceError) as group:
                 # (coredis may also fail on its own cleanup of a dead connection)
@@ -148,44 +162,78 @@ class RedisBus(Bus):
 
     async def _read(self, sub: _Subscription, sink: Sink) -> None:
         """Every push of a read is parsed at once; the messages among them
-        go to the sink as one batch."""
-        receive, parser, item_of = sub.stream.receive_some, PushParser(), self._item
+        go to the sink as one batch.
+
+        Error handling: a stream the parser refuses ends the session (the
+        replies complete before the fault are handled first); so does the
+        peer closing it. Either way waiting requests fail with the cause.
+        """
+        receive, parser = sub.stream.receive_some, PushParser()
         try:
             while data := await receive(RECV_SIZE):
-                batch = []
-                for push in parser.feed(data):
-                    if type(push) is tuple:  # (channel, payload)
-                        if push[0] != _CONTROL:
-                            item = item_of(*push)
-                            if item is not None:
-                                batch.append(item)
-                    else:
-                        sub.reply(push)
-                if batch:
-                    await sink(batch)
+                try:
+                    pushes = parser.feed(data)
+                except RespProtocolError as e:
+                    await self._handle(e.replies, sub, sink)
+                    raise
+                await self._handle(pushes, sub, sink)
             raise ConnectionError("Redis closed the connection")
         except BaseException as e:
             sub.fail(e)
             raise
 
+    async def _handle(self, pushes: list, sub: _Subscription, sink: Sink) -> None:
+        item_of = self._item
+        batch = []
+        for push in pushes:
+            if type(push) is tuple:  # (channel, payload)
+                if push[0] != _CONTROL:
+                    item = item_of(*push)
+                    if item is not None:
+                        batch.append(item)
+            else:
+                sub.reply(push)
+        if batch:
+            await sink(batch)
+
     def _item(self, channel: bytes, data: bytes) -> Item | None:
-        sub = channel.decode("utf-8", "replace")[len(CHANNEL_PREFIX) :]
+        """The publish item of one message, or None (dropped, counted and
+        logged) when it is not one: whatever the payload holds, nothing
+        else happens to the session or to the other messages."""
         try:
+            sub = channel.decode("utf-8", "replace")[len(CHANNEL_PREFIX) :]
             item = parse_item_json(data)
+            if item[0] == sub:
+                return item
+            reason = f"payload names subscriber {item[0][:100]!r}, not the channel's"
         except PublishError as e:
-            self.dropped += 1
-            self.log.warning("bus_bad_payload", channel=channel.decode("utf-8", "replace")[:300], reason=str(e))
-            return None
-        if item[0] != sub:
-            self.dropped += 1
-            self.log.warning("bus_bad_payload", channel=channel.decode("utf-8", "replace")[:300], reason=f"payload names subscriber {item[0][:100]!r}, not the channel's")
-            return None
-        return item
+            reason = str(e)
+        except Exception as e:  # noqa: BLE001 - one bad message must not end the session
+            reason = f"unexpected {e!r}"[:300]
+        self.bad_items += 1
+        if n := self._bad_log.tick():
+            self.log.warning("bus_bad_payload", count=n, channel=channel.decode("utf-8", "replace")[:300], reason=reason)
+        return None
 
     async def publish(self, items: Sequence[Item]) -> None:
-        async with self.client.pipeline(transaction=False) as pipe:
-            for sub, event, data in items:
-                pipe.publish(CHANNEL_PREFIX + sub, _encode(_Payload(sub, event, data)))
+        """PUBLISH each item on its subscriber's channel, in one pipeline.
+
+        Raises:
+          BusUnavailable: Redis is not reachable now (the subscription
+            session is down, or the publish failed on the wire); the items
+            may or may not have been published, the caller retries.
+        """
+        if not self.up:
+            raise BusUnavailable(f"not connected to the Redis bus at {_safe(self.url)}; retry shortly")
+        try:
+            async with self.client.pipeline(transaction=False) as pipe:
+                for sub, event, data in items:
+                    pipe.publish(CHANNEL_PREFIX + sub, _encode(_Payload(sub, event, data)))
+        except (coredis.exceptions.RedisError, OSError, RuntimeError, TimeoutError,
+                trio.BrokenResourceError, trio.ClosedResourceError,
+                anyio.ClosedResourceError, anyio.BrokenResourceError) as e:
+            # RuntimeError: coredis's pool closed with the session meanwhile.
+            raise BusUnavailable(f"publishing to the Redis bus at {_safe(self.url)} failed: {_describe(e)}") from None
 
     async def subscribe(self, subscribers: Sequence[str]) -> None:
         sub = self._sub

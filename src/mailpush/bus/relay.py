@@ -70,11 +70,24 @@ class RelayBus(Bus):
         return self._stream
 
     async def run(self, sink: Sink, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """The bus-client task of a worker: batches from the supervisor.
+
+        Error handling: a batch that does not decode is dropped and counted
+        (``mailpush_bus_bad_items``), the next one is read. A broken framing
+        (a length beyond MAX_MESSAGE) means the stream cannot be trusted:
+        the ValueError ends this worker, which its supervisor handles. EOF
+        (the supervisor is gone) returns.
+        """
         stream = self._get_stream()
         task_status.started()
         buf = bytearray()
         while (msg := await read_message(stream, buf)) is not None:
-            await sink(_decode(msg))
+            try:
+                batch = _decode(msg)
+            except (msgspec.MsgspecError, RecursionError):
+                self.bad_items += 1
+                continue
+            await sink(batch)
 
     async def publish(self, items: Sequence[Item]) -> None:
         data = encode_batch(items)
