@@ -176,14 +176,17 @@ class AsyncRaw:
         data, self.buf = self.buf, b""
         return data
 
-    async def eof(self) -> bool:
-        """Read until EOF; True if the server closed the connection."""
-        try:
-            while await self.stream.receive_some(65536):
+    async def eof(self, timeout: float = 30) -> bool:
+        """Read until EOF: True if the server closed the connection within
+        ``timeout`` seconds (of the test's clock), False if it did not."""
+        with trio.move_on_after(timeout):
+            try:
+                while await self.stream.receive_some(65536):
+                    pass
+            except trio.BrokenResourceError:
                 pass
-        except trio.BrokenResourceError:
-            pass
-        return True
+            return True
+        return False
 
 
 def close_code(payload: bytes) -> int:

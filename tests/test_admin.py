@@ -188,8 +188,12 @@ async def test_an_idle_admin_connection_is_closed_quietly_and_the_server_goes_on
     assert await probe.rest() == b""  # closed without an answer
     assert trio.current_time() - t0 >= admin.IDLE_TIMEOUT
     await probe.stream.aclose()
-    status, body, _ = await ahttp(server.admin_address, "GET", "/healthz")
-    assert (status, body) == (200, b"ok\n")
+    # Still serving (a client in the test's own loop: a thread would let the
+    # autojump clock run past the server's timeouts while it connects).
+    c = await admin_raw(server)
+    await c.stream.send_all(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+    assert (await c.head()).startswith(b"HTTP/1.1 200") and await c.rest() == b"ok\n"
+    await c.stream.aclose()
 
 
 async def test_an_idle_keepalive_connection_does_not_replay_its_last_request(start_server, autojump_clock):
@@ -220,3 +224,29 @@ async def test_deeply_nested_json_is_400_and_the_server_goes_on(start_server):
     assert bus.published == []
     status, _, _ = await ahttp(server.admin_address, "POST", "/v1/publish", b'{"subscriber":"a","event":"e"}')
     assert status == 202
+
+
+async def test_metrics_show_live_tasks_and_event_loop_lag(start_server):
+    server = await start_server(ping_interval=5)
+    status, body, _ = await ahttp(server.admin_address, "GET", "/metrics")
+    base = _gauge(body, "mailpush_tasks")
+    raws = [await AsyncRaw.connect(server.listen_address) for _ in range(3)]
+    for r in raws:
+        assert (await r.upgrade(token("t"))).startswith(b"HTTP/1.1 101")
+    _, body, _ = await ahttp(server.admin_address, "GET", "/metrics")
+    assert _gauge(body, "mailpush_tasks") == base + 3  # one parked reader each
+    import time
+
+    await trio.sleep(1)
+    # The event loop is blocked for 0.3 s: the timer task, ticking every
+    # 5 s / 50 = 0.1 s, runs at least 0.3 - 0.1 = 0.2 s late.
+    time.sleep(0.3)
+    await trio.sleep(1)
+    _, body, _ = await ahttp(server.admin_address, "GET", "/metrics")
+    assert _gauge(body, "mailpush_event_loop_lag_seconds") >= 0.15
+    for r in raws:
+        await r.stream.aclose()
+
+
+def _gauge(body: bytes, name: str) -> float:
+    return float(next(line.split()[1] for line in body.decode().splitlines() if line.startswith(name + " ")))

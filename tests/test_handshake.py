@@ -413,6 +413,21 @@ async def test_every_refusal_status_over_a_socket(start_server, data: bytes, sta
     await settled(server)
 
 
+@pytest.mark.parametrize(
+    "value",
+    [b"a\x00b", b"a\rb", b"a\nb", b"\r", b"token\nX-Injected: 1"],
+    ids=["nul", "cr", "lf", "lone-cr", "lf-injection"],
+)
+@pytest.mark.parametrize("field", [b"Cookie", b"Origin", b"X-Anything"])
+async def test_nul_cr_or_lf_in_a_header_value_is_400(start_server, field: bytes, value: bytes) -> None:
+    # Regression (RFC 9110 section 5.5): these were accepted in the upgrade request.
+    server = await start_server()
+    data = request(extra=[]).replace(b"\r\n\r\n", b"\r\n" + field + b": " + value + b"\r\n\r\n")
+    got, head, body = await exchange(server, data)
+    assert got == 400 and b"NUL, CR or LF" in body
+    await settled(server)
+
+
 async def test_431_while_the_head_is_still_arriving(start_server) -> None:
     # No blank line ever comes: the server must not keep reading past its limit.
     server = await start_server()
@@ -502,6 +517,17 @@ async def test_healthz_on_the_listen_port(start_server) -> None:
     status, _, _ = await exchange(server, b"GET /v1/ws HTTP/1.1\r\nHost: x\r\n\r\n")
     assert status == 426
     await settled(server)
+
+
+async def test_healthz_does_not_count_its_own_connection(start_server) -> None:
+    # Regression: with max_connections - 1 connections open, the probe's own
+    # socket made the server report 503 "at connection limit".
+    server = await start_server(max_connections=2)
+    raw = await AsyncRaw.connect(server.listen_address)
+    assert (await raw.upgrade(token("a"))).startswith(b"HTTP/1.1 101")
+    status, _, body = await exchange(server, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert (status, body) == (200, b"ok\n")
+    await raw.stream.aclose()
 
 
 async def test_slowloris_dribble_is_cut_at_the_deadline(start_server) -> None:

@@ -58,9 +58,8 @@ async def test_503_at_the_connection_limit_and_health(start_server):
 
 async def test_accept_waits_for_a_handshake_slot(start_server, autojump_clock):
     server = await start_server(max_handshakes=1, handshake_timeout=3)
-    t0 = trio.current_time()
-    idle = await AsyncRaw.connect(server.listen_address)  # takes the only slot, sends nothing
-    await trio.sleep(0.1)
+    busy = object()  # a handshake being parsed: the only slot is taken
+    server.handshakes.acquire_on_behalf_of_nowait(busy)
     second = await AsyncRaw.connect(server.listen_address)
     await second.stream.send_all(UPGRADE.format(path="/v1/ws?token=" + token("x"), extra="").encode())
     third = await AsyncRaw.connect(server.listen_address)
@@ -68,22 +67,48 @@ async def test_accept_waits_for_a_handshake_slot(start_server, autojump_clock):
     # The second was accepted but waits for a slot; the third is still in the
     # kernel backlog: no task, no handshake state.
     assert server.paused and server.stats.accept_pauses == 1
-    assert server.open_sockets == 1
+    assert server.open_sockets == 0  # counted once it has its slot
     assert server.health() == (503, "overloaded: all handshake slots busy")
-    head = await second.head()
-    # It got its slot when the idle one hit its 3 s deadline.
-    assert head.startswith(b"HTTP/1.1 101")
-    assert trio.current_time() - t0 >= 3
-    assert (await idle.head()).startswith(b"HTTP/1.1 408")
-    for c in (idle, second, third):
+    server.handshakes.release_on_behalf_of(busy)
+    assert (await second.head()).startswith(b"HTTP/1.1 101")
+    for c in (second, third):
+        await c.stream.aclose()
+
+
+async def test_stalled_upgrades_hold_no_handshake_slot(start_server, autojump_clock):
+    # Regression: a connection that sent half an upgrade request (or nothing)
+    # kept its handshake slot until the deadline: a few hundred of them
+    # locked every legitimate client out and /healthz said 503.
+    server = await start_server(max_handshakes=4, handshake_timeout=30)
+    half = UPGRADE.format(path="/v1/ws?token=" + token("s"), extra="").encode()[:40]
+    stalled = []
+    for i in range(50):
+        c = await AsyncRaw.connect(server.listen_address)
+        if i % 2:
+            await c.stream.send_all(half)
+        stalled.append(c)
+    with trio.fail_after(5):  # virtual time: far less than the 30 s deadline
+        while server.open_sockets < 50:
+            await trio.sleep(0.01)
+        await trio.sleep(0.1)
+        assert server.handshakes.borrowed_tokens == 0
+        assert server.health() == (200, "ok")
+        t0 = trio.current_time()
+        normal = await AsyncRaw.connect(server.listen_address)
+        assert (await normal.upgrade(token("n"))).startswith(b"HTTP/1.1 101")
+    assert trio.current_time() - t0 < 0.1
+    # Each stalled one still gets its answer at its deadline.
+    for c in stalled[:2]:
+        assert (await c.head()).startswith(b"HTTP/1.1 408")
+    for c in [normal, *stalled]:
         await c.stream.aclose()
 
 
 async def test_a_saturated_server_sheds_the_backlog_it_cannot_serve_in_time(start_server, autojump_clock, monkeypatch):
     monkeypatch.setattr(server_mod, "SHED_MIN_QUEUE", 3)
     server = await start_server(max_handshakes=1, handshake_timeout=3)
-    idle = await AsyncRaw.connect(server.listen_address)  # holds the only slot
-    await trio.sleep(0.1)
+    busy = object()  # the only slot is taken: the server is saturated
+    server.handshakes.acquire_on_behalf_of_nowait(busy)
     request = UPGRADE.format(path="/v1/ws?token=" + token("q"), extra="").encode()
     clients = []
     for _ in range(11):  # the first is accepted and waits; ten stay in the backlog
@@ -103,11 +128,12 @@ async def test_a_saturated_server_sheds_the_backlog_it_cannot_serve_in_time(star
     assert len(refused) == 7 and all(a.startswith(b"HTTP/1.1 503") for a in refused)
     assert trio.current_time() - t0 < 1.2
     assert server.stats.rejections["overloaded"] == 7
-    # When the idle one hits its deadline, the rest are served in turn.
+    # When the slot frees, the rest are served in turn.
+    server.handshakes.release_on_behalf_of(busy)
     for c, a in zip(clients, answers):
         if a is None:
             assert (await c.head()).startswith(b"HTTP/1.1 101")
-    for c in [idle, *clients]:
+    for c in clients:
         await c.stream.aclose()
 
 
@@ -131,7 +157,7 @@ async def test_unanswered_pings_close_only_the_dead_client(start_server, autojum
     assert (await dead.upgrade(token("dead"))).startswith(b"HTTP/1.1 101")
     async with trio_websocket.open_websocket_url(ws_url(server, tok=token("alive"))) as alive:
         t0 = trio.current_time()
-        await dead.eof()
+        assert await dead.eof()
         # Pinged in the first round (≤ 10 s), closed 5 s after that ping.
         assert 5 <= trio.current_time() - t0 <= 16
         assert server.stats.pong_timeouts == 1
@@ -182,10 +208,39 @@ async def test_lag_guard_does_not_blame_clients_for_a_server_stall(start_server,
     if guard:
         assert server.stats.lag_skips >= 1 and server.stats.pong_timeouts == 0
         assert len(server.connections) == 1
-        await raw.eof()  # really dead: judged on the next round after the stall
+        assert await raw.eof()  # really dead: judged on the next round after the stall
         assert server.stats.pong_timeouts == 1
     else:
         assert server.stats.pong_timeouts == 1
+
+
+async def test_a_large_event_in_flight_is_not_held_against_a_reader(start_server):
+    # Regression: the first frame bypassed --send-queue-bytes, and the next
+    # small event was counted against it: a healthy reader was dropped.
+    bus = FakeBus()
+    server = await start_server(bus, send_queue_bytes=65536)
+    reader = await AsyncRaw.connect(server.listen_address, rcvbuf=4096)
+    assert (await reader.upgrade(token("r"))).startswith(b"HTTP/1.1 101")
+    await reader.stream.send_all(client_frame(0x1, b'{"type":"subscribe"}'))
+    await bus.wait_until(lambda f: "r" in f.subscribed)
+    big = {"pad": "x" * 1_000_000}
+    bus.inject([("r", "big", big), ("r", "small", {"n": 1}), ("r", "small", {"n": 2})])
+    with trio.fail_after(10):
+        while server.stats.delivered < 3:
+            await trio.sleep(0.01)
+    assert server.stats.slow_consumers == 0
+    got = b""
+    with trio.fail_after(10):
+        while got.count(b'"small"') < 2:
+            got += await reader.stream.receive_some(1 << 20)
+    assert got.count(b'"big"') == 1 and server.stats.slow_consumers == 0
+    # A client that reads nothing is still dropped once the bound fills up
+    # behind the large frame.
+    bus.inject([("r", "big", big)] * 10 + [("r", "small", {"n": i, "pad": "y" * 1000}) for i in range(100)])
+    with trio.fail_after(10):
+        while not server.stats.slow_consumers:
+            await trio.sleep(0.01)
+    await reader.stream.aclose()
 
 
 async def test_slow_consumer_is_dropped_and_the_fast_one_gets_everything_in_order(start_server):
@@ -302,16 +357,41 @@ async def test_trio_wakes_a_bounded_number_of_readers_per_iteration(start_server
 
 
 async def test_a_burst_larger_than_the_wakeup_bound_is_served(start_server, monkeypatch):
+    # The real replacement of get_events, with a bound of 3 instead of 1,024,
+    # watched by a spy: 40 readable connections are woken 3 at a most per
+    # loop iteration, and every one of them is served.
     from trio._core._io_epoll import EpollIOManager
 
     server = await start_server()
-    real = EpollIOManager.get_events
-    monkeypatch.setattr(EpollIOManager, "get_events", lambda self, timeout: self._epoll.poll(timeout, 3))
+    limited = server_mod.limited_get_events(3)
+    sizes: list[int] = []
+
+    def spy(self, timeout):
+        events = limited(self, timeout)
+        sizes.append(len(events))
+        return events
+
     clients = await upgraded_clients(server, 40, "b")
+    monkeypatch.setattr(EpollIOManager, "get_events", spy)
     send_on_all(clients, client_frame(0x1, b'{"type":"ping"}'))
     for c in clients:
         with trio.fail_after(5):
             assert b'"pong"' in await c.stream.receive_some(4096)
-    monkeypatch.setattr(EpollIOManager, "get_events", real)
+    monkeypatch.undo()
+    assert max(sizes) == 3 and sum(sizes) >= 40
     for c in clients:
         await c.stream.aclose()
+
+
+def test_sighup_is_ignored_with_a_log_line():
+    # Regression: SIGHUP ended the process silently with a nonzero status.
+    with server_process("--drain-seconds", "0.5") as (proc, listen, admin):
+        proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 5
+        while not any(b'"sighup_ignored"' in line for line in proc.log_lines):
+            assert proc.poll() is None, "SIGHUP ended the server"
+            assert time.monotonic() < deadline, "no log line for SIGHUP"
+            time.sleep(0.05)
+        assert urllib.request.urlopen(f"http://{admin[0]}:{admin[1]}/healthz", timeout=5).status == 200
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(10) == 0

@@ -103,3 +103,32 @@ def test_workers_drain_when_the_supervisor_is_killed():
         for pid in pids:
             if _alive(pid):
                 os.kill(pid, signal.SIGKILL)
+
+
+def test_sighup_to_the_process_group_is_ignored_by_every_process():
+    # Regression: SIGHUP (a terminal's hangup reaches the whole group) ended
+    # the supervisor and its workers silently.
+    cmd = [sys.executable, "-m", "mailpush", "serve", "--workers", "2", "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0",
+           "--secret", SECRET, "--log-format", "json", "--drain-seconds", "0.5"]
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, start_new_session=True)
+    lines: list[bytes] = []
+    try:
+        listening = 0
+        while listening < 2:
+            line = proc.stderr.readline()
+            assert line, "supervisor exited early"
+            lines.append(line)
+            listening += json.loads(line)["event"] == "listening"
+        threading.Thread(target=_drain, args=(proc.stderr, lines), daemon=True).start()
+        os.killpg(proc.pid, signal.SIGHUP)
+        deadline = time.monotonic() + 5
+        while sum(b'"sighup_ignored"' in line for line in lines) < 3:  # supervisor and both workers
+            assert proc.poll() is None, "SIGHUP ended the supervisor"
+            assert time.monotonic() < deadline, f"not every process logged SIGHUP: {lines}"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(15) == 0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(5)

@@ -24,6 +24,7 @@ from . import log
 from .auth import load_secret, mint
 from .config import Config, parse_hostport
 from .errors import ConfigError, PublishError
+from .log import log_sighup
 from .packets import parse_item
 
 __all__ = ["main", "trio_app", "build_parser"]
@@ -122,31 +123,37 @@ def config_from_args(args: argparse.Namespace) -> Config:
 
 
 async def run_server(config: Config, demo: bool = False, bus=None, worker: int | None = None) -> None:
-    """Serve until SIGTERM/SIGINT, then drain and return."""
+    """Serve until SIGTERM/SIGINT, then drain and return; SIGHUP is logged
+    and ignored."""
     from .server import Server
 
     if worker is not None:
         structlog.contextvars.bind_contextvars(worker=worker)
     server = Server(config, bus)
-    async with trio.open_nursery() as nursery:
+    # Signals are caught from before the ports are bound: a SIGTERM during
+    # startup drains right after it, a SIGHUP is logged.
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+        async with trio.open_nursery() as nursery:
 
-        async def serve(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-            await server.serve(task_status=task_status)
-            nursery.cancel_scope.cancel()  # drained: stop listening for signals
+            async def serve(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+                await server.serve(task_status=task_status)
+                nursery.cancel_scope.cancel()  # drained: stop listening for signals
 
-        await nursery.start(serve)
-        _tune_gc()
-        _tune_malloc()
-        if demo:
-            _print_demo(server)
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-            async for _ in signals:
-                nursery.start_soon(server.drain)
-                break
-            # A second signal while draining: stop at once.
-            async for _ in signals:
-                server.stop()
-                break
+            await nursery.start(serve)
+            _tune_gc()
+            _tune_malloc()
+            if demo:
+                _print_demo(server)
+            draining = False
+            async for sig in signals:
+                if sig == signal.SIGHUP:
+                    log_sighup()
+                elif not draining:
+                    draining = True
+                    nursery.start_soon(server.drain)
+                else:  # a second signal while draining: stop at once
+                    server.stop()
+                    break
 
 
 # The cyclic GC's first generation is collected every this many new
@@ -195,6 +202,8 @@ def _print_demo(server) -> None:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
+    # Until the server listens for it (and after), SIGHUP is ignored too.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     config = config_from_args(args)
     log.configure(config.log_level, config.log_format)
     if config.workers > 1:

@@ -110,7 +110,12 @@ class Connection:
         self.server.connections_nursery.start_soon(_writer, self, name=_WRITER_TASK)
 
     def _enqueue(self, frame: bytes) -> bool:
-        if self.queued + len(frame) > self.server.config.send_queue_bytes:
+        # The bound is on what waits behind the frame being written (the
+        # queue's head): a large event in flight to a client that reads it
+        # is not held against the next one. A frame may join an otherwise
+        # empty queue whatever its size.
+        behind = self.queued - len(self.queue[0])
+        if behind and behind + len(frame) > self.server.config.send_queue_bytes:
             # The client stopped reading. Nothing more can reach it, not even
             # a Close frame: drop it so it holds neither memory nor others.
             self.server.slow_consumer(self)
@@ -296,49 +301,70 @@ def _send_and_close(sock: socket.socket, data: bytes) -> None:
 _REASONS = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found", 405: "method", 408: "timeout", 426: "version", 431: "too_large", 503: "overloaded", 505: "http_version"}
 
 
-async def _handshake(server: Server, sock: socket.socket) -> tuple[Connection | None, bytes]:
+async def _handshake(server: Server, sock: socket.socket, slot: object) -> tuple[Connection | None, bytes]:
     """Read and answer the upgrade request.
+
+    A handshake slot is held only while there are bytes to parse: the
+    accept loop took one for the first read; whenever the socket has
+    nothing more to read, the slot goes back before waiting, and a slot is
+    taken again when bytes arrive. A connection that stalls in the middle
+    of its request (or sends nothing) holds a parked task and a socket, no
+    slot, until its handshake deadline.
 
     Returns the new connection (or None when refused or closed, the socket
     then closed) and any bytes the client sent after the request head.
     """
+    limiter = server.handshakes
+    held = True
     data = b""
-    while True:
-        try:
-            chunk = sock.recv(hs.MAX_HEAD_BYTES + 1 - len(data))
-        except BlockingIOError:
-            await _wait_readable(sock)
-            continue
-        except OSError:
-            sock.close()
-            return None, b""
-        if not chunk:  # closed before finishing: costs nothing lasting
-            sock.close()
-            return None, b""
-        data = chunk if not data else data + chunk
-        try:
-            end = hs.find_head_end(data, len(data))
-        except HandshakeError as e:
-            _refuse(server, sock, e, _REASONS[e.status])
-            return None, b""
-        if end >= 0:
-            break
     try:
-        req = hs.parse_request(data[:end])
-        conn = _upgrade(server, sock, req)
-    except HandshakeError as e:
-        _refuse(server, sock, e, _REASONS.get(e.status, str(e.status)))
-        return None, b""
-    if conn is None:
-        return None, b""
-    return conn, data[end:]
+        while True:
+            try:
+                chunk = sock.recv(hs.MAX_HEAD_BYTES + 1 - len(data))
+            except BlockingIOError:
+                if held:
+                    limiter.release_on_behalf_of(slot)
+                    held = False
+                await _wait_readable(sock)
+                try:
+                    limiter.acquire_on_behalf_of_nowait(slot)
+                except trio.WouldBlock:
+                    await limiter.acquire_on_behalf_of(slot)
+                held = True
+                continue
+            except OSError:
+                sock.close()
+                return None, b""
+            if not chunk:  # closed before finishing: costs nothing lasting
+                sock.close()
+                return None, b""
+            data = chunk if not data else data + chunk
+            try:
+                end = hs.find_head_end(data, len(data))
+            except HandshakeError as e:
+                _refuse(server, sock, e, _REASONS[e.status])
+                return None, b""
+            if end >= 0:
+                break
+        try:
+            req = hs.parse_request(data[:end])
+            conn = _upgrade(server, sock, req)
+        except HandshakeError as e:
+            _refuse(server, sock, e, _REASONS.get(e.status, str(e.status)))
+            return None, b""
+        if conn is None:
+            return None, b""
+        return conn, data[end:]
+    finally:
+        if held:
+            limiter.release_on_behalf_of(slot)
 
 
 def _upgrade(server: Server, sock: socket.socket, req: hs.Request) -> Connection | None:
     config = server.config
     if not req.wants_websocket:
         if req.path == "/healthz" and req.method in ("GET", "HEAD"):
-            status, body = server.health()
+            status, body = server.health(own_sockets=1)
             _send_and_close(sock, hs.response_text(status, body + "\n"))
             return None
     flags = 0
@@ -374,12 +400,11 @@ async def _open(server: Server, sock: socket.socket, slot: object) -> tuple[Conn
     entry = [trio.current_time() + server.config.handshake_timeout, sock]
     server.handshake_deadlines.append(entry)
     try:
-        return await _handshake(server, sock)
+        return await _handshake(server, sock, slot)
     except trio.ClosedResourceError:
         return None, b""  # expired: the sweeper answered and closed it
     finally:
         entry[1] = None
-        server.handshakes.release_on_behalf_of(slot)
 
 
 def expire_handshake(server: Server, sock: socket.socket) -> None:

@@ -111,6 +111,11 @@ def parse_request(head: bytes) -> Request:
     Raises:
       HandshakeError: 400 malformed, 431 too many headers, 505 not HTTP/1.x.
     """
+    # RFC 9110 §5.5: a field value with NUL, CR or LF is refused. CR and LF
+    # may only appear as the CRLF ending a line; four scans in C, no loop.
+    crlf = head.count(b"\r\n")
+    if head.count(b"\r") != crlf or head.count(b"\n") != crlf or b"\0" in head:
+        raise _bad("NUL, CR or LF inside the request line or a header field (RFC 9110 section 5.5)")
     lines = head.split(b"\r\n")
     if len(lines) - 3 > MAX_HEADERS:  # minus the request line and the two blanks
         raise HandshakeError(431, f"more than {MAX_HEADERS} header lines")

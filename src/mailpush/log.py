@@ -10,7 +10,7 @@ import time
 
 import structlog
 
-__all__ = ["configure", "get_logger", "LogLimiter"]
+__all__ = ["configure", "get_logger", "LogLimiter", "log_sighup"]
 
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 
@@ -44,6 +44,13 @@ def configure(level: str = "info", fmt: str = "auto") -> None:
 
 def get_logger() -> structlog.typing.FilteringBoundLogger:
     return structlog.get_logger("mailpush")
+
+
+def log_sighup() -> None:
+    """SIGHUP is ignored, with a log line: there is no configuration file
+    to reload and logs go to stderr (nothing to reopen), and a terminal's
+    hangup must not end a server silently."""
+    get_logger().warning("sighup_ignored", hint="mailpush has nothing to reload; SIGTERM drains and stops it")
 
 
 class LogLimiter:

@@ -27,7 +27,7 @@ import trio
 
 from .bus.relay import RelayBus, relay
 from .config import Config
-from .log import get_logger
+from .log import get_logger, log_sighup
 
 __all__ = ["run_workers"]
 
@@ -125,13 +125,16 @@ async def _supervise(socks: list[socket.socket], pids: list[int]) -> int:
                 except ProcessLookupError:
                     pass
 
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(relay, streams)
 
             async def watch_signals() -> None:
                 nonlocal stopping
                 async for sig in signals:
+                    if sig == signal.SIGHUP:
+                        log_sighup()  # workers that got it too log their own
+                        continue
                     stopping = True
                     kill_all(sig)  # a second signal is passed on too: stop at once
 
