@@ -250,3 +250,196 @@ async def test_metrics_show_live_tasks_and_event_loop_lag(start_server):
 
 def _gauge(body: bytes, name: str) -> float:
     return float(next(line.split()[1] for line in body.decode().splitlines() if line.startswith(name + " ")))
+
+
+# -- strict HTTP/1.1 (h11) ------------------------------------------------------
+
+
+async def admin_exchange(server, data: bytes, *, pieces: int = 1) -> tuple[int, bytes]:
+    """Send ``data`` (in ``pieces`` sends) on a fresh admin connection; the
+    status and everything the server sent until it closed."""
+    c = await admin_raw(server)
+    step = max(1, len(data) // pieces)
+    with trio.fail_after(10):
+        for i in range(0, len(data), step):
+            try:
+                await c.stream.send_all(data[i : i + step])
+            except trio.BrokenResourceError:
+                break  # the server answered early and closed
+        try:
+            await c.stream.send_eof()
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        got = await c.rest()
+    await c.stream.aclose()
+    return (int(got.split(b" ", 2)[1]) if got.startswith(b"HTTP/1.1 ") else 0), got
+
+
+POST = b"POST /v1/publish HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+ITEM = b'{"subscriber":"a","event":"e"}'
+
+
+@pytest.mark.parametrize(
+    ("data", "status", "needle"),
+    [
+        (POST + b"Transfer-Encoding: chunked\r\n\r\nzz\r\n" + ITEM + b"\r\n0\r\n\r\n", 400, b"chunk"),
+        (POST + b"Transfer-Encoding: chunked\r\n\r\n-1e\r\n" + ITEM + b"\r\n0\r\n\r\n", 400, b"chunk"),
+        (POST + b"Transfer-Encoding: chunked\r\n\r\n+1e\r\n" + ITEM + b"\r\n0\r\n\r\n", 400, b"chunk"),
+        (POST + b"Transfer-Encoding: chunked\r\n\r\n" + b"0" * 40_000 + b"1e\r\n", 400, b"chunk"),
+        (POST + b"Content-Length: 30\r\nContent-Length: 30\r\n\r\n" + ITEM, 400, b"more than one Content-Length"),
+        (POST + b"Content-Length: 30, 30\r\n\r\n" + ITEM, 400, b"more than one Content-Length"),
+        (POST + b"Content-Length: 30\r\nContent-Length: 31\r\n\r\n" + ITEM, 400, b""),
+        (POST + b"Content-Length: 30\r\nTransfer-Encoding: chunked\r\n\r\n1e\r\n" + ITEM + b"\r\n0\r\n\r\n", 400, b"both Content-Length and Transfer-Encoding"),
+        (POST + b"Content-Length: -1\r\n\r\n", 400, b""),
+        (POST + b"X-Big: " + b"a" * 20_000 + b"\r\nContent-Length: 30\r\n\r\n" + ITEM, 431, b"larger than"),
+        (b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nX: a\x00b\r\n\r\n", 400, b""),
+        (b"GET /healthz HTTP/1.1\r\n\r\n", 400, b"Host"),
+        (b"GARBAGE\r\n\r\n", 400, b""),
+        (POST + b"Content-Length: 30\r\n\r\n" + ITEM[:10], 400, b"complete"),
+    ],
+    ids=["bad-chunk-size", "signed-chunk-size", "plus-chunk-size", "endless-chunk-line", "duplicate-content-length",
+         "listed-content-length", "conflicting-content-length", "length-and-chunked", "negative-length", "huge-head",
+         "nul-in-header", "no-host", "garbage", "closed-mid-body"],
+)
+async def test_malformed_admin_requests_get_their_status_and_publish_nothing(start_server, data, status, needle):
+    bus = FakeBus()
+    server = await start_server(bus)
+    got, text = await admin_exchange(server, data)
+    assert got == status, text[:300]
+    assert needle in text and b'"error"' in text
+    assert bus.published == []
+    ok, _ = await admin_exchange(server, b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+    assert ok == 200
+
+
+async def test_the_head_limit_holds_however_the_bytes_arrive(start_server):
+    server = await start_server()
+    data = POST + b"X-Big: " + b"a" * 20_000 + b"\r\nContent-Length: 30\r\n\r\n" + ITEM
+    for pieces in (1, 7, 400):
+        got, _ = await admin_exchange(server, data, pieces=pieces)
+        assert got == 431, pieces
+
+
+async def test_expect_100_continue(start_server):
+    bus = FakeBus()
+    server = await start_server(bus)
+    c = await admin_raw(server)
+    await c.stream.send_all(POST + b"Expect: 100-continue\r\nContent-Length: 30\r\n\r\n")
+    assert (await c.head()).startswith(b"HTTP/1.1 100 Continue")
+    await c.stream.send_all(ITEM)
+    assert (await c.head()).startswith(b"HTTP/1.1 202")
+    await c.stream.aclose()
+    # Too large: refused before the body is sent, never invited.
+    got, text = await admin_exchange(server, POST + b"Expect: 100-continue\r\nContent-Length: 999999999\r\n\r\n")
+    assert got == 413 and b"100 Continue" not in text
+    assert len(bus.published) == 1
+
+
+async def test_http_1_0_closes_after_the_answer_and_keepalive_carries_on(start_server):
+    server = await start_server()
+    got, text = await admin_exchange(server, b"GET /healthz HTTP/1.0\r\n\r\nGET /healthz HTTP/1.0\r\n\r\n")
+    assert got == 200 and text.count(b"HTTP/1.1 200") == 1  # one answer, then the close
+    got, text = await admin_exchange(server, b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n" * 3 + b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+    assert text.count(b"HTTP/1.1 200") == 4
+
+
+async def test_a_failing_route_is_500_and_the_admin_api_goes_on(start_server, monkeypatch):
+    bus = FakeBus()
+    server = await start_server(bus)
+
+    async def broken(items):
+        raise RuntimeError("a bug in the bus")
+
+    monkeypatch.setattr(bus, "publish", broken)
+    status, body, _ = await ahttp(server.admin_address, "POST", "/v1/publish", ITEM)
+    assert status == 500 and "internal error" in json.loads(body)["error"]
+    assert "a bug" not in body.decode()  # details go to the log, not to the client
+    status, _, _ = await ahttp(server.admin_address, "GET", "/healthz")
+    assert status == 200
+
+
+async def test_admin_connections_beyond_the_bound_get_503(start_server, monkeypatch):
+    monkeypatch.setattr(admin, "MAX_CLIENTS", 2)
+    server = await start_server()
+    held = [await admin_raw(server) for _ in range(2)]
+    await trio.sleep(0.1)
+    got, text = await admin_exchange(server, b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+    assert got == 503 and b"Retry-After: 1" in text
+    for c in held:
+        await c.stream.aclose()
+    await trio.sleep(0.1)
+    got, _ = await admin_exchange(server, b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+    assert got == 200
+
+
+# -- who may use the admin API ------------------------------------------------
+
+ADMIN_TOKEN = "admin-" + "t" * 32
+
+
+async def test_the_admin_token_guards_every_endpoint_but_healthz(start_server):
+    bus = FakeBus()
+    server = await start_server(bus, admin_token=ADMIN_TOKEN)
+    for method, path, body in (("POST", "/v1/publish", ITEM), ("GET", "/metrics", None), ("POST", "/v1/token", b'{"subscriber":"a"}'), ("GET", "/", None), ("GET", "/nope", None)):
+        status, resp, headers = await ahttp(server.admin_address, method, path, body)
+        assert status == 401 and headers["WWW-Authenticate"].startswith("Bearer"), path
+        status, resp, _ = await ahttp(server.admin_address, method, path, body, {"Authorization": "Bearer wrong-token"})
+        assert status == 401 and json.loads(resp)["error"] == "wrong admin token", path
+    auth = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+    assert (await ahttp(server.admin_address, "POST", "/v1/publish", ITEM, auth))[0] == 202
+    assert (await ahttp(server.admin_address, "GET", "/metrics", None, auth))[0] == 200
+    status, resp, _ = await ahttp(server.admin_address, "POST", "/v1/token", b'{"subscriber":"a"}', auth)
+    assert status == 200 and server.verifier.verify(json.loads(resp)["token"]) == "a"
+    assert (await ahttp(server.admin_address, "GET", "/healthz"))[0] == 200
+    assert len(bus.published) == 1
+
+
+async def test_token_minting_exists_only_with_demo_or_an_admin_token(start_server):
+    server = await start_server()
+    status, body, _ = await ahttp(server.admin_address, "POST", "/v1/token", b'{"subscriber":"a"}')
+    assert status == 404 and "/v1/token" not in json.loads(body)["endpoints"]
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [{"Origin": "http://evil.example"}, {"Origin": "null"}, {"Sec-Fetch-Site": "cross-site"}, {"Host": "evil.example:8081"}],
+    ids=["foreign-origin", "null-origin", "cross-site", "rebinding-host"],
+)
+async def test_what_a_web_page_could_send_is_403(start_server, headers):
+    bus = FakeBus()
+    server = await start_server(bus)
+    status, body, _ = await ahttp(server.admin_address, "POST", "/v1/publish", ITEM, {"Content-Type": "text/plain", **headers})
+    assert status == 403 and json.loads(body)["error"]
+    assert bus.published == []
+
+
+async def test_the_admin_page_itself_may_publish(start_server):
+    bus = FakeBus()
+    server = await start_server(bus)
+    host = f"127.0.0.1:{server.admin_address[1]}"
+    status, _, _ = await ahttp(server.admin_address, "POST", "/v1/publish", ITEM, {"Origin": f"http://{host}", "Sec-Fetch-Site": "same-origin"})
+    assert status == 202 and len(bus.published) == 1
+
+
+def test_a_non_loopback_admin_address_needs_a_token():
+    from conftest import make_config
+
+    from mailpush.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="--admin-token"):
+        make_config(admin=("0.0.0.0", 0))
+    with pytest.raises(ConfigError, match="at least 16"):
+        make_config(admin=("0.0.0.0", 0), admin_token="short")
+    assert make_config(admin=("0.0.0.0", 0), admin_token=ADMIN_TOKEN).admin_token == ADMIN_TOKEN
+    assert ADMIN_TOKEN not in repr(make_config(admin_token=ADMIN_TOKEN))  # never in a repr
+
+
+def test_the_cli_refuses_to_start_an_open_admin_api():
+    import subprocess
+    import sys
+
+    from conftest import SECRET
+
+    proc = subprocess.run([sys.executable, "-m", "mailpush", "serve", "--listen", "127.0.0.1:0", "--admin", "0.0.0.0:0", "--secret", SECRET],
+                          capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 2 and "--admin-token" in proc.stderr and "Traceback" not in proc.stderr
