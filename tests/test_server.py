@@ -192,3 +192,59 @@ async def test_event_frame_built_once_for_all_tabs(start_server, monkeypatch):
             assert json.loads(await ws.get_message())["data"] == {"k": 1}
             await ws.aclose()
     assert len(calls) == 1
+
+
+# -- isolation boundaries: a bug ends one connection, never the server ------------
+
+
+async def test_a_bug_in_a_handshake_is_a_500_for_that_client_only(start_server, monkeypatch):
+    from conftest import AsyncRaw
+
+    import mailpush.handshake as hs
+
+    server = await start_server()
+    real = hs.parse_request
+    monkeypatch.setattr(hs, "parse_request", lambda head: (_ for _ in ()).throw(IndexError("a bug")))
+    raw = await AsyncRaw.connect(server.listen_address)
+    assert (await raw.upgrade(token("a"))).startswith(b"HTTP/1.1 500")
+    monkeypatch.setattr(hs, "parse_request", real)
+    assert server.stats.internal_errors == 1 and server.open_sockets == 0
+    async with trio_websocket.open_websocket_url(ws_url(server, tok=token("b"))) as ws:
+        await ws.send_message('{"type":"subscribe"}')
+        assert json.loads(await ws.get_message())["type"] == "subscribed"
+
+
+async def test_a_bug_in_packet_handling_ends_that_connection_only(start_server, monkeypatch):
+    import mailpush.connection as connection
+
+    server = await start_server()
+    async with trio_websocket.open_websocket_url(ws_url(server, tok=token("a"))) as other:
+        await other.send_message('{"type":"subscribe"}')
+        await other.get_message()
+        real = connection.parse_client_packet
+        monkeypatch.setattr(connection, "parse_client_packet", lambda payload: 1 / 0)
+        async with trio_websocket.open_websocket_url(ws_url(server, tok=token("b"))) as victim:
+            await victim.send_message('{"type":"subscribe"}')
+            with pytest.raises(trio_websocket.ConnectionClosed):
+                await victim.get_message()
+        monkeypatch.setattr(connection, "parse_client_packet", real)
+        assert server.stats.internal_errors == 1
+        await other.send_message('{"type":"ping"}')
+        assert json.loads(await other.get_message())["type"] == "pong"
+
+
+async def test_a_bug_in_a_keepalive_tick_does_not_stop_keepalive(start_server, autojump_clock):
+    server = await start_server(ping_interval=1, pong_timeout=1)
+
+    class Broken:
+        @property
+        def state(self):
+            raise RuntimeError("a bug")
+
+    server.connections.add(Broken())
+    await trio.sleep(3)
+    assert server.stats.internal_errors >= 1
+    server.connections.clear()
+    async with trio_websocket.open_websocket_url(ws_url(server, tok=token("k"))):
+        await trio.sleep(3)
+        assert server.stats.pings >= 2  # keepalive went on after the failed ticks

@@ -33,6 +33,7 @@ import trio
 from . import handshake as hs
 from .auth import token_from_request
 from .errors import HandshakeError, PacketError, ProtocolError
+from .log import LogLimiter
 from .frames import CloseCode, Decoder, Opcode, encode_close, encode_frame, parse_close
 from .packets import PONG_FRAME, Ping, Subscribe, error_frame, parse_client_packet, subscribed_frame, unsubscribed_frame
 
@@ -267,9 +268,9 @@ async def _writer(conn: Connection) -> None:
                     n = 0
     except trio.ClosedResourceError:
         return
-    except Exception:
+    except Exception:  # noqa: BLE001
         # The isolation boundary: a bug here ends this connection, not the server.
-        conn.server.log.exception("writer_failed", subscriber=conn.subscriber)
+        conn.server._task_failed("writer")
         conn.abort()
         return
     if conn.state == CLOSED:
@@ -280,15 +281,22 @@ async def _writer(conn: Connection) -> None:
         conn.abort()
 
 
+_refuse_log = LogLimiter()
+_RESPONSE_500 = hs.response_text(500, "internal error; the server logged it\n")
+
+
 def _refuse(server: Server, sock: socket.socket, err: HandshakeError, reason_label: str) -> None:
     server.stats.rejections[reason_label] += 1
-    server.log.warning("handshake_refused", status=err.status, reason=err.reason)
+    if n := _refuse_log.tick():  # a flood of bad requests is one line a second
+        server.log.warning("handshake_refused", status=err.status, reason=err.reason, count=n)
     _send_and_close(sock, hs.response_error(err))
 
 
 def _send_and_close(sock: socket.socket, data: bytes) -> None:
     """Best-effort send of a small response, then close (FIN); wakes any
     task parked on the socket."""
+    if sock.fileno() < 0:
+        return  # closed already
     try:
         sock.send(data)
     except OSError:
@@ -417,8 +425,24 @@ async def serve_socket(server: Server, sock: socket.socket, slot: object) -> Non
 
     Kept small on purpose: this coroutine's frame is what every idle
     connection holds (with Trio's wait_readable chain below it).
+
+    Resource handling: the socket is this task's from the accept loop on;
+    it is closed on every way out, and the connection is removed from the
+    server's books.
+
+    Error handling: this is the isolation boundary of one connection. A
+    client's protocol faults get their close code or HTTP status (see the
+    module docstring); socket errors end it quietly; an unexpected error
+    (a bug) in the handshake is answered 500, after it ends the connection,
+    and either way is logged and counted (``mailpush_internal_errors``),
+    never reaching the other connections or the server.
     """
-    conn, rest = await _open(server, sock, slot)
+    try:
+        conn, rest = await _open(server, sock, slot)
+    except Exception:  # noqa: BLE001 - the isolation boundary: a bug in a handshake ends that one
+        server._task_failed("handshake")
+        _send_and_close(sock, _RESPONSE_500)
+        conn = None
     if conn is None:
         server.open_sockets -= 1
         return
@@ -448,9 +472,9 @@ async def serve_socket(server: Server, sock: socket.socket, slot: object) -> Non
     except OSError as e:
         if e.errno not in (errno.ECONNRESET, errno.EPIPE, errno.EBADF, errno.ETIMEDOUT):
             server.log.warning("socket_error", error=str(e))
-    except Exception:
+    except Exception:  # noqa: BLE001
         # The isolation boundary: a bug here ends this connection, not the server.
-        server.log.exception("connection_failed", subscriber=conn.subscriber)
+        server._task_failed("connection")
     finally:
         conn.abort()
         server.removed(conn)

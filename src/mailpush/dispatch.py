@@ -143,7 +143,13 @@ class Dispatcher:
             self._wakeup.set()
 
     async def run_subscriptions(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Keep the bus subscribed to exactly the locally connected subscribers."""
+        """Keep the bus subscribed to exactly the locally connected subscribers.
+
+        Error handling: a failed change (the bus down, or a bug) is logged
+        and retried with backoff; the subscribers it concerned stay dirty,
+        so the bus ends up matching the registry once it answers again.
+        Only cancellation ends this task.
+        """
         task_status.started()
         if not self._track:
             return

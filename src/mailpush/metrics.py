@@ -36,6 +36,7 @@ class Stats:
         self.accept_pauses = 0
         self.lag_skips = 0  # keepalive rounds not judged because the loop stalled
         self.writers = 0  # writer tasks spawned
+        self.internal_errors = 0  # unexpected errors caught at a task's isolation boundary
         self.bad_items = 0  # bus items dropped as unusable (bad payload or failed delivery)
 
 
@@ -70,6 +71,7 @@ class _Collector(Collector):
             ("mailpush_packet_errors", "Error packets sent for bad client packets", s.packet_errors),
             ("mailpush_accept_pauses", "Times accepting waited for a handshake slot", s.accept_pauses),
             ("mailpush_keepalive_lag_skips", "Keepalive rounds not judged because the server stalled", s.lag_skips),
+            ("mailpush_internal_errors", "Unexpected errors (bugs) caught at a task's isolation boundary and logged", s.internal_errors),
             ("mailpush_writers", "Writer tasks spawned for sockets that could not take a frame at once", s.writers),
         ):
             yield CounterMetricFamily(name, doc, value=value)

@@ -34,7 +34,7 @@ from .dispatch import Dispatcher
 from .errors import ConfigError
 from .frames import PING_FRAME, CloseCode
 from .handshake import response_text
-from .log import get_logger
+from .log import LogLimiter, get_logger
 from .metrics import Stats
 from .pool import Pool
 from .rawsock import accept_fd, refuse_fd, socket_for
@@ -137,12 +137,12 @@ class Server:
         self._cancel = trio.CancelScope()
         self._drained = trio.Event()
         self._seq = 0
-        self._slow_unlogged = 0
-        self._slow_log_at = 0.0
+        self._slow_log = LogLimiter(SLOW_LOG_INTERVAL)
         self._rate: float | None = None  # upgrades/s, see _upgrade_rate
         self._rate_at = 0.0
         self._rate_upgrades = 0
-        self._lags: deque[tuple[float, float]] = deque()  # (when, how late) of recent keepalive ticks
+        self._lags: deque[tuple[float, float]] = deque()
+        self._error_log = LogLimiter()  # (when, how late) of recent keepalive ticks
         self.wait_readable = trio.lowlevel.wait_readable
 
     # -- lifecycle ----------------------------------------------------------
@@ -152,6 +152,19 @@ class Server:
 
         ``task_status.started(self)`` once both ports are bound, with
         :attr:`listen_address` and :attr:`admin_address` filled in.
+
+        Resource handling: the listener is closed on every way out, the
+        bus's resources released after the nursery tree has ended.
+
+        Raises:
+          ConfigError: at startup: no secret, a port that cannot be bound,
+            a bus that cannot be reached.
+
+        Error handling: every task below has its own isolation boundary
+        (see each: the accept loop, each connection and writer, keepalive,
+        the handshake sweeper, the admin server, the dispatcher); an
+        exception that still reaches this nursery is a bug that the server
+        cannot survive, and ends it.
         """
         if self.verifier is None:
             raise ConfigError("no token secret: set --secret, MAILPUSH_SECRET or --secret-file")
@@ -247,54 +260,71 @@ class Server:
     # -- accepting ----------------------------------------------------------
 
     async def _accept_loop(self, listener: socket.socket) -> None:
+        """Accept connections and start a task for each, until drain closes
+        the listener.
+
+        Resource handling: an accepted descriptor belongs to this loop
+        until its task is started (or it is refused); the task owns it then.
+
+        Error handling: EMFILE and the like pause accepting briefly; a
+        client gone before its accept is skipped; an unexpected error (a
+        bug) is logged and accepting resumes after ACCEPT_ERROR_PAUSE.
+        """
+        while not self.draining:
+            try:
+                await self._accept_some(listener)
+            except trio.ClosedResourceError:
+                return  # the listener was closed by drain
+            except Exception:  # noqa: BLE001 - the isolation boundary, see above
+                self._task_failed("accept")
+                await trio.sleep(ACCEPT_ERROR_PAUSE)
+
+    async def _accept_some(self, listener: socket.socket) -> None:
         limiter = self.handshakes
         nursery = self.connections_nursery
         max_conns = self.config.max_connections
         stats = self.stats
-        try:
-            while not self.draining:
-                await trio.lowlevel.wait_readable(listener)
-                # Before taking more: if the backlog holds more than can be
-                # served within the budget, refuse the excess now, before the
-                # accept queue overflows and the kernel starts dropping SYNs
-                # (which costs clients a second or more of retransmission).
-                self._shed(listener)
-                for _ in range(ACCEPT_BATCH):
-                    try:
-                        fd = accept_fd(listener)
-                    except BlockingIOError:
+        while not self.draining:
+            await trio.lowlevel.wait_readable(listener)
+            # Before taking more: if the backlog holds more than can be
+            # served within the budget, refuse the excess now, before the
+            # accept queue overflows and the kernel starts dropping SYNs
+            # (which costs clients a second or more of retransmission).
+            self._shed(listener)
+            for _ in range(ACCEPT_BATCH):
+                try:
+                    fd = accept_fd(listener)
+                except BlockingIOError:
+                    break
+                except OSError as e:
+                    if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                        self.log.warning("accept_failed", error=e.strerror)
+                        await trio.sleep(ACCEPT_ERROR_PAUSE)
                         break
-                    except OSError as e:
-                        if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                            self.log.warning("accept_failed", error=e.strerror)
-                            await trio.sleep(ACCEPT_ERROR_PAUSE)
-                            break
-                        continue  # ECONNABORTED and the like: that client is gone
-                    if self.open_sockets >= max_conns:
-                        stats.rejections["full"] += 1
-                        refuse_fd(fd, _RESPONSE_FULL)
-                        continue
-                    sock = socket_for(listener, fd)
-                    self._seq += 1
-                    slot = self._seq
+                    continue  # ECONNABORTED and the like: that client is gone
+                if self.open_sockets >= max_conns:
+                    stats.rejections["full"] += 1
+                    refuse_fd(fd, _RESPONSE_FULL)
+                    continue
+                sock = socket_for(listener, fd)
+                self._seq += 1
+                slot = self._seq
+                try:
+                    limiter.acquire_on_behalf_of_nowait(slot)
+                except trio.WouldBlock:
+                    # Every handshake slot is busy: the server is saturated.
+                    stats.accept_pauses += 1
+                    self.paused = True
                     try:
-                        limiter.acquire_on_behalf_of_nowait(slot)
-                    except trio.WouldBlock:
-                        # Every handshake slot is busy: the server is saturated.
-                        stats.accept_pauses += 1
-                        self.paused = True
-                        try:
-                            await self._wait_for_slot(listener, slot)
-                        except BaseException:
-                            sock.close()
-                            raise
-                        finally:
-                            self.paused = False
-                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                    self.open_sockets += 1
-                    nursery.start_soon(serve_socket, self, sock, slot, name=_CONNECTION_TASK)
-        except trio.ClosedResourceError:
-            pass  # the listener was closed by drain
+                        await self._wait_for_slot(listener, slot)
+                    except BaseException:
+                        sock.close()
+                        raise
+                    finally:
+                        self.paused = False
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                self.open_sockets += 1
+                nursery.start_soon(serve_socket, self, sock, slot, name=_CONNECTION_TASK)
 
     async def _wait_for_slot(self, listener: socket.socket, slot: int) -> None:
         """Wait for a handshake slot, shedding what cannot be served in time.
@@ -355,19 +385,26 @@ class Server:
         (a thousand dropped at once must not become a thousand log lines)."""
         self.stats.slow_consumers += 1
         self.stats.closes[CloseCode.POLICY_VIOLATION] += 1
-        self._slow_unlogged += 1
-        now = trio.current_time()
-        if now >= self._slow_log_at:
-            self.log.warning("slow_consumers_dropped", count=self._slow_unlogged, last_subscriber=conn.subscriber, send_queue_bytes=self.config.send_queue_bytes)
-            self._slow_unlogged = 0
-            self._slow_log_at = now + SLOW_LOG_INTERVAL
+        if n := self._slow_log.tick():
+            self.log.warning("slow_consumers_dropped", count=n, last_subscriber=conn.subscriber, send_queue_bytes=self.config.send_queue_bytes)
+
+    def _task_failed(self, task: str) -> None:
+        """Log an unexpected error caught at a long-lived task's isolation
+        boundary (at most once a second; the count says how many)."""
+        self.stats.internal_errors += 1
+        if n := self._error_log.tick():
+            self.log.exception("internal_error", task=task, count=n)
 
     def closing(self, conn: Connection) -> None:
         """``conn`` is closing; cut it if it is not closed within CLOSE_TIMEOUT."""
         self._closing.append((trio.current_time() + CLOSE_TIMEOUT, conn))
 
     async def _sweep_handshakes(self) -> None:
-        """Answer 408 to handshakes past their deadline (slowloris bound)."""
+        """Answer 408 to handshakes past their deadline (slowloris bound).
+
+        Error handling: a failure to answer one (a bug) is logged and that
+        socket closed; the sweep goes on with the next.
+        """
         q = self.handshake_deadlines
         timeout = self.config.handshake_timeout
         while True:
@@ -375,7 +412,11 @@ class Server:
             while q and q[0][0] <= now:
                 sock = q.popleft()[1]
                 if sock is not None:
-                    expire_handshake(self, sock)
+                    try:
+                        expire_handshake(self, sock)
+                    except Exception:  # noqa: BLE001 - the isolation boundary, see above
+                        self._task_failed("handshake_sweep")
+                        sock.close()
             next_at = q[0][0] if q else now + timeout
             await trio.sleep_until(max(next_at, now + HANDSHAKE_SWEEP_TICK))
 
@@ -390,6 +431,10 @@ class Server:
         comes late by more than LAG_TOLERANCE, the server itself stalled:
         the pending checks are dropped, so no client pays for our stall.
         The same ticks expire closing handshakes the peer never answered.
+
+        Error handling: an unexpected error in a tick (a bug) is logged, the
+        pending checks of that round are forgotten, and the next tick runs:
+        keepalive never stops, and no connection is judged on a broken round.
         """
         interval = self.config.ping_interval
         tick = (interval / KEEPALIVE_SLICES) if interval else 1.0
@@ -401,39 +446,44 @@ class Server:
         while True:
             expected = trio.current_time() + tick
             await trio.sleep_until(expected)
-            now = trio.current_time()
-            self._lags.append((now, now - expected))
-            if len(self._lags) > 2 * KEEPALIVE_SLICES:
-                self._lags.popleft()
-            while self._closing and self._closing[0][0] <= now:
-                self._closing.popleft()[1].abort()
-            if not interval:
-                continue
-            if now - expected > LAG_TOLERANCE:
-                stats.lag_skips += 1
-                self.log.warning("keepalive_lag", seconds=round(now - expected, 3), skipped_checks=sum(len(b) for _, b in checks))
-                checks.clear()
-                continue
-            while checks and checks[0][0] <= now:
-                for conn in checks.popleft()[1]:
-                    if conn.state == OPEN and conn.flags & F_PING and not conn.flags & F_SEEN:
-                        stats.pong_timeouts += 1
-                        conn.close(CloseCode.GOING_AWAY, f"no pong within {pong_timeout:g} s", wait_for_peer=False)
-            if not pending:
-                if now - round_at < interval - tick / 2:
+            try:
+                now = trio.current_time()
+                self._lags.append((now, now - expected))
+                if len(self._lags) > 2 * KEEPALIVE_SLICES:
+                    self._lags.popleft()
+                while self._closing and self._closing[0][0] <= now:
+                    self._closing.popleft()[1].abort()
+                if not interval:
                     continue
-                pending = list(self.connections)
-                round_at = now
-            n = max(1, math.ceil(len(pending) * tick / interval))
-            batch, pending = pending[-n:], pending[:-n]
-            pinged = []
-            for conn in batch:
-                if conn.state == OPEN:
-                    conn.flags = (conn.flags | F_PING) & ~F_SEEN
-                    if conn.send(PING_FRAME):
-                        pinged.append(conn)
-            stats.pings += len(pinged)
-            checks.append((now + pong_timeout, pinged))
+                if now - expected > LAG_TOLERANCE:
+                    stats.lag_skips += 1
+                    self.log.warning("keepalive_lag", seconds=round(now - expected, 3), skipped_checks=sum(len(b) for _, b in checks))
+                    checks.clear()
+                    continue
+                while checks and checks[0][0] <= now:
+                    for conn in checks.popleft()[1]:
+                        if conn.state == OPEN and conn.flags & F_PING and not conn.flags & F_SEEN:
+                            stats.pong_timeouts += 1
+                            conn.close(CloseCode.GOING_AWAY, f"no pong within {pong_timeout:g} s", wait_for_peer=False)
+                if not pending:
+                    if now - round_at < interval - tick / 2:
+                        continue
+                    pending = list(self.connections)
+                    round_at = now
+                n = max(1, math.ceil(len(pending) * tick / interval))
+                batch, pending = pending[-n:], pending[:-n]
+                pinged = []
+                for conn in batch:
+                    if conn.state == OPEN:
+                        conn.flags = (conn.flags | F_PING) & ~F_SEEN
+                        if conn.send(PING_FRAME):
+                            pinged.append(conn)
+                stats.pings += len(pinged)
+                checks.append((now + pong_timeout, pinged))
+            except Exception:  # noqa: BLE001 - the isolation boundary, see the docstring
+                self._task_failed("keepalive")
+                checks.clear()
+                pending = []
 
     # -- drain ----------------------------------------------------------------
 
@@ -444,6 +494,9 @@ class Server:
         delay; its queued events go out before the Close frame. Returns when
         all connections are closed (or seconds + DRAIN_GRACE have passed),
         then stops :meth:`serve`.
+
+        Error handling: a connection that fails to close (a bug) is logged
+        and cut; the drain goes on, and :meth:`serve` is stopped in any case.
         """
         if self.draining:
             return
@@ -457,21 +510,27 @@ class Server:
         random.shuffle(conns)
         start = trio.current_time()
         n = len(conns)
-        for i, conn in enumerate(conns):
-            # Connection i closes at i/n of the window: an even spread, the
-            # order random, so reconnects arrive evenly over the window.
-            at = start + seconds * i / n
-            if at - trio.current_time() > DRAIN_TICK:
-                await trio.sleep_until(at)
-            if conn.state == OPEN:
-                delay = random.uniform(1.0, max(1.0, seconds))
-                conn.close(CloseCode.SERVICE_RESTART, f"restarting; reconnect in {delay:.0f} s")
-        with trio.move_on_after(DRAIN_GRACE):
-            while self.connections:
-                await trio.sleep(0.05)
-        for conn in list(self.connections):
-            conn.abort()
-        self._drained.set()
+        try:
+            for i, conn in enumerate(conns):
+                # Connection i closes at i/n of the window: an even spread, the
+                # order random, so reconnects arrive evenly over the window.
+                at = start + seconds * i / n
+                if at - trio.current_time() > DRAIN_TICK:
+                    await trio.sleep_until(at)
+                try:
+                    if conn.state == OPEN:
+                        delay = random.uniform(1.0, max(1.0, seconds))
+                        conn.close(CloseCode.SERVICE_RESTART, f"restarting; reconnect in {delay:.0f} s")
+                except Exception:  # noqa: BLE001 - the isolation boundary, see above
+                    self._task_failed("drain")
+                    conn.abort()
+            with trio.move_on_after(DRAIN_GRACE):
+                while self.connections:
+                    await trio.sleep(0.05)
+        finally:
+            for conn in list(self.connections):
+                conn.abort()
+            self._drained.set()
 
     def stop(self) -> None:
         """Stop at once, without draining."""

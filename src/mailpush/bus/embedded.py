@@ -23,6 +23,11 @@ class EmbeddedBus(Bus):
         self._send, self._receive = trio.open_memory_channel[Sequence[Item]](CHANNEL_BATCHES)
 
     async def run(self, sink: Sink, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """The bus-client task: every published batch to the sink, in order.
+
+        Error handling: the sink (the dispatcher) is an isolation boundary
+        of its own; nothing here can fail but cancellation.
+        """
         task_status.started()
         async for batch in self._receive:
             await sink(batch)
