@@ -126,7 +126,6 @@ def _check_resource_control(out: Path) -> None:
     burst = _results(out, "burst")["mailpush"]
     assert "error" not in burst, burst
     assert burst["sent"] == burst["answers"] == burst["connections_answered"] == TINY_N, burst
-    assert 0 < burst["pool_buffers_after"] <= burst["pool_size"], burst
     assert burst["rss_samples"] > 10 and not burst["client_errors"], burst
 
     slow = _results(out, "slow_consumers")["mailpush"]

@@ -24,23 +24,38 @@ import functools
 import hmac
 import html
 from importlib import resources
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import Any, Protocol
 
 import orjson
 import trio
 
 from .admin_http import CLOSED, CONTINUE, AdminConnection, Request
 from .auth import mint
-from .config import is_loopback
 from .errors import AdminHTTPError, BusUnavailable, ConfigError, MailpushError, PublishError
 from .log import LogLimiter, get_logger
 from .metrics import render
+from .bus import Bus
+from .config import Config, is_loopback
+from .metrics import Stats
 from .packets import MAX_SUBSCRIBER_LEN, parse_items
 
-if TYPE_CHECKING:
-    from .server import Server
+__all__ = ["serve_admin", "Server"]
 
-__all__ = ["serve_admin"]
+
+class Server(Protocol):
+    """What the admin API needs of the server (a
+    :class:`mailpush.server.Server` is one)."""
+
+    config: Config
+    stats: Stats
+    bus: Bus
+    log: Any
+    listen_address: tuple[str, int] | None
+    health: Callable[[], tuple[int, str]]
+    gauges: Callable[[], dict[str, tuple[str, float]]]
+    counters: Callable[[], dict[str, tuple[str, float]]]
+
 
 # A keep-alive connection that sends nothing for this long is closed
 # quietly (a health probe's pre-connect, an idle client pool).

@@ -54,8 +54,7 @@ def _serve_options(p: argparse.ArgumentParser) -> None:
     opt("max-connections", _D.max_connections, "open connections per process; beyond it upgrades get 503", type=int)
     opt("max-handshakes", _D.max_handshakes, "handshakes in progress at once; more wait in the kernel backlog", type=int)
     opt("handshake-timeout", _D.handshake_timeout, "seconds for the whole upgrade request", type=float)
-    opt("pool-size", _D.pool_size, "connections processed at once (each borrows a read buffer)", type=int)
-    opt("buffer-size", _D.buffer_size, "bytes of each pooled read buffer", type=int)
+    opt("buffer-size", _D.buffer_size, "bytes of the read buffer (one for all connections)", type=int)
     opt("max-message-size", _D.max_message_size, "largest client message in bytes (close 1009 beyond)", type=int)
     opt("send-queue-bytes", _D.send_queue_bytes, "bytes queued for a client that does not read before it is dropped", type=int)
     opt("max-packet-errors", _D.max_packet_errors, "bad packets before close 1008", type=int)
@@ -109,7 +108,6 @@ def config_from_args(args: argparse.Namespace) -> Config:
         max_connections=args.max_connections,
         max_handshakes=args.max_handshakes,
         handshake_timeout=args.handshake_timeout,
-        pool_size=args.pool_size,
         buffer_size=args.buffer_size,
         max_message_size=args.max_message_size,
         send_queue_bytes=args.send_queue_bytes,

@@ -73,10 +73,9 @@ class Config:
     max_handshakes: int = 256
     # Seconds for the whole upgrade request (slowloris bound).
     handshake_timeout: float = 5.0
-    # Connections processed at once (the worker pool) and the size of the
-    # read buffer each borrows: 64 × 16 KiB = 1 MiB at most for reading,
-    # however many connections are readable at once.
-    pool_size: int = 64
+    # The one read buffer every connection reads into (each read is handled
+    # before the next await, so one serves them all): 16 KiB takes a
+    # browser's packets and a burst of frames in one recv().
     buffer_size: int = 16_384
     # Largest client message. Browsers send small packets here (subscribe,
     # ping); 4 KiB is generous and bounds what one client can make us hold.
@@ -96,7 +95,7 @@ class Config:
     log_format: str = "auto"  # auto | json | console
 
     def __attrs_post_init__(self) -> None:
-        for name in ("max_connections", "max_handshakes", "pool_size", "workers"):
+        for name in ("max_connections", "max_handshakes", "workers"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
         if self.buffer_size < 1024:

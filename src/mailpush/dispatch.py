@@ -12,18 +12,13 @@ by one task.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
-
 import trio
 
 from .bus import Bus, Item
 from .log import LogLimiter, get_logger
 from .metrics import Stats
 from .packets import event_frame
-from .registry import Registry
-
-if TYPE_CHECKING:
-    from .connection import Connection
+from .registry import Registry, Subscription
 
 __all__ = ["Dispatcher"]
 
@@ -50,7 +45,7 @@ class Dispatcher:
         self._dirty: set[str] = set()
         # Tabs whose ``subscribed`` answer waits for the bus to acknowledge
         # their subscriber's subscription: subscriber -> {connection: frame}.
-        self._pending: dict[str, dict[Connection, bytes]] = {}
+        self._pending: dict[str, dict[Subscription, bytes]] = {}
         self._wakeup = trio.Event()
         self._bad_log = LogLimiter()
 
@@ -113,7 +108,7 @@ class Dispatcher:
 
     # -- bus subscriptions --------------------------------------------------
 
-    def confirm(self, conn: Connection, frame: bytes) -> None:
+    def confirm(self, conn: Subscription, frame: bytes) -> None:
         """Send ``conn`` its ``subscribed`` answer once events for its
         subscriber reach this process: at once with a bus that routes
         everything here or whose subscription already stands; otherwise when

@@ -8,12 +8,19 @@ the bus must be told to subscribe and unsubscribe.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Protocol
 
-if TYPE_CHECKING:
-    from .connection import Connection
+__all__ = ["Registry", "Subscription"]
 
-__all__ = ["Registry"]
+
+class Subscription(Protocol):
+    """What the registry and the dispatcher need of a connection (a
+    :class:`~mailpush.connection.Connection` is one)."""
+
+    subscriber: str
+    events: frozenset[str] | None  # the event filter; None: all
+
+    def send(self, frame: bytes) -> bool: ...
 
 
 # Up to this many tabs a subscriber's connections are a tuple (small, and
@@ -27,9 +34,9 @@ class Registry:
     __slots__ = ("_subs",)
 
     def __init__(self) -> None:
-        self._subs: dict[str, tuple[Connection, ...] | dict[Connection, None]] = {}
+        self._subs: dict[str, tuple[Subscription, ...] | dict[Subscription, None]] = {}
 
-    def add(self, conn: Connection) -> bool:
+    def add(self, conn: Subscription) -> bool:
         """Register ``conn`` under its subscriber; True if it is the first."""
         sub = conn.subscriber
         conns = self._subs.get(sub)
@@ -45,7 +52,7 @@ class Registry:
                 self._subs[sub] = dict.fromkeys((*conns, conn))
         return False
 
-    def remove(self, conn: Connection) -> bool:
+    def remove(self, conn: Subscription) -> bool:
         """Forget ``conn``; True if it was its subscriber's last connection."""
         sub = conn.subscriber
         conns = self._subs.get(sub)
@@ -62,7 +69,7 @@ class Registry:
         self._subs[sub] = tuple(c for c in conns if c is not conn)
         return False
 
-    def get(self, subscriber: str) -> tuple[Connection, ...] | None:
+    def get(self, subscriber: str) -> tuple[Subscription, ...] | None:
         """The subscriber's connections, as a snapshot safe to iterate
         across checkpoints."""
         conns = self._subs.get(subscriber)

@@ -1,0 +1,176 @@
+"""The upgrade: from an accepted socket to an open :class:`Connection`.
+
+The request is read straight off the socket and parsed by the sans-I/O
+:mod:`mailpush.handshake`; refusals are answered with their HTTP status and
+a one-line reason, ``GET /healthz`` is answered here for load balancers, and
+only what the application needs is kept (the subscriber of the token).
+
+A handshake slot (``--max-handshakes``) is held only while the request's
+bytes are being parsed, never while waiting for them: a connection that
+stalls in the middle of its request holds a parked task and a socket, no
+slot (the article's point: no worker waits for I/O).
+"""
+
+from __future__ import annotations
+
+import socket
+from typing import TYPE_CHECKING
+
+import trio
+
+from . import handshake as hs
+from .auth import token_from_request
+from .connection import F_ECHO, Connection
+from .errors import HandshakeError
+from .log import LogLimiter
+
+if TYPE_CHECKING:
+    from .context import Context
+
+__all__ = ["open_connection", "expire_handshake", "send_and_close", "RESPONSE_500"]
+
+_wait_readable = trio.lowlevel.wait_readable
+_notify_closing = trio.lowlevel.notify_closing
+
+_refuse_log = LogLimiter()
+RESPONSE_500 = hs.response_text(500, "internal error; the server logged it\n")
+
+
+def _refuse(ctx: Context, sock: socket.socket, err: HandshakeError, reason_label: str) -> None:
+    ctx.stats.rejections[reason_label] += 1
+    if n := _refuse_log.tick():  # a flood of bad requests is one line a second
+        ctx.log.warning("handshake_refused", status=err.status, reason=err.reason, count=n)
+    send_and_close(sock, hs.response_error(err))
+
+
+def send_and_close(sock: socket.socket, data: bytes) -> None:
+    """Best-effort send of a small response, then close (FIN); wakes any
+    task parked on the socket."""
+    if sock.fileno() < 0:
+        return  # closed already
+    try:
+        sock.send(data)
+    except OSError:
+        pass
+    _notify_closing(sock)
+    sock.close()
+
+
+# Rejection reasons by HTTP status, for the metrics label.
+_REASONS = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found", 405: "method", 408: "timeout", 426: "version", 431: "too_large", 503: "overloaded", 505: "http_version"}
+
+
+async def _handshake(ctx: Context, sock: socket.socket, slot: object) -> tuple[Connection | None, bytes]:
+    """Read and answer the upgrade request.
+
+    A handshake slot is held only while there are bytes to parse: the
+    accept loop took one for the first read; whenever the socket has
+    nothing more to read, the slot goes back before waiting, and a slot is
+    taken again when bytes arrive. A connection that stalls in the middle
+    of its request (or sends nothing) holds a parked task and a socket, no
+    slot, until its handshake deadline.
+
+    Returns the new connection (or None when refused or closed, the socket
+    then closed) and any bytes the client sent after the request head.
+    """
+    limiter = ctx.handshakes
+    held = True
+    data = b""
+    try:
+        while True:
+            try:
+                chunk = sock.recv(hs.MAX_HEAD_BYTES + 1 - len(data))
+            except BlockingIOError:
+                if held:
+                    limiter.release_on_behalf_of(slot)
+                    held = False
+                await _wait_readable(sock)
+                try:
+                    limiter.acquire_on_behalf_of_nowait(slot)
+                except trio.WouldBlock:
+                    await limiter.acquire_on_behalf_of(slot)
+                held = True
+                continue
+            except OSError:
+                sock.close()
+                return None, b""
+            if not chunk:  # closed before finishing: costs nothing lasting
+                sock.close()
+                return None, b""
+            data = chunk if not data else data + chunk
+            try:
+                end = hs.find_head_end(data, len(data))
+            except HandshakeError as e:
+                _refuse(ctx, sock, e, _REASONS[e.status])
+                return None, b""
+            if end >= 0:
+                break
+        try:
+            req = hs.parse_request(data[:end])
+            conn = _upgrade(ctx, sock, req)
+        except HandshakeError as e:
+            _refuse(ctx, sock, e, _REASONS.get(e.status, str(e.status)))
+            return None, b""
+        if conn is None:
+            return None, b""
+        return conn, data[end:]
+    finally:
+        if held:
+            limiter.release_on_behalf_of(slot)
+
+
+def _upgrade(ctx: Context, sock: socket.socket, req: hs.Request) -> Connection | None:
+    config = ctx.config
+    if not req.wants_websocket:
+        if req.path == "/healthz" and req.method in ("GET", "HEAD"):
+            status, body = ctx.health(own_sockets=1)
+            send_and_close(sock, hs.response_text(status, body + "\n"))
+            return None
+    flags = 0
+    if req.path == config.ws_path:
+        pass
+    elif config.echo_path is not None and req.path == config.echo_path:
+        flags = F_ECHO
+    else:
+        raise HandshakeError(404, f"no WebSocket endpoint at {req.path[:100]}, connect to {config.ws_path}")
+    hs.check_upgrade(req)
+    if config.allowed_origins and req.origin not in config.allowed_origins:
+        raise HandshakeError(403, f"origin {req.origin[:100] or '(none)'} is not allowed")
+    if ctx.draining:
+        raise HandshakeError(503, "server is draining, reconnect to another instance", (("Retry-After", "1"),))
+    subscriber = "" if flags else ctx.verifier.verify(token_from_request(req))
+    try:
+        sock.send(hs.response_101(req.key))
+    except OSError:
+        sock.close()
+        return None
+    return Connection(sock, ctx, subscriber, flags=flags)
+
+
+async def open_connection(ctx: Context, sock: socket.socket, slot: object) -> tuple[Connection | None, bytes]:
+    """Upgrade ``sock`` under the server's handshake deadline.
+
+    No cancel scope or timer per connection: the deadline goes into the
+    timers' queue, and the timer task answers 408 and closes the socket if
+    the handshake is still going by then (which wakes us here).
+
+    Args:
+      slot: the handshake slot the accept loop took on this one's behalf
+        (see :func:`_handshake` for when it is held).
+
+    Returns:
+      The new connection (None when refused or closed: the socket is then
+      closed) and any bytes the client sent after the request head.
+    """
+    entry = ctx.timers.handshake_deadline(sock)
+    try:
+        return await _handshake(ctx, sock, slot)
+    except trio.ClosedResourceError:
+        return None, b""  # expired: the sweeper answered and closed it
+    finally:
+        entry[1] = None
+
+
+def expire_handshake(ctx: Context, sock: socket.socket) -> None:
+    """Called by the timer task for a handshake past its deadline."""
+    _refuse(ctx, sock, HandshakeError(408, f"handshake not finished within {ctx.config.handshake_timeout:g} s"), "timeout")
