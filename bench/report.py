@@ -168,8 +168,8 @@ def plots(out: Path, data: dict) -> list[tuple[str, Path]]:
         base = mp["rss_before_kb"]
         ax.plot([t for t, _ in tl], [(kb - base) for _, kb in tl], color=COLORS["mailpush"], lw=1,
                 label="mailpush RSS above the RSS before the burst")
-        ax.axhline(mp["pool_bound_kb"], color="k", ls="--", lw=1,
-                   label=f"pool size × buffer size = {mp['pool_bound_kb']:,.0f} KiB")
+        ax.axhline(mp["bound_kb"], color="k", ls="--", lw=1,
+                   label=f"the bound (issue #4) = {mp['bound_kb']:,.0f} KiB")
         if mp.get("answer_seconds"):
             ax.axvspan(0, mp["answer_seconds"] * 1e3, color="#ffdd99", alpha=0.3, label="first ping → last pong")
         ax.set(xlabel="ms since the burst started", ylabel="KiB",

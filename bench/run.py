@@ -53,7 +53,7 @@ BUSY_SAMPLE_S = 2.0
 BUSY_WARN = 0.2
 
 # Packages whose versions go into the report.
-PACKAGES = ["trio", "trio-websocket", "wsproto", "websockets", "pyjwt", "orjson", "matplotlib", "mailpush"]
+PACKAGES = ["trio", "trio-websocket", "wsproto", "websockets", "pyjwt", "msgspec", "h11", "matplotlib", "mailpush"]
 
 
 def machine_facts() -> dict:

@@ -17,7 +17,8 @@ from conftest import AsyncRaw, RawClient, token, ws_url
 from mailpush import admin
 from mailpush.bus import FakeBus
 from mailpush.errors import PublishError
-from mailpush.packets import event_frame, parse_items
+from mailpush.items import parse_items
+from mailpush.packets import event_frame
 
 
 def http(address, method: str, path: str, body: bytes | None = None, headers: dict | None = None) -> tuple[int, bytes, dict]:

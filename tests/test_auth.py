@@ -13,7 +13,7 @@ oracle refuses; all make the Verifier stricter):
 - time claims that are not JSON numbers: numeric strings ("exp":
   "9999999999") and booleans (PyJWT runs ``int()`` on them; RFC 7519 §2
   says a NumericDate is a JSON number);
-- integers beyond the range of a double (orjson refuses them; PyJWT's json
+- integers beyond the range of a double (the Verifier refuses them; PyJWT's json
   keeps a Python int), and JSON text in UTF-16/32 (Python's json detects
   it, RFC 8259 §8.1 requires UTF-8), and lone surrogate escapes;
 - tokens longer than MAX_TOKEN_BYTES.
@@ -486,3 +486,13 @@ def test_no_token_anywhere_is_401_naming_the_three_carriers() -> None:
         assert info.value.status == 401
         for carrier in ("token", "mailpush_token", "Authorization: Bearer"):
             assert carrier in info.value.reason
+
+
+def test_deeply_nested_token_json_is_a_401_not_a_recursion_error():
+    # The token fits MAX_TOKEN_BYTES, its header and claims nest 1,500 deep.
+    deep = b"[" * 1500 + b"]" * 1500
+    for header, payload in ((deep, b'{"sub":"a","exp":9999999999}'), (b'{"alg":"HS256"}', deep)):
+        tok = _raw_token(header, payload)
+        assert len(tok) <= MAX_TOKEN_BYTES
+        with pytest.raises(AuthError):
+            Verifier(SECRET).verify(tok)

@@ -14,129 +14,16 @@ missing Chromium fails.
 
 from __future__ import annotations
 
-import contextlib
-import itertools
 import json
-import os
-import shutil
-import signal
-import subprocess
 import time
 import urllib.request
-from pathlib import Path
 
-import pytest
 from conftest import server_process
-from websockets.sync.client import connect as ws_connect
+from devtools import chromium, open_tab, require_chromium
 
-CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if os.path.exists("/usr/bin/chromium") else None)
-FLAGS = [
-    "--headless=new",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
-# Chromium's first start on a loaded 2-core machine can take several seconds.
-BROWSER_START_TIMEOUT = 30
-# How long the page gets to reach each state (subscribed, event shown).
-PAGE_TIMEOUT = 15
 # After the expected event shows, how long a wrongly routed one would have
 # had to show up too (it was published first, on the same in-process bus).
 ISOLATION_GRACE = 0.5
-
-
-def _require_chromium() -> str:
-    if CHROMIUM:
-        return CHROMIUM
-    if os.environ.get("CI"):
-        pytest.fail("chromium is not installed; `make test` installs it (make system-deps)")
-    pytest.skip("chromium is not installed (apt-get install chromium, or `make system-deps`)")
-
-
-@contextlib.contextmanager
-def chromium(tmp_path: Path):
-    """Start headless Chromium; yield its DevTools HTTP address."""
-    profile = tmp_path / "profile"
-    profile.mkdir()
-    log = (tmp_path / "chromium.log").open("wb")
-    # Port 0: Chromium picks a free port and writes it to DevToolsActivePort
-    # in the profile, so there is no race for a port chosen in advance.
-    proc = subprocess.Popen(
-        [_require_chromium(), *FLAGS, f"--user-data-dir={profile}", "--remote-debugging-address=127.0.0.1", "--remote-debugging-port=0", "about:blank"],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,  # its own process group: renderers and all are killed with it
-    )
-    try:
-        deadline = time.monotonic() + BROWSER_START_TIMEOUT
-        port_file = profile / "DevToolsActivePort"
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"chromium exited with {proc.returncode}: {(tmp_path / 'chromium.log').read_text(errors='replace')[-2000:]}")
-            if port_file.exists() and port_file.read_text().strip():
-                port = int(port_file.read_text().split()[0])
-                try:
-                    with urllib.request.urlopen(f"http://127.0.0.1:{port}/json/version", timeout=2) as r:
-                        json.load(r)
-                    break
-                except OSError:
-                    pass
-            if time.monotonic() > deadline:
-                raise RuntimeError("chromium's DevTools endpoint did not come up")
-            time.sleep(0.1)
-        yield f"127.0.0.1:{port}"
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(10)
-        log.close()
-
-
-@contextlib.contextmanager
-def open_tab(devtools: str, url: str):
-    """Open ``url`` in a new tab; yield a :class:`Tab` on it."""
-    req = urllib.request.Request(f"http://{devtools}/json/new?{url}", method="PUT")
-    with urllib.request.urlopen(req, timeout=10) as r:
-        target = json.load(r)
-    with ws_connect(target["webSocketDebuggerUrl"], max_size=None, open_timeout=10) as ws:
-        yield Tab(ws)
-
-
-class Tab:
-    """One page, evaluated over its DevTools WebSocket."""
-
-    def __init__(self, ws) -> None:
-        self.ws = ws
-        self.ids = itertools.count(1)
-
-    def evaluate(self, expression: str):
-        msg_id = next(self.ids)
-        self.ws.send(json.dumps({"id": msg_id, "method": "Runtime.evaluate", "params": {"expression": expression, "returnByValue": True, "awaitPromise": True}}))
-        while True:
-            reply = json.loads(self.ws.recv(timeout=10))
-            if reply.get("id") == msg_id:
-                break  # anything else is an event we did not ask for
-        if "error" in reply:
-            raise RuntimeError(reply["error"])
-        result = reply["result"]
-        if "exceptionDetails" in result:
-            raise RuntimeError(result["exceptionDetails"])
-        return result["result"].get("value")
-
-    def wait_for(self, expression: str, what: str, timeout: float = PAGE_TIMEOUT):
-        deadline = time.monotonic() + timeout
-        while True:
-            value = self.evaluate(expression)
-            if value:
-                return value
-            if time.monotonic() > deadline:
-                state = self.evaluate("JSON.stringify({status: document.getElementById('status')?.textContent, events: document.getElementById('events')?.innerText})")
-                raise AssertionError(f"timed out waiting for {what}; page: {state}")
-            time.sleep(0.1)
 
 
 def publish(admin: tuple[str, int], item: dict) -> None:
@@ -152,7 +39,7 @@ def publish(admin: tuple[str, int], item: dict) -> None:
 
 
 def test_demo_page_in_chromium_receives_its_event_and_only_its_own(tmp_path) -> None:
-    _require_chromium()
+    require_chromium()
     with server_process() as (_proc, _listen, admin), chromium(tmp_path) as devtools:
         with open_tab(devtools, f"http://{admin[0]}:{admin[1]}/") as tab:
             tab.wait_for("document.readyState === 'complete' && !!document.getElementById('connect')", "the demo page to load")

@@ -27,7 +27,7 @@ from importlib import resources
 from collections.abc import Callable
 from typing import Any, Protocol
 
-import orjson
+import msgspec
 import trio
 
 from .admin_http import CLOSED, CONTINUE, AdminConnection, Request
@@ -38,7 +38,8 @@ from .metrics import render
 from .bus import Bus
 from .config import Config, is_loopback
 from .metrics import Stats
-from .packets import MAX_SUBSCRIBER_LEN, parse_items
+from .items import parse_items
+from .packets import MAX_SUBSCRIBER_LEN
 
 __all__ = ["serve_admin", "Server"]
 
@@ -78,10 +79,11 @@ _AUTH_HEADERS = (("WWW-Authenticate", 'Bearer realm="mailpush-admin"'),)
 _ENDPOINTS = ["/v1/publish", "/v1/token", "/healthz", "/metrics", "/"]
 
 _log_limit = LogLimiter()
+_encode = msgspec.json.Encoder().encode
 
 
 def _error_body(message: str) -> bytes:
-    return orjson.dumps({"error": message}) + b"\n"
+    return _encode({"error": message}) + b"\n"
 
 
 async def serve_admin(server: Server, address: tuple[str, int], *, task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED) -> None:
@@ -225,7 +227,7 @@ async def _route(server: Server, request: Request) -> tuple[int, str, bytes, tup
             raise AdminHTTPError(400, str(e)) from None
         await server.bus.publish(items)
         server.stats.published += len(items)
-        return 202, _JSON, orjson.dumps({"accepted": len(items)}) + b"\n", ()
+        return 202, _JSON, _encode({"accepted": len(items)}) + b"\n", ()
     if path == "/metrics":
         if method not in ("GET", "HEAD"):
             raise AdminHTTPError(405, "use GET", (("Allow", "GET, HEAD"),))
@@ -239,7 +241,7 @@ async def _route(server: Server, request: Request) -> tuple[int, str, bytes, tup
             raise AdminHTTPError(405, "use GET", (("Allow", "GET, HEAD"),))
         return 200, "text/html; charset=utf-8", _demo_page(server, headers.get("host", "")), ()
     endpoints = _ENDPOINTS if server.config.demo or server.config.admin_token else [e for e in _ENDPOINTS if e != "/v1/token"]
-    return 404, _JSON, orjson.dumps({"error": f"no such admin endpoint: {path[:100]}", "endpoints": endpoints}) + b"\n", ()
+    return 404, _JSON, _encode({"error": f"no such admin endpoint: {path[:100]}", "endpoints": endpoints}) + b"\n", ()
 
 
 def _check_origin(server: Server, request: Request) -> None:
@@ -289,7 +291,7 @@ def _check_token(server: Server, request: Request) -> None:
 
 def _mint(server: Server, body: bytes) -> tuple[int, str, bytes, tuple[tuple[str, str], ...]]:
     try:
-        req = orjson.loads(body or b"{}")
+        req = msgspec.json.decode(body or b"{}")
         sub = req.get("subscriber") if type(req) is dict else None
         ttl = req.get("ttl", 3600) if type(req) is dict else 3600
         if type(sub) is not str or not sub or len(sub) > MAX_SUBSCRIBER_LEN:
@@ -297,9 +299,11 @@ def _mint(server: Server, body: bytes) -> tuple[int, str, bytes, tuple[tuple[str
         if type(ttl) not in (int, float) or not 0 < ttl <= MAX_TOKEN_TTL:
             raise MailpushError(f"'ttl' must be a number of seconds from 1 to {MAX_TOKEN_TTL}")
         token = mint(server.config.secret, sub, ttl)
-    except (orjson.JSONDecodeError, MailpushError) as e:
+    except msgspec.DecodeError as e:
+        raise AdminHTTPError(400, f"not valid JSON: {e}") from None
+    except MailpushError as e:
         raise AdminHTTPError(400, str(e)) from None
-    return 200, _JSON, orjson.dumps({"token": token, "subscriber": sub}) + b"\n", ()
+    return 200, _JSON, _encode({"token": token, "subscriber": sub}) + b"\n", ()
 
 
 @functools.cache

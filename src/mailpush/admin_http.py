@@ -34,7 +34,7 @@ from http import HTTPStatus
 import h11
 
 from .errors import AdminHTTPError
-from .packets import MAX_PUBLISH_BYTES
+from .items import MAX_PUBLISH_BYTES
 
 __all__ = ["MAX_HEAD", "MAX_BODY", "Request", "AdminConnection", "NEED_DATA", "CONTINUE", "CLOSED", "parse_requests"]
 

@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable
 
 import jwt
-import orjson
+import msgspec
 
 from .errors import AuthError, ConfigError
 from .handshake import Request, cookie_value, query_param
@@ -33,6 +33,8 @@ MIN_SECRET_BYTES = 32
 # Real tokens here are ~150 bytes; anything much longer is not ours and is
 # refused before any base64 or HMAC work.
 MAX_TOKEN_BYTES = 4096
+# A NumericDate beyond this is not a date (the largest finite double).
+_MAX_NUMERIC_DATE = int(1.7976931348623157e308)
 # Seconds of clock skew tolerated on exp/nbf between the minter and us.
 LEEWAY_SECONDS = 0
 
@@ -43,6 +45,7 @@ QUERY_PARAM = "token"
 # base64url → standard alphabet for binascii; '+' and '/' are not base64url
 # and become '!', which the strict decoder refuses.
 _TO_STD = bytes.maketrans(b"-_+/", b"+/!!")
+_json = msgspec.json.decode
 
 
 def _b64url(segment: str) -> bytes:
@@ -67,9 +70,14 @@ def _number(claims: dict, name: str) -> int | None:
     if type(value) not in (int, float):
         raise AuthError(f"token '{name}' claim is not a number")
     try:
-        return int(value)
+        number = int(value)
     except (ValueError, OverflowError):
         raise AuthError(f"token '{name}' claim is not a finite number") from None
+    if not -_MAX_NUMERIC_DATE <= number <= _MAX_NUMERIC_DATE:
+        # A JSON number beyond a double's range (the decoder keeps big
+        # integers exact): no date, and PyJWT's stdlib JSON would see inf.
+        raise AuthError(f"token '{name}' claim is not a finite number")
+    return number
 
 
 class Verifier:
@@ -99,10 +107,10 @@ class Verifier:
             raise AuthError("malformed token: expected a JWT of three dot-separated parts")
         h, p, s = parts
         try:
-            header = orjson.loads(_b64url(h))
+            header = _json(_b64url(h))
             signature = _b64url(s)
             signing_input = f"{h}.{p}".encode("ascii")
-        except (ValueError, binascii.Error, UnicodeError):
+        except (ValueError, binascii.Error, UnicodeError, RecursionError):
             raise AuthError("malformed token: bad base64url or JSON") from None
         if not isinstance(header, dict) or header.get("alg") != "HS256":
             raise AuthError("token algorithm must be HS256")
@@ -116,8 +124,8 @@ class Verifier:
         if not hmac.compare_digest(expected, signature):
             raise AuthError("token signature does not verify")
         try:
-            claims = orjson.loads(_b64url(p))
-        except (ValueError, binascii.Error, UnicodeError):
+            claims = _json(_b64url(p))
+        except (ValueError, binascii.Error, UnicodeError, RecursionError):
             raise AuthError("malformed token: bad claims") from None
         if not isinstance(claims, dict):
             raise AuthError("malformed token: claims must be a JSON object")

@@ -16,7 +16,7 @@ import signal
 import sys
 from collections.abc import Sequence
 
-import orjson
+import msgspec
 import structlog
 import trio
 
@@ -25,7 +25,7 @@ from .auth import load_secret, mint
 from .config import Config, parse_hostport
 from .errors import ConfigError, PublishError
 from .log import log_sighup
-from .packets import parse_item
+from .items import parse_item
 
 __all__ = ["main", "trio_app", "build_parser"]
 
@@ -220,15 +220,15 @@ def _cmd_token(args: argparse.Namespace) -> int:
 
 def _cmd_publish(args: argparse.Namespace) -> int:
     try:
-        data = orjson.loads(args.data)
-    except orjson.JSONDecodeError as e:
+        data = msgspec.json.decode(args.data)
+    except msgspec.DecodeError as e:
         raise ConfigError(f"--data is not valid JSON: {e}") from None
     try:
         item = parse_item({"subscriber": args.subscriber, "event": args.event, "data": data}, "event")
     except PublishError as e:
         raise ConfigError(str(e)) from None
     host, port = parse_hostport(args.admin, "--admin")
-    body = orjson.dumps({"subscriber": item[0], "event": item[1], "data": item[2]})
+    body = msgspec.json.encode({"subscriber": item[0], "event": item[1], "data": item[2]})
     conn = http.client.HTTPConnection(host if host != "0.0.0.0" else "127.0.0.1", port, timeout=10)
     try:
         headers = {"Content-Type": "application/json"}

@@ -8,10 +8,10 @@ from typing import Any
 
 import trio
 
+from ..items import Item
+
 __all__ = ["Bus", "Item", "Sink"]
 
-# One publish item: (subscriber id, event name, data object).
-Item = tuple[str, str, Any]
 # Where a bus hands what it receives, one batch a call (awaited: the sink
 # checkpoints while delivering a large batch).
 Sink = Callable[[Sequence[Item]], Awaitable[None]]

@@ -39,7 +39,7 @@ import trio
 
 from ..errors import BusUnavailable, ConfigError, PublishError
 from ..log import LogLimiter, get_logger
-from ..packets import parse_item_json
+from ..items import parse_item_json
 from .base import Bus, Item, Sink
 from .resp import PushParser, RespError, RespProtocolError, command
 

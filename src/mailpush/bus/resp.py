@@ -17,7 +17,7 @@ one (the stream cannot be resynchronised). The parser never holds more than
 
 from __future__ import annotations
 
-from ..packets import MAX_PUBLISH_BYTES
+from ..items import MAX_PUBLISH_BYTES
 
 __all__ = ["PushParser", "RespError", "RespProtocolError", "command", "MAX_BULK", "MAX_LINE", "MAX_ARRAY", "MAX_DEPTH", "MAX_REPLY"]
 
