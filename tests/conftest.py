@@ -20,7 +20,7 @@ import trio
 
 from mailpush import Config, Server
 from mailpush.auth import mint
-from mailpush.bus import FakeBus
+from mailpush.testing import FakeBus
 from mailpush.frames import apply_mask
 
 SECRET = "test-secret-" + "s" * 32

@@ -15,7 +15,7 @@ import trio_websocket
 from conftest import AsyncRaw, RawClient, token, ws_url
 
 from mailpush import admin
-from mailpush.bus import FakeBus
+from mailpush.testing import FakeBus
 from mailpush.errors import PublishError
 from mailpush.items import parse_items
 from mailpush.packets import event_frame
@@ -444,3 +444,52 @@ def test_the_cli_refuses_to_start_an_open_admin_api():
     proc = subprocess.run([sys.executable, "-m", "mailpush", "serve", "--listen", "127.0.0.1:0", "--admin", "0.0.0.0:0", "--secret", SECRET],
                           capture_output=True, text=True, timeout=30)
     assert proc.returncode == 2 and "--admin-token" in proc.stderr and "Traceback" not in proc.stderr
+
+
+# -- the command line's client and publisher ------------------------------------
+
+
+def test_mailpush_listen_prints_each_event_as_a_json_line():
+    import subprocess
+    import sys
+    import time
+
+    from conftest import SECRET, server_process
+
+    with server_process() as (_, listen, admin):
+        cmd = [sys.executable, "-m", "mailpush", "listen", "ann", "--url", f"ws://{listen[0]}:{listen[1]}/v1/ws",
+               "--secret", SECRET, "--events", "new_letter", "--count", "2"]
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            deadline = time.monotonic() + 20
+            while metric_value(admin, "mailpush_subscribers") < 1:  # subscribed
+                assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.poll() is not None else ""
+                time.sleep(0.05)
+            for event, n in (("other", 0), ("new_letter", 1), ("new_letter", 2)):
+                body = json.dumps({"subscriber": "ann", "event": event, "data": {"n": n}}).encode()
+                assert http(admin, "POST", "/v1/publish", body)[0] == 202
+            out, err = proc.communicate(timeout=20)
+        finally:
+            proc.kill()
+    assert proc.returncode == 0, err
+    lines = [json.loads(line) for line in out.splitlines()]
+    assert lines == [{"type": "event", "subscriber": "ann", "event": "new_letter", "data": {"n": 1}},
+                     {"type": "event", "subscriber": "ann", "event": "new_letter", "data": {"n": 2}}]
+    assert '"subscribed"' in err
+
+
+def test_mailpush_listen_with_a_bad_token_says_why():
+    import subprocess
+    import sys
+
+    from conftest import server_process
+
+    with server_process() as (_, listen, _admin):
+        proc = subprocess.run([sys.executable, "-m", "mailpush", "listen", "ann", "--url", f"ws://{listen[0]}:{listen[1]}/v1/ws", "--token", "nope"],
+                              capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 1 and "refused (401)" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def metric_value(admin, name: str) -> float:
+    _, body, _ = http(admin, "GET", "/metrics")
+    return _gauge(body, name)

@@ -6,7 +6,8 @@ from __future__ import annotations
 import trio
 import trio.testing
 
-from mailpush.bus import EmbeddedBus, FakeBus
+from mailpush.bus import EmbeddedBus
+from mailpush.testing import FakeBus
 from mailpush.dispatch import DELIVERIES_PER_CHECKPOINT, Dispatcher
 from mailpush.metrics import Stats
 from mailpush.registry import Registry
@@ -179,3 +180,17 @@ async def waiting_tab(nursery, bus, name: str):
     d.confirm(tab, b"subscribed")
     d.changed(name)
     return d, registry, tab
+
+
+def test_the_redis_bus_without_its_extra_is_a_clear_error(monkeypatch):
+    import sys
+
+    import pytest
+
+    from mailpush.bus import make_bus
+    from mailpush.errors import ConfigError
+
+    monkeypatch.setitem(sys.modules, "coredis", None)  # as if not installed
+    monkeypatch.delitem(sys.modules, "mailpush.bus.redis", raising=False)
+    with pytest.raises(ConfigError, match=r"pip install 'mailpush\[redis\]'"):
+        make_bus("redis://127.0.0.1:6379/0")

@@ -24,7 +24,7 @@ import mailpush.acceptor as acceptor_mod
 import mailpush.server as server_mod
 import mailpush.timers as timers_mod
 from mailpush import _trio_compat
-from mailpush.bus import FakeBus
+from mailpush.testing import FakeBus
 
 
 async def upgraded_clients(server, n: int, prefix: str) -> list[AsyncRaw]:

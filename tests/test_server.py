@@ -11,7 +11,7 @@ import trio_websocket
 from conftest import RawClient, client_frame, close_code, token, ws_url
 from websockets.sync.client import connect as sync_connect
 
-from mailpush.bus import FakeBus
+from mailpush.testing import FakeBus
 
 
 async def subscribe(ws, events=None) -> dict:

@@ -1,4 +1,4 @@
-"""Command line: ``mailpush serve | token | publish`` and ``trio-run mailpush``.
+"""Command line: ``mailpush serve | token | publish | listen`` and ``trio-run mailpush``.
 
 Every option can also come from a ``MAILPUSH_<OPTION>`` environment variable
 (``--max-connections`` ↔ ``MAILPUSH_MAX_CONNECTIONS``); the command line wins.
@@ -77,6 +77,16 @@ def build_parser() -> argparse.ArgumentParser:
     token.add_argument("--ttl", type=float, default=3600.0, help="seconds until the token expires [default 3600]")
     token.add_argument("--secret", default=_env("secret", None), help="HS256 secret [env MAILPUSH_SECRET]")
     token.add_argument("--secret-file", default=_env("secret-file", None), help="file whose first line is the secret [env MAILPUSH_SECRET_FILE]")
+
+    lis = sub.add_parser("listen", help="print the events a subscriber receives", description="Connect to a running server as SUBSCRIBER (like a browser tab) and print each event it receives as a JSON line.")
+    lis.add_argument("subscriber", help="subscriber id")
+    lis.add_argument("--url", default=_env("url", f"ws://127.0.0.1:{_D.listen[1]}{_D.ws_path}"), help=f"the server's WebSocket URL [env MAILPUSH_URL; default ws://127.0.0.1:{_D.listen[1]}{_D.ws_path}]")
+    lis.add_argument("--events", default="", help="comma-separated event names to receive [default: all]")
+    lis.add_argument("--count", type=int, default=0, help="exit after this many events [default 0: until the server closes]")
+    lis.add_argument("--token", default=None, help="the token to connect with [default: minted with the secret]")
+    lis.add_argument("--ttl", type=float, default=3600.0, help="seconds the minted token is valid [default 3600]")
+    lis.add_argument("--secret", default=_env("secret", None), help="HS256 secret to mint the token [env MAILPUSH_SECRET]")
+    lis.add_argument("--secret-file", default=_env("secret-file", None), help="file whose first line is the secret [env MAILPUSH_SECRET_FILE]")
 
     pub = sub.add_parser("publish", help="publish one event", description="Publish one event through the admin API of a running server.")
     pub.add_argument("subscriber", help="subscriber id")
@@ -249,11 +259,24 @@ def _cmd_publish(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_listen(args: argparse.Namespace) -> int:
+    from .listen import listen
+
+    token = args.token or mint(load_secret(args.secret, args.secret_file), args.subscriber, args.ttl)
+    events = [e.strip() for e in args.events.split(",") if e.strip()] or None
+    if args.count < 0:
+        raise ConfigError("--count must be 0 (no limit) or more")
+    try:
+        return trio.run(listen, args.url, token, events, args.count)
+    except KeyboardInterrupt:
+        return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return {"serve": _cmd_serve, "token": _cmd_token, "publish": _cmd_publish}[args.command](args)
+        return {"serve": _cmd_serve, "token": _cmd_token, "publish": _cmd_publish, "listen": _cmd_listen}[args.command](args)
     except ConfigError as e:
         print(f"mailpush {args.command}: {e}", file=sys.stderr)
         return 2

@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 import trio
 
+from .backoff import Backoff
 from .bus import Bus, Item
 from .log import LogLimiter, get_logger
 from .metrics import Stats
@@ -148,7 +149,7 @@ class Dispatcher:
         task_status.started()
         if not self._track:
             return
-        delay = RETRY_FIRST
+        backoff = Backoff(RETRY_FIRST, RETRY_MAX)
         while True:
             await self._wakeup.wait()
             self._wakeup = trio.Event()
@@ -158,12 +159,12 @@ class Dispatcher:
                 # Whatever was not done stays dirty and is tried again: the
                 # bus ends up matching the registry once it answers again.
                 log = get_logger()
-                log.error("bus_subscription_failed", error=repr(e), retry_in=delay, pending=len(self._dirty))
+                delay = backoff.next()
+                log.error("bus_subscription_failed", error=repr(e), retry_in=round(delay, 3), pending=len(self._dirty))
                 self._wakeup.set()
                 await trio.sleep(delay)
-                delay = min(delay * 2, RETRY_MAX)
             else:
-                delay = RETRY_FIRST
+                backoff.reset()
 
     async def flush(self) -> None:
         while self._dirty:

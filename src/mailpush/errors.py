@@ -10,7 +10,10 @@
     ├── PacketError            a bad JSON packet: answered with an ``error`` packet
     ├── PublishError           a bad publish item or body: 400 with what is wrong
     ├── AdminHTTPError         a bad admin request: carries the HTTP status
-    └── BusUnavailable         the bus cannot be reached now: 503, retry
+    └── BusError               the bus side
+        ├── BusUnavailable     the bus cannot be reached now: 503, retry
+        ├── RespError          an error reply from Redis (``-ERR …``)
+        └── RespProtocolError  bytes from Redis that are not RESP2: reconnect
 
 Each error that reaches a client says what was wrong and which rule or limit
 it broke; the text is sent as-is (HTTP reason body, close reason, error
@@ -28,7 +31,10 @@ __all__ = [
     "PacketError",
     "PublishError",
     "AdminHTTPError",
+    "BusError",
     "BusUnavailable",
+    "RespError",
+    "RespProtocolError",
 ]
 
 
@@ -97,7 +103,26 @@ class AdminHTTPError(MailpushError):
         self.headers = headers
 
 
-class BusUnavailable(MailpushError):
+class BusError(MailpushError):
+    """Something on the bus side."""
+
+
+class BusUnavailable(BusError):
     """The bus cannot be reached now: a subscription change or a publish
     cannot be made (the dispatcher retries with backoff; a publisher gets
     503 with Retry-After)."""
+
+
+class RespError(BusError):
+    """An error reply from Redis (``-ERR …``): a value the RESP parser
+    returns in its place, raised by the request that it answers."""
+
+
+class RespProtocolError(BusError):
+    """Bytes that are not RESP2 (or exceed a bound): the connection cannot
+    be trusted further. ``replies`` holds those complete before the fault,
+    in order (they arrived intact and are still owed their handling)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.replies: list = []

@@ -37,6 +37,7 @@ import coredis
 import msgspec
 import trio
 
+from ..backoff import Backoff
 from ..errors import BusUnavailable, ConfigError, PublishError
 from ..log import LogLimiter, get_logger
 from ..items import parse_item_json
@@ -51,7 +52,8 @@ CHANNEL_PREFIX = "mailpush:"
 # with no channel ends its message stream, and a server with no tab yet has
 # none. Messages on it are ignored.
 CONTROL_CHANNEL = "mailpush.control"
-# Reconnect backoff after the connection to Redis is lost: first wait, cap.
+# Reconnect backoff after the connection to Redis is lost: first wait, cap
+# (each wait jittered, see backoff.py).
 RECONNECT_FIRST = 0.1
 RECONNECT_MAX = 5.0
 # How long to wait for Redis to acknowledge a SUBSCRIBE or UNSUBSCRIBE (the
@@ -107,13 +109,13 @@ class RedisBus(Bus):
         does not start). Bad payloads never end a session (see
         :meth:`_item`); anything else is a bug and propagates.
         """
-        delay = RECONNECT_FIRST
+        backoff = Backoff(RECONNECT_FIRST, RECONNECT_MAX)
         started = False
 
         def connected() -> None:
-            nonlocal started, delay
+            nonlocal started
             self.up = True
-            delay = RECONNECT_FIRST
+            backoff.reset()
             if not started:
                 started = True
                 task_status.started()
@@ -135,9 +137,9 @@ class RedisBus(Bus):
             self.up = False
             if not started:
                 raise ConfigError(f"cannot reach the Redis bus at {_safe(self.url)}: {_describe(lost)}")
-            self.log.error("bus_lost", url=_safe(self.url), error=_describe(lost), retry_in=delay)
+            delay = backoff.next()
+            self.log.error("bus_lost", url=_safe(self.url), error=_describe(lost), retry_in=round(delay, 3))
             await trio.sleep(delay)
-            delay = min(delay * 2, RECONNECT_MAX)
 
     async def _session(self, sink: Sink, connected) -> None:
         """One subscription connection to Redis: subscribe to every wanted

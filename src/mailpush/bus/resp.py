@@ -17,6 +17,7 @@ one (the stream cannot be resynchronised). The parser never holds more than
 
 from __future__ import annotations
 
+from ..errors import RespError, RespProtocolError
 from ..items import MAX_PUBLISH_BYTES
 
 __all__ = ["PushParser", "RespError", "RespProtocolError", "command", "MAX_BULK", "MAX_LINE", "MAX_ARRAY", "MAX_DEPTH", "MAX_REPLY"]
@@ -42,20 +43,6 @@ MAX_REPLY = MAX_BULK + MAX_LINE
 _MAX_DIGITS = 12
 
 _CRLF = b"\r\n"
-
-
-class RespError(Exception):
-    """An error reply from Redis (``-ERR …``)."""
-
-
-class RespProtocolError(Exception):
-    """Bytes that are not RESP2 (or exceed a bound): the connection cannot
-    be trusted further. ``replies`` holds those complete before the fault,
-    in order (they arrived intact and are still owed their handling)."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.replies: list = []
 
 
 def command(*args: str | bytes) -> bytes:

@@ -1,6 +1,19 @@
-"""The fake bus of the integration tests: behaves like a network bus (it
-delivers only what this process subscribed to) and records every
-subscribe/unsubscribe call so tests can check the reference counting."""
+"""For integration tests of applications built around mailpush (and for
+mailpush's own): a fake bus.
+
+:class:`FakeBus` behaves like a network bus (it delivers only what this
+process subscribed to) and records every subscribe/unsubscribe call and
+every publish, so a test can check the reference counting and inject what
+a mail store would publish::
+
+    bus = FakeBus()
+    server = mailpush.Server(config, bus)
+    await nursery.start(server.serve)
+    ...
+    bus.inject([("alice", "new_letter", {"id": 1})])
+
+Not imported by the server itself.
+"""
 
 from __future__ import annotations
 
@@ -8,12 +21,14 @@ from collections.abc import Sequence
 
 import trio
 
-from .base import Bus, Item, Sink
+from .bus.base import Bus, Item, Sink
 
 __all__ = ["FakeBus"]
 
 
 class FakeBus(Bus):
+    """A bus in memory that routes by subscription, like Redis does."""
+
     routes_by_subscription = True
 
     def __init__(self) -> None:
@@ -25,6 +40,7 @@ class FakeBus(Bus):
         self._changed = trio.Event()
 
     async def run(self, sink: Sink, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """The bus-client task: every batch, filtered to what is subscribed."""
         task_status.started()
         async for batch in self._receive:
             routed = [item for item in batch if item[0] in self.subscribed]
