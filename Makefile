@@ -4,7 +4,7 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 
-.PHONY: run test bench bench-quick soak fuzz system-deps node-deps venv clean
+.PHONY: run test lint bench bench-quick soak fuzz system-deps node-deps venv clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -42,8 +42,16 @@ node-deps:
 run: $(STAMP)
 	$(BIN)/mailpush serve --demo
 
-test: $(STAMP) system-deps node-deps
+test: lint system-deps node-deps
 	$(BIN)/python -m pytest
+
+# The lint gate, part of make test: ruff (lint and format) and mypy on src/,
+# and no import cycle among mailpush's modules.
+lint: $(STAMP)
+	$(BIN)/ruff check src
+	$(BIN)/ruff format --check src
+	$(BIN)/mypy
+	$(BIN)/python tools/import_cycles.py
 
 bench: $(STAMP)
 	$(BIN)/python bench/run.py

@@ -69,7 +69,11 @@ def applies() -> bool:
     except ImportError:
         return False
     fields = {f.name for f in attrs.fields(EpollIOManager)} if attrs.has(EpollIOManager) else set()
-    return {"_epoll", "_registered"} <= fields and callable(getattr(EpollIOManager, "get_events", None)) and callable(getattr(EpollIOManager, "wait_readable", None))
+    return (
+        {"_epoll", "_registered"} <= fields
+        and callable(getattr(EpollIOManager, "get_events", None))
+        and callable(getattr(EpollIOManager, "wait_readable", None))
+    )
 
 
 def limited_get_events(limit: int) -> Callable[[Any, float], Any]:
@@ -99,7 +103,7 @@ def bounded_wakeups(limit: int) -> Iterator[bool]:
 
     if _depth == 0:
         _original = EpollIOManager.get_events
-        EpollIOManager.get_events = limited_get_events(limit)  # type: ignore[method-assign]
+        EpollIOManager.get_events = limited_get_events(limit)  # type: ignore[method-assign,assignment]
     _depth += 1
     try:
         yield True
@@ -120,5 +124,5 @@ def parking_wait_readable() -> Callable[[Any], Awaitable[None]]:
         runner = getattr(GLOBAL_RUN_CONTEXT, "runner", None)
         method = getattr(getattr(runner, "io_manager", None), "wait_readable", None)
         if method is not None:
-            return method  # type: ignore[no-any-return]
+            return method
     return trio.lowlevel.wait_readable

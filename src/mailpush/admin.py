@@ -23,8 +23,8 @@ from __future__ import annotations
 import functools
 import hmac
 import html
-from importlib import resources
 from collections.abc import Callable
+from importlib import resources
 from typing import Any, Protocol
 
 import msgspec
@@ -32,13 +32,12 @@ import trio
 
 from .admin_http import CLOSED, CONTINUE, AdminConnection, Request
 from .auth import mint
-from .errors import AdminHTTPError, BusUnavailable, ConfigError, MailpushError, PublishError
-from .log import LogLimiter, get_logger
-from .metrics import render
 from .bus import Bus
 from .config import Config, is_loopback
-from .metrics import Stats
+from .errors import AdminHTTPError, BusUnavailable, ConfigError, MailpushError, PublishError
 from .items import parse_items
+from .log import LogLimiter, get_logger
+from .metrics import Stats, render
 from .packets import MAX_SUBSCRIBER_LEN
 
 __all__ = ["serve_admin", "Server"]
@@ -86,7 +85,12 @@ def _error_body(message: str) -> bytes:
     return _encode({"error": message}) + b"\n"
 
 
-async def serve_admin(server: Server, address: tuple[str, int], *, task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED) -> None:
+async def serve_admin(
+    server: Server,
+    address: tuple[str, int],
+    *,
+    task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED,
+) -> None:
     """Serve the admin API on ``address`` until cancelled.
 
     ``task_status.started((host, port))`` once bound.
@@ -126,7 +130,14 @@ async def _client(server: Server, limiter: trio.CapacityLimiter, stream: trio.So
         try:
             limiter.acquire_nowait()
         except trio.WouldBlock:
-            await stream.send_all(http.error_bytes(503, _JSON, _error_body(f"more than {MAX_CLIENTS} admin connections at once; retry shortly"), (("Retry-After", "1"),)))
+            await stream.send_all(
+                http.error_bytes(
+                    503,
+                    _JSON,
+                    _error_body(f"more than {MAX_CLIENTS} admin connections at once; retry shortly"),
+                    (("Retry-After", "1"),),
+                )
+            )
             return
         try:
             await _converse(server, stream, http)
@@ -240,7 +251,9 @@ async def _route(server: Server, request: Request) -> tuple[int, str, bytes, tup
         if method not in ("GET", "HEAD"):
             raise AdminHTTPError(405, "use GET", (("Allow", "GET, HEAD"),))
         return 200, "text/html; charset=utf-8", _demo_page(server, headers.get("host", "")), ()
-    endpoints = _ENDPOINTS if server.config.demo or server.config.admin_token else [e for e in _ENDPOINTS if e != "/v1/token"]
+    endpoints = (
+        _ENDPOINTS if server.config.demo or server.config.admin_token else [e for e in _ENDPOINTS if e != "/v1/token"]
+    )
     return 404, _JSON, _encode({"error": f"no such admin endpoint: {path[:100]}", "endpoints": endpoints}) + b"\n", ()
 
 
@@ -255,12 +268,20 @@ def _check_origin(server: Server, request: Request) -> None:
     host = headers.get("host", "")
     origin = headers.get("origin")
     if origin is not None and origin not in (f"http://{host}", f"https://{host}"):
-        raise AdminHTTPError(403, f"cross-origin request refused: Origin {origin[:100]!r} is not this admin API's own; publish from a server, not from a web page")
+        raise AdminHTTPError(
+            403,
+            f"cross-origin request refused: Origin {origin[:100]!r} is not this admin API's own;"
+            " publish from a server, not from a web page",
+        )
     site = headers.get("sec-fetch-site")
     if site is not None and site not in ("same-origin", "none"):
         raise AdminHTTPError(403, f"cross-site request refused (Sec-Fetch-Site: {site[:40]})")
     if not server.config.admin_token and host and not _loopback_host(host):
-        raise AdminHTTPError(403, f"Host {host[:100]!r} is not a loopback name: without --admin-token the admin API answers only to localhost")
+        raise AdminHTTPError(
+            403,
+            f"Host {host[:100]!r} is not a loopback name:"
+            " without --admin-token the admin API answers only to localhost",
+        )
 
 
 def _loopback_host(host: str) -> bool:
@@ -284,7 +305,9 @@ def _check_token(server: Server, request: Request) -> None:
         return
     scheme, _, value = request.headers.get("authorization", "").partition(" ")
     if scheme.lower() != "bearer" or not value.strip():
-        raise AdminHTTPError(401, "this endpoint needs 'Authorization: Bearer <admin token>' (--admin-token)", _AUTH_HEADERS)
+        raise AdminHTTPError(
+            401, "this endpoint needs 'Authorization: Bearer <admin token>' (--admin-token)", _AUTH_HEADERS
+        )
     if not hmac.compare_digest(value.strip().encode("utf-8", "replace"), expected.encode("utf-8")):
         raise AdminHTTPError(401, "wrong admin token", _AUTH_HEADERS)
 

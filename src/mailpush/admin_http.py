@@ -96,9 +96,9 @@ class AdminConnection:
 
     def receive(self, data: bytes) -> None:
         """Bytes read from the connection; ``b""`` when the peer closed."""
-        if self._request is None and data and self._h11.their_state is h11.IDLE:
-            if len(self._head) <= self.max_head:
-                self._head += data
+        idle = self._request is None and self._h11.their_state is h11.IDLE
+        if idle and data and len(self._head) <= self.max_head:
+            self._head += data
         self._h11.receive_data(data)
 
     def next(self) -> Request | str:
@@ -117,7 +117,11 @@ class AdminConnection:
         while True:
             event = self._h11.next_event()
             if event is h11.NEED_DATA:
-                if self._request is not None and self._h11.they_are_waiting_for_100_continue and not self._continue_sent:
+                if (
+                    self._request is not None
+                    and self._h11.they_are_waiting_for_100_continue
+                    and not self._continue_sent
+                ):
                     self._continue_sent = True
                     return CONTINUE
                 return NEED_DATA
@@ -192,7 +196,9 @@ class AdminConnection:
         """The connection may carry another request."""
         return self._h11.our_state is h11.IDLE
 
-    def error_bytes(self, status: int, content_type: str, body: bytes, headers: tuple[tuple[str, str], ...] = ()) -> bytes:
+    def error_bytes(
+        self, status: int, content_type: str, body: bytes, headers: tuple[tuple[str, str], ...] = ()
+    ) -> bytes:
         """An answer after an error, followed by a close; b"" when the
         state of the connection allows no answer (one was already sent)."""
         if self._h11.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
@@ -231,7 +237,7 @@ def parse_requests(data: bytes, max_head: int = MAX_HEAD, max_body: int = MAX_BO
     conn = AdminConnection(max_head, max_body)
     conn.receive(data)
     conn.receive(b"")
-    out = []
+    out: list[Request] = []
     while True:
         got = conn.next()
         if got is CONTINUE:

@@ -85,10 +85,14 @@ class Verifier:
 
     __slots__ = ("_key", "_clock", "leeway")
 
-    def __init__(self, secret: str | bytes, clock: Callable[[], float] = time.time, leeway: float = LEEWAY_SECONDS) -> None:
+    def __init__(
+        self, secret: str | bytes, clock: Callable[[], float] = time.time, leeway: float = LEEWAY_SECONDS
+    ) -> None:
         key = secret.encode("utf-8") if isinstance(secret, str) else bytes(secret)
         if len(key) < MIN_SECRET_BYTES:
-            raise ConfigError(f"the token secret must be at least {MIN_SECRET_BYTES} bytes (RFC 7518 §3.2), got {len(key)}")
+            raise ConfigError(
+                f"the token secret must be at least {MIN_SECRET_BYTES} bytes (RFC 7518 §3.2), got {len(key)}"
+            )
         self._key = key
         self._clock = clock
         self.leeway = leeway
@@ -171,14 +175,16 @@ def token_from_request(req: Request) -> str:
         if scheme.lower() == "bearer" and value.strip():
             return value.strip()
     if req.query:
-        value = query_param(req.query, QUERY_PARAM)
-        if value:
-            return value
+        found = query_param(req.query, QUERY_PARAM)
+        if found:
+            return found
     if req.cookie:
-        value = cookie_value(req.cookie, COOKIE_NAME)
-        if value:
-            return value
-    raise AuthError(f"no token: send it as query parameter '{QUERY_PARAM}', cookie '{COOKIE_NAME}' or 'Authorization: Bearer'")
+        found = cookie_value(req.cookie, COOKIE_NAME)
+        if found:
+            return found
+    raise AuthError(
+        f"no token: send it as query parameter '{QUERY_PARAM}', cookie '{COOKIE_NAME}' or 'Authorization: Bearer'"
+    )
 
 
 def load_secret(secret: str | None, secret_file: str | None) -> str:

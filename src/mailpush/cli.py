@@ -22,14 +22,15 @@ import trio
 
 from . import log
 from .auth import load_secret, mint
-from .config import Config, parse_hostport
+from .config import DEFAULT_ADMIN, Config, parse_hostport
 from .errors import ConfigError, PublishError
-from .log import log_sighup
 from .items import parse_item
+from .log import log_sighup
 
 __all__ = ["main", "trio_app", "build_parser"]
 
 _D = Config()  # defaults, for the help texts
+_DEFAULT_ADMIN = f"{DEFAULT_ADMIN[0]}:{DEFAULT_ADMIN[1]}"
 
 
 def _env(name: str, default: object) -> object:
@@ -37,33 +38,63 @@ def _env(name: str, default: object) -> object:
 
 
 def _serve_options(p: argparse.ArgumentParser) -> None:
-    def opt(name: str, default: object, help: str, type=str, **kw) -> None:  # noqa: A002
+    def opt(name: str, default: object, help: str, type=str, **kw) -> None:
         env = "MAILPUSH_" + name.upper().replace("-", "_")
-        p.add_argument("--" + name, default=_env(name, default), type=type, help=f"{help} [env {env}; default {default}]", **kw)
+        p.add_argument(
+            "--" + name, default=_env(name, default), type=type, help=f"{help} [env {env}; default {default}]", **kw
+        )
 
     opt("listen", f"{_D.listen[0]}:{_D.listen[1]}", "HOST:PORT for browsers' WebSockets")
-    opt("admin", f"{_D.admin[0]}:{_D.admin[1]}", "HOST:PORT of the admin API (publish, health, metrics, demo); 'off' for none")
-    opt("bus", _D.bus, "message bus: 'embedded' (in-process) or a Redis URL, redis://HOST:PORT/DB (channels mailpush:SUBSCRIBER)")
+    opt(
+        "admin",
+        _DEFAULT_ADMIN,
+        "HOST:PORT of the admin API (publish, health, metrics, demo); 'off' for none",
+    )
+    opt(
+        "bus",
+        _D.bus,
+        "message bus: 'embedded' (in-process) or a Redis URL, redis://HOST:PORT/DB (channels mailpush:SUBSCRIBER)",
+    )
     opt("secret", None, "HS256 secret for tokens, at least 32 bytes")
     opt("secret-file", None, "file whose first line is the secret")
-    opt("admin-token", None, "Bearer token required by every admin endpoint but /healthz; required when --admin is not a loopback address")
+    opt(
+        "admin-token",
+        None,
+        "Bearer token required by every admin endpoint but /healthz; required when --admin is not a loopback address",
+    )
     opt("ws-path", _D.ws_path, "upgrade path of the push WebSocket")
     opt("echo-path", None, "TEST ONLY: path of an echo endpoint without tokens, for the conformance runner")
     opt("allowed-origins", "", "comma-separated Origins allowed to connect; empty: any")
-    opt("workers", _D.workers, "worker processes sharing the listen port; worker i's admin API is on the admin port + i", type=int)
+    opt(
+        "workers",
+        _D.workers,
+        "worker processes sharing the listen port; worker i's admin API is on the admin port + i",
+        type=int,
+    )
     opt("max-connections", _D.max_connections, "open connections per process; beyond it upgrades get 503", type=int)
-    opt("max-handshakes", _D.max_handshakes, "handshakes in progress at once; more wait in the kernel backlog", type=int)
+    opt(
+        "max-handshakes", _D.max_handshakes, "handshakes in progress at once; more wait in the kernel backlog", type=int
+    )
     opt("handshake-timeout", _D.handshake_timeout, "seconds for the whole upgrade request", type=float)
     opt("buffer-size", _D.buffer_size, "bytes of the read buffer (one for all connections)", type=int)
     opt("max-message-size", _D.max_message_size, "largest client message in bytes (close 1009 beyond)", type=int)
-    opt("send-queue-bytes", _D.send_queue_bytes, "bytes queued for a client that does not read before it is dropped", type=int)
+    opt(
+        "send-queue-bytes",
+        _D.send_queue_bytes,
+        "bytes queued for a client that does not read before it is dropped",
+        type=int,
+    )
     opt("max-packet-errors", _D.max_packet_errors, "bad packets before close 1008", type=int)
     opt("ping-interval", _D.ping_interval, "seconds between keepalive pings; 0: off", type=float)
     opt("pong-timeout", _D.pong_timeout, "seconds a client has to answer a ping", type=float)
     opt("drain-seconds", _D.drain_seconds, "on SIGTERM/SIGINT, spread closes over this many seconds", type=float)
     opt("log-level", _D.log_level, "debug, info, warning or error")
     opt("log-format", _D.log_format, "auto (console on a terminal, else JSON), json or console")
-    p.add_argument("--demo", action="store_true", help="development: make a random secret if none is set, print the demo page URL and a ready token")
+    p.add_argument(
+        "--demo",
+        action="store_true",
+        help="development: make a random secret if none is set, print the demo page URL and a ready token",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -72,28 +103,61 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="run the server", description="Run the push server.")
     _serve_options(serve)
 
-    token = sub.add_parser("token", help="print a token for a subscriber", description="Print a JWT (HS256) for SUBSCRIBER.")
+    token = sub.add_parser(
+        "token", help="print a token for a subscriber", description="Print a JWT (HS256) for SUBSCRIBER."
+    )
     token.add_argument("subscriber", help="subscriber id (the mailbox owner)")
     token.add_argument("--ttl", type=float, default=3600.0, help="seconds until the token expires [default 3600]")
     token.add_argument("--secret", default=_env("secret", None), help="HS256 secret [env MAILPUSH_SECRET]")
-    token.add_argument("--secret-file", default=_env("secret-file", None), help="file whose first line is the secret [env MAILPUSH_SECRET_FILE]")
+    token.add_argument(
+        "--secret-file",
+        default=_env("secret-file", None),
+        help="file whose first line is the secret [env MAILPUSH_SECRET_FILE]",
+    )
 
-    lis = sub.add_parser("listen", help="print the events a subscriber receives", description="Connect to a running server as SUBSCRIBER (like a browser tab) and print each event it receives as a JSON line.")
+    lis = sub.add_parser(
+        "listen",
+        help="print the events a subscriber receives",
+        description="Connect to a running server as SUBSCRIBER (like a browser tab)"
+        " and print each event it receives as a JSON line.",
+    )
     lis.add_argument("subscriber", help="subscriber id")
-    lis.add_argument("--url", default=_env("url", f"ws://127.0.0.1:{_D.listen[1]}{_D.ws_path}"), help=f"the server's WebSocket URL [env MAILPUSH_URL; default ws://127.0.0.1:{_D.listen[1]}{_D.ws_path}]")
+    lis.add_argument(
+        "--url",
+        default=_env("url", f"ws://127.0.0.1:{_D.listen[1]}{_D.ws_path}"),
+        help=f"the server's WebSocket URL [env MAILPUSH_URL; default ws://127.0.0.1:{_D.listen[1]}{_D.ws_path}]",
+    )
     lis.add_argument("--events", default="", help="comma-separated event names to receive [default: all]")
-    lis.add_argument("--count", type=int, default=0, help="exit after this many events [default 0: until the server closes]")
+    lis.add_argument(
+        "--count", type=int, default=0, help="exit after this many events [default 0: until the server closes]"
+    )
     lis.add_argument("--token", default=None, help="the token to connect with [default: minted with the secret]")
     lis.add_argument("--ttl", type=float, default=3600.0, help="seconds the minted token is valid [default 3600]")
-    lis.add_argument("--secret", default=_env("secret", None), help="HS256 secret to mint the token [env MAILPUSH_SECRET]")
-    lis.add_argument("--secret-file", default=_env("secret-file", None), help="file whose first line is the secret [env MAILPUSH_SECRET_FILE]")
+    lis.add_argument(
+        "--secret", default=_env("secret", None), help="HS256 secret to mint the token [env MAILPUSH_SECRET]"
+    )
+    lis.add_argument(
+        "--secret-file",
+        default=_env("secret-file", None),
+        help="file whose first line is the secret [env MAILPUSH_SECRET_FILE]",
+    )
 
-    pub = sub.add_parser("publish", help="publish one event", description="Publish one event through the admin API of a running server.")
+    pub = sub.add_parser(
+        "publish", help="publish one event", description="Publish one event through the admin API of a running server."
+    )
     pub.add_argument("subscriber", help="subscriber id")
     pub.add_argument("event", help="event name, e.g. new_letter")
     pub.add_argument("--data", default="{}", help="event data, a JSON object [default {}]")
-    pub.add_argument("--admin", default=_env("admin", f"{_D.admin[0]}:{_D.admin[1]}"), help="HOST:PORT of the server's admin API [env MAILPUSH_ADMIN]")
-    pub.add_argument("--admin-token", default=_env("admin-token", None), help="the server's admin token, if it has one [env MAILPUSH_ADMIN_TOKEN]")
+    pub.add_argument(
+        "--admin",
+        default=_env("admin", _DEFAULT_ADMIN),
+        help="HOST:PORT of the server's admin API [env MAILPUSH_ADMIN]",
+    )
+    pub.add_argument(
+        "--admin-token",
+        default=_env("admin-token", None),
+        help="the server's admin token, if it has one [env MAILPUSH_ADMIN_TOKEN]",
+    )
     return parser
 
 
@@ -143,7 +207,7 @@ async def run_server(config: Config, demo: bool = False, bus=None, worker: int |
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         async with trio.open_nursery() as nursery:
 
-            async def serve(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+            async def serve(task_status: trio.TaskStatus[Server] = trio.TASK_STATUS_IGNORED) -> None:
                 await server.serve(task_status=task_status)
                 nursery.cancel_scope.cancel()  # drained: stop listening for signals
 
@@ -206,7 +270,15 @@ def _print_demo(server) -> None:
     lhost, lport = server.listen_address
     lhost = "127.0.0.1" if lhost in ("0.0.0.0", "::") else lhost
     token = mint(server.config.secret, "demo@example.com", 86400)
-    print(f"\nmailpush is running.\n  demo page:  http://{host}:{port}/\n  WebSocket:  ws://{lhost}:{lport}{server.config.ws_path}?token={token}\n  (a token for subscriber demo@example.com, valid 24 h)\n  publish:    curl -d '{{\"subscriber\":\"demo@example.com\",\"event\":\"new_letter\"}}' http://{host}:{port}/v1/publish\n", flush=True)
+    publish = """curl -d '{"subscriber":"demo@example.com","event":"new_letter"}'"""
+    print(
+        "\nmailpush is running.\n"
+        f"  demo page:  http://{host}:{port}/\n"
+        f"  WebSocket:  ws://{lhost}:{lport}{server.config.ws_path}?token={token}\n"
+        "  (a token for subscriber demo@example.com, valid 24 h)\n"
+        f"  publish:    {publish} http://{host}:{port}/v1/publish\n",
+        flush=True,
+    )
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
@@ -276,7 +348,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return {"serve": _cmd_serve, "token": _cmd_token, "publish": _cmd_publish, "listen": _cmd_listen}[args.command](args)
+        return {"serve": _cmd_serve, "token": _cmd_token, "publish": _cmd_publish, "listen": _cmd_listen}[args.command](
+            args
+        )
     except ConfigError as e:
         print(f"mailpush {args.command}: {e}", file=sys.stderr)
         return 2
@@ -286,7 +360,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         config_errors, rest = group.split(ConfigError)
         if config_errors is None or rest is not None:
             raise
-        first = config_errors
+        first: BaseException = config_errors
         while isinstance(first, BaseExceptionGroup):
             first = first.exceptions[0]
         print(f"mailpush {args.command}: {first}", file=sys.stderr)

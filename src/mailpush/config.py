@@ -24,6 +24,9 @@ def parse_hostport(value: str, what: str) -> tuple[str, int]:
     return host, int(port)
 
 
+# The admin API's address unless told otherwise: loopback only, it can
+# publish to anyone.
+DEFAULT_ADMIN = ("127.0.0.1", 8081)
 # An admin token shorter than this is guessable.
 MIN_ADMIN_TOKEN = 16
 
@@ -44,7 +47,7 @@ class Config:
     listen: tuple[str, int] = ("0.0.0.0", 8080)
     # Admin HTTP (publish, health, metrics, demo): loopback only by default,
     # it can publish to anyone. None: no admin listener.
-    admin: tuple[str, int] | None = ("127.0.0.1", 8081)
+    admin: tuple[str, int] | None = DEFAULT_ADMIN
     # "embedded" (in-process) or a bus URL; the fake bus is passed in by tests.
     bus: str = "embedded"
     # The token secret; never in a repr or a log line.
@@ -112,11 +115,14 @@ class Config:
         if not self.ws_path.startswith("/"):
             raise ConfigError("--ws-path must start with '/'")
         if self.admin_token is not None and len(self.admin_token) < MIN_ADMIN_TOKEN:
-            raise ConfigError(f"--admin-token must be at least {MIN_ADMIN_TOKEN} characters (e.g. python3 -c 'import secrets; print(secrets.token_urlsafe(32))')")
+            raise ConfigError(
+                f"--admin-token must be at least {MIN_ADMIN_TOKEN} characters"
+                " (e.g. python3 -c 'import secrets; print(secrets.token_urlsafe(32))')"
+            )
         if self.admin is not None and not self.admin_token and not is_loopback(self.admin[0]):
             raise ConfigError(
-                f"--admin {self.admin[0]}:{self.admin[1]} is not a loopback address: anyone who reaches it could publish to every"
-                " subscriber; set --admin-token (MAILPUSH_ADMIN_TOKEN), or listen on 127.0.0.1"
+                f"--admin {self.admin[0]}:{self.admin[1]} is not a loopback address: anyone who reaches it"
+                " could publish to every subscriber; set --admin-token (MAILPUSH_ADMIN_TOKEN), or listen on 127.0.0.1"
             )
         if self.echo_path is not None and (not self.echo_path.startswith("/") or self.echo_path == self.ws_path):
             raise ConfigError("--echo-path must start with '/' and differ from the push path")

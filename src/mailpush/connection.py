@@ -20,7 +20,6 @@ ends the connection quietly. None of them touches another connection.
 
 from __future__ import annotations
 
-import errno
 import socket
 from collections import deque
 from itertools import islice
@@ -105,8 +104,8 @@ class Connection:
 
     def _push(self, frame: bytes) -> bool:
         """``send`` without the state check (our own Close frame uses it)."""
-        if self.queue is not None:
-            return self._enqueue(frame)
+        if (queue := self.queue) is not None:
+            return self._enqueue(queue, frame)
         try:
             n = self.sock.send(frame)
         except BlockingIOError:
@@ -124,19 +123,19 @@ class Connection:
         self.ctx.stats.writers += 1
         self.ctx.spawn(_writer, self, name=_WRITER_TASK)
 
-    def _enqueue(self, frame: bytes) -> bool:
+    def _enqueue(self, queue: deque, frame: bytes) -> bool:
         # The bound is on what waits behind the frame being written (the
         # queue's head): a large event in flight to a client that reads it
         # is not held against the next one. A frame may join an otherwise
         # empty queue whatever its size.
-        behind = self.queued - len(self.queue[0])
+        behind = self.queued - len(queue[0])
         if behind and behind + len(frame) > self.ctx.config.send_queue_bytes:
             # The client stopped reading. Nothing more can reach it, not even
             # a Close frame: drop it so it holds neither memory nor others.
             self.ctx.slow_consumer(self)
             self.abort()
             return False
-        self.queue.append(frame)
+        queue.append(frame)
         self.queued += len(frame)
         return True
 
@@ -199,7 +198,11 @@ class Connection:
                 elif opcode == Opcode.TEXT:
                     self._on_packet(payload)
                 else:
-                    self._bad_packet(PacketError("binary_unsupported", "binary messages are not part of the protocol, send JSON text"))
+                    self._bad_packet(
+                        PacketError(
+                            "binary_unsupported", "binary messages are not part of the protocol, send JSON text"
+                        )
+                    )
             elif opcode == Opcode.PING:
                 self.send(encode_frame(Opcode.PONG, payload))
             elif opcode == Opcode.CLOSE:
@@ -293,5 +296,3 @@ async def _writer(conn: Connection) -> None:
     conn.queued = 0
     if conn.flags & F_CLOSE_AFTER_FLUSH:
         conn.abort()
-
-

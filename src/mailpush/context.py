@@ -12,7 +12,7 @@ books of open sockets and connections, each changed in one place.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, Protocol
 
 import attrs
 import trio
@@ -23,12 +23,18 @@ from .dispatch import Dispatcher
 from .log import LogLimiter
 from .metrics import Stats
 from .registry import Registry, Subscription
-from .timers import Timers
+from .timers import Keepalive, Timers
 
-__all__ = ["Context", "SLOW_LOG_INTERVAL"]
+__all__ = ["Context", "Channel", "SLOW_LOG_INTERVAL"]
 
 # Slow-consumer drops are logged at most once per this many seconds.
 SLOW_LOG_INTERVAL = 1.0
+
+
+class Channel(Subscription, Keepalive, Protocol):
+    """What the server's books hold: a connection as the registry, the
+    dispatcher and keepalive see it (a
+    :class:`~mailpush.connection.Connection` is one)."""
 
 
 @attrs.define(slots=True, eq=False)
@@ -56,7 +62,7 @@ class Context:
     # one buffer serves every connection (Trio's single thread is the bound).
     buffer: bytearray = attrs.field(init=False)
     view: memoryview = attrs.field(init=False)
-    connections: set[Subscription] = attrs.field(init=False, factory=set)
+    connections: set[Channel] = attrs.field(init=False, factory=set)
     nursery: trio.Nursery | None = None  # where connection and writer tasks run
     wait_readable: Callable[[Any], Awaitable[None]] = trio.lowlevel.wait_readable
     draining: bool = False
@@ -73,13 +79,13 @@ class Context:
         assert self.nursery is not None, "the server is not serving"
         self.nursery.start_soon(fn, *args, name=name)
 
-    def added(self, conn: Subscription) -> None:
+    def added(self, conn: Channel) -> None:
         """``conn`` was upgraded."""
         self.connections.add(conn)
         self.stats.upgrades += 1
         self.log.debug("connected", subscriber=conn.subscriber)
 
-    def removed(self, conn: Subscription) -> None:
+    def removed(self, conn: Channel) -> None:
         """``conn`` is closed: off the books, and its subscription gone."""
         self.connections.discard(conn)
         if self.registry.remove(conn):
@@ -92,7 +98,12 @@ class Context:
         self.stats.slow_consumers += 1
         self.stats.closes[1008] += 1  # CloseCode.POLICY_VIOLATION: what it would have been told
         if n := self._slow_log.tick():
-            self.log.warning("slow_consumers_dropped", count=n, last_subscriber=conn.subscriber, send_queue_bytes=self.config.send_queue_bytes)
+            self.log.warning(
+                "slow_consumers_dropped",
+                count=n,
+                last_subscriber=conn.subscriber,
+                send_queue_bytes=self.config.send_queue_bytes,
+            )
 
     def task_failed(self, task: str) -> None:
         """Log an unexpected error caught at a task's isolation boundary

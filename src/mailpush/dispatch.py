@@ -12,6 +12,7 @@ by one task.
 from __future__ import annotations
 
 from collections.abc import Sequence
+
 import trio
 
 from .backoff import Backoff

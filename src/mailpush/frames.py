@@ -178,7 +178,7 @@ class Decoder:
         self._frag_opcode = 0  # opcode of the fragmented message in progress, 0 if none
         self._frag_parts: list[bytes] = []
         self._frag_size = 0
-        self._utf8 = None  # incremental decoder for a fragmented text message
+        self._utf8: codecs.IncrementalDecoder | None = None  # for a fragmented text message
 
     @property
     def idle(self) -> bool:
@@ -236,7 +236,9 @@ class Decoder:
                     raise ProtocolError(CloseCode.PROTOCOL_ERROR, f"reserved opcode {opcode:#x}")
                 if opcode == Opcode.CONTINUATION:
                     if not self._frag_opcode:
-                        raise ProtocolError(CloseCode.PROTOCOL_ERROR, "continuation frame without a message to continue")
+                        raise ProtocolError(
+                            CloseCode.PROTOCOL_ERROR, "continuation frame without a message to continue"
+                        )
                 elif self._frag_opcode:
                     raise ProtocolError(CloseCode.PROTOCOL_ERROR, "new data frame inside a fragmented message")
                 if length == 126:

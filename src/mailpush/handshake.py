@@ -58,7 +58,20 @@ _ALL_REQUIRED = _HOST | _UPGRADE | _CONNECTION | _KEY | _VERSION
 class Request:
     """What mailpush keeps of an upgrade request: strings, nothing else."""
 
-    __slots__ = ("method", "path", "query", "cookie", "authorization", "origin", "key", "seen", "upgrade", "version", "connection_upgrade", "http10")
+    __slots__ = (
+        "method",
+        "path",
+        "query",
+        "cookie",
+        "authorization",
+        "origin",
+        "key",
+        "seen",
+        "upgrade",
+        "version",
+        "connection_upgrade",
+        "http10",
+    )
 
     def __init__(self) -> None:
         self.method = ""
@@ -251,7 +264,14 @@ def response_101(key: str) -> bytes:
     )
 
 
-def response_text(status: int, body: str | bytes, headers: tuple[tuple[str, str], ...] = (), *, close: bool = True, content_type: str = "text/plain; charset=utf-8") -> bytes:
+def response_text(
+    status: int,
+    body: str | bytes,
+    headers: tuple[tuple[str, str], ...] = (),
+    *,
+    close: bool = True,
+    content_type: str = "text/plain; charset=utf-8",
+) -> bytes:
     """A complete small HTTP/1.1 response with a body."""
     data = body.encode("utf-8") if isinstance(body, str) else body
     try:

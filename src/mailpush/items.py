@@ -129,7 +129,7 @@ def parse_items(body: bytes, content_type: str = "") -> list[Item]:
                 ndjson = True  # several lines: NDJSON without the content type
         if not ndjson:
             if decoded is not None:
-                items = _fast_items(decoded if type(decoded) is list else [decoded])
+                items = _fast_items(decoded if isinstance(decoded, list) else [decoded])
                 if items:
                     return items
             return _slow_items(stripped)

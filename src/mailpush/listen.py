@@ -27,7 +27,9 @@ CONNECT_TIMEOUT = 10.0
 MAX_MESSAGE = 16 * 1024 * 1024
 
 
-async def listen(url: str, token: str, events: list[str] | None, count: int = 0, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
+async def listen(
+    url: str, token: str, events: list[str] | None, count: int = 0, out: TextIO = sys.stdout, err: TextIO = sys.stderr
+) -> int:
     """Print events until ``count`` have arrived (0: until the server closes).
 
     Returns:
@@ -42,8 +44,9 @@ async def listen(url: str, token: str, events: list[str] | None, count: int = 0,
     headers = [(b"authorization", b"Bearer " + token.encode())]
     received = 0
     try:
-        async with trio_websocket.open_websocket_url(url, extra_headers=headers, max_message_size=MAX_MESSAGE,
-                                                     connect_timeout=CONNECT_TIMEOUT) as ws:
+        async with trio_websocket.open_websocket_url(
+            url, extra_headers=headers, max_message_size=MAX_MESSAGE, connect_timeout=CONNECT_TIMEOUT
+        ) as ws:
             await ws.send_message(msgspec.json.encode({"type": "subscribe", "events": events or ["*"]}).decode())
             while True:
                 message = await ws.get_message()
@@ -64,9 +67,9 @@ async def listen(url: str, token: str, events: list[str] | None, count: int = 0,
         print(f"mailpush listen: refused ({e.status_code}): {body}", file=err)
         return 1
     except trio_websocket.ConnectionClosed as e:
-        reason = e.reason
-        print(f"mailpush listen: closed by the server ({reason.code} {reason.reason or ''}) after {received} events".rstrip(), file=err)
-        return 0 if reason.code in (1000, 1001, 1012) else 1
+        code, why = (e.reason.code, e.reason.reason or "") if e.reason is not None else (1006, "")
+        print(f"mailpush listen: closed by the server ({code} {why}) after {received} events", file=err)
+        return 0 if code in (1000, 1001, 1012) else 1
     except (OSError, trio_websocket.HandshakeError, trio.TooSlowError) as e:
         print(f"mailpush listen: cannot connect to {url}: {e}", file=err)
         return 1

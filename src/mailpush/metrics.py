@@ -71,7 +71,11 @@ class _Collector(Collector):
             ("mailpush_packet_errors", "Error packets sent for bad client packets", s.packet_errors),
             ("mailpush_accept_pauses", "Times accepting waited for a handshake slot", s.accept_pauses),
             ("mailpush_keepalive_lag_skips", "Keepalive rounds not judged because the server stalled", s.lag_skips),
-            ("mailpush_internal_errors", "Unexpected errors (bugs) caught at a task's isolation boundary and logged", s.internal_errors),
+            (
+                "mailpush_internal_errors",
+                "Unexpected errors (bugs) caught at a task's isolation boundary and logged",
+                s.internal_errors,
+            ),
             ("mailpush_writers", "Writer tasks spawned for sockets that could not take a frame at once", s.writers),
         ):
             yield CounterMetricFamily(name, doc, value=value)
@@ -83,7 +87,7 @@ class _Collector(Collector):
         for code, n in sorted(s.closes.items()):
             closes.add_metric([str(code)], n)
         yield closes
-        for name, (doc, value) in self.counters().items():
-            yield CounterMetricFamily(name, doc, value=value)
-        for name, (doc, value) in self.gauges().items():
-            yield GaugeMetricFamily(name, doc, value=value)
+        for name, (doc, amount) in self.counters().items():
+            yield CounterMetricFamily(name, doc, value=amount)
+        for name, (doc, amount) in self.gauges().items():
+            yield GaugeMetricFamily(name, doc, value=amount)

@@ -137,7 +137,9 @@ def _explain(text: bytes) -> PacketError:
     if type(kind) is not str:
         return PacketError("bad_field", "'type' must be a string")
     if kind not in ("subscribe", "unsubscribe", "ping"):
-        return PacketError("unknown_type", f"unknown packet type {kind[:MAX_EVENT_LEN]!r}, expected subscribe, unsubscribe or ping")
+        return PacketError(
+            "unknown_type", f"unknown packet type {kind[:MAX_EVENT_LEN]!r}, expected subscribe, unsubscribe or ping"
+        )
     events = obj.get("events")
     if type(events) is not list:
         return PacketError("bad_field", "'events' must be a list of event names")

@@ -43,7 +43,7 @@ class Registry:
         if conns is None:
             self._subs[sub] = (conn,)
             return True
-        if type(conns) is dict:
+        if isinstance(conns, dict):
             conns[conn] = None
         elif conn not in conns:
             if len(conns) < SMALL:
@@ -58,7 +58,7 @@ class Registry:
         conns = self._subs.get(sub)
         if conns is None or conn not in conns:
             return False
-        if type(conns) is dict:
+        if isinstance(conns, dict):
             del conns[conn]
             if len(conns) < SMALL // 2:
                 self._subs[sub] = tuple(conns)
@@ -73,7 +73,7 @@ class Registry:
         """The subscriber's connections, as a snapshot safe to iterate
         across checkpoints."""
         conns = self._subs.get(subscriber)
-        if type(conns) is dict:
+        if isinstance(conns, dict):
             return tuple(conns)
         return conns
 

@@ -35,7 +35,6 @@ from .admin import serve_admin
 from .auth import Verifier
 from .bus import Bus, make_bus
 from .config import Config
-from .connection import Connection
 from .context import Context
 from .dispatch import Dispatcher
 from .errors import ConfigError
@@ -73,6 +72,9 @@ class Server:
     Args:
       config: the options.
       bus: the bus to use; by default the one ``config.bus`` names.
+
+    Raises:
+      ConfigError: no token secret, or a bus URL that cannot be used.
     """
 
     def __init__(self, config: Config, bus: Bus | None = None) -> None:
@@ -82,10 +84,16 @@ class Server:
         self.stats = Stats()
         self.registry = Registry()
         self.dispatcher = Dispatcher(self.registry, self.bus, self.stats)
-        self.verifier = Verifier(config.secret) if config.secret else None
+        if not config.secret:
+            raise ConfigError("no token secret: set --secret, MAILPUSH_SECRET or --secret-file")
+        self.verifier = Verifier(config.secret)
         self.handshakes = trio.CapacityLimiter(config.max_handshakes)
-        self.ctx = Context(config, self.stats, self.registry, self.dispatcher, self.verifier, self.handshakes, self.log, self.health)  # type: ignore[arg-type]
-        self.timers = self.ctx.timers = Timers(config, self.stats, self.ctx.connections, functools.partial(expire_handshake, self.ctx), self.ctx.task_failed, self.log)  # type: ignore[arg-type]
+        ctx = Context(
+            config, self.stats, self.registry, self.dispatcher, self.verifier, self.handshakes, self.log, self.health
+        )
+        expire = functools.partial(expire_handshake, ctx)
+        ctx.timers = Timers(config, self.stats, ctx.connections, expire, ctx.task_failed, self.log)
+        self.ctx, self.timers = ctx, ctx.timers
         self.acceptor = Acceptor(self.ctx, serve_socket)
         self.listen_address: tuple[str, int] | None = None
         self.admin_address: tuple[str, int] | None = None
@@ -112,15 +120,13 @@ class Server:
         Trio patches of :mod:`~mailpush._trio_compat` undone.
 
         Raises:
-          ConfigError: at startup: no secret, a port that cannot be bound,
-            a bus that cannot be reached.
+          ConfigError: at startup: a port that cannot be bound, a bus that
+            cannot be reached.
 
         Error handling: every task below has its own isolation boundary; an
         exception that still reaches this nursery is a bug that the server
         cannot survive, and ends it.
         """
-        if self.verifier is None:
-            raise ConfigError("no token secret: set --secret, MAILPUSH_SECRET or --secret-file")
         self.ctx.wait_readable = _trio_compat.parking_wait_readable()
         listener = self._bind(self.config.listen)
         self._listener = listener
@@ -136,7 +142,13 @@ class Server:
                     async with trio.open_nursery() as conns:
                         self.ctx.nursery = conns
                         conns.start_soon(self.acceptor.run, listener)
-                        self.log.info("listening", listen=_fmt(self.listen_address), admin=_fmt(self.admin_address), bus=type(self.bus).__name__, pid=os.getpid())
+                        self.log.info(
+                            "listening",
+                            listen=_fmt(self.listen_address),
+                            admin=_fmt(self.admin_address),
+                            bus=type(self.bus).__name__,
+                            pid=os.getpid(),
+                        )
                         task_status.started(self)
                         await self._drained.wait()
                         root.cancel_scope.cancel()
@@ -184,17 +196,26 @@ class Server:
             "mailpush_connections": ("Open WebSocket connections", len(self.ctx.connections)),
             "mailpush_sockets": ("Accepted sockets, handshaking or open", self.ctx.sockets),
             "mailpush_subscribers": ("Subscribers with at least one subscribed connection here", len(self.registry)),
-            "mailpush_handshakes_in_progress": ("Handshake slots in use (requests being parsed now)", self.handshakes.borrowed_tokens),
+            "mailpush_handshakes_in_progress": (
+                "Handshake slots in use (requests being parsed now)",
+                self.handshakes.borrowed_tokens,
+            ),
             "mailpush_draining": ("1 while draining", int(self.ctx.draining)),
             "mailpush_bus_up": ("1 while the bus is connected", int(self.bus.up)),
             "mailpush_tasks": ("Live Trio tasks in this process", _count_tasks()),
-            "mailpush_event_loop_lag_seconds": ("Worst lateness of the timer task's ticks over the last 15 s", self.timers.loop_lag()),
+            "mailpush_event_loop_lag_seconds": (
+                "Worst lateness of the timer task's ticks over the last 15 s",
+                self.timers.loop_lag(),
+            ),
         }
 
     def counters(self) -> dict[str, tuple[str, float]]:
         """Counters for /metrics kept outside :class:`Stats`."""
         return {
-            "mailpush_bus_bad_items": ("Items from the bus dropped as unusable (malformed payload, or delivery failed)", self.stats.bad_items + self.bus.bad_items),
+            "mailpush_bus_bad_items": (
+                "Items from the bus dropped as unusable (malformed payload, or delivery failed)",
+                self.stats.bad_items + self.bus.bad_items,
+            ),
         }
 
     # -- drain ----------------------------------------------------------------
@@ -219,7 +240,7 @@ class Server:
         if self._listener is not None:
             trio.lowlevel.notify_closing(self._listener)
             self._listener.close()
-        conns: list[Connection] = list(ctx.connections)  # type: ignore[arg-type]
+        conns = list(ctx.connections)
         random.shuffle(conns)
         start = trio.current_time()
         try:
@@ -241,7 +262,7 @@ class Server:
                     await trio.sleep(0.05)
         finally:
             for conn in list(ctx.connections):
-                conn.abort()  # type: ignore[attr-defined]
+                conn.abort()
             self._drained.set()
 
     def stop(self) -> None:

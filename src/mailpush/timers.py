@@ -22,7 +22,15 @@ from .config import Config
 from .frames import CloseCode
 from .metrics import Stats
 
-__all__ = ["Timers", "Keepalive", "KEEPALIVE_SLICES", "LAG_TOLERANCE", "HANDSHAKE_SWEEP_TICK", "CLOSE_TIMEOUT", "LAG_WINDOW"]
+__all__ = [
+    "Timers",
+    "Keepalive",
+    "KEEPALIVE_SLICES",
+    "LAG_TOLERANCE",
+    "HANDSHAKE_SWEEP_TICK",
+    "CLOSE_TIMEOUT",
+    "LAG_WINDOW",
+]
 
 # How long a connection that we sent a Close may take to answer it (§7.1.1),
 # or to take the rest of its queue before it.
@@ -71,8 +79,15 @@ class Timers:
       log: a structlog logger.
     """
 
-    def __init__(self, config: Config, stats: Stats, connections: Collection[Keepalive],
-                 expire_handshake: Callable[[socket.socket], None], on_error: Callable[[str], None], log) -> None:
+    def __init__(
+        self,
+        config: Config,
+        stats: Stats,
+        connections: Collection[Keepalive],
+        expire_handshake: Callable[[socket.socket], None],
+        on_error: Callable[[str], None],
+        log,
+    ) -> None:
         self.config = config
         self.stats = stats
         self.connections = connections
@@ -194,7 +209,9 @@ class _KeepaliveRound:
             return
         if late > LAG_TOLERANCE:
             stats.lag_skips += 1
-            self.timers.log.warning("keepalive_lag", seconds=round(late, 3), skipped_checks=sum(len(b) for _, b in self.checks))
+            self.timers.log.warning(
+                "keepalive_lag", seconds=round(late, 3), skipped_checks=sum(len(b) for _, b in self.checks)
+            )
             self.checks.clear()
             return
         pong_timeout = self.timers.config.pong_timeout

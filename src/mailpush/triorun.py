@@ -20,11 +20,18 @@ def main(argv: list[str] | None = None) -> int:
     apps = {ep.name: ep for ep in entry_points(group=GROUP)}
     if not argv or argv[0] in ("-h", "--help"):
         names = ", ".join(sorted(apps)) or "(none installed)"
-        print(f"usage: trio-run NAME [ARGS...]\nruns a Trio application registered in the '{GROUP}' entry points: {names}", file=sys.stderr)
+        print(
+            "usage: trio-run NAME [ARGS...]\n"
+            f"runs a Trio application registered in the '{GROUP}' entry points: {names}",
+            file=sys.stderr,
+        )
         return 0 if argv else 2
     ep = apps.get(argv[0])
     if ep is None:
-        print(f"trio-run: no application named {argv[0]!r}; installed: {', '.join(sorted(apps)) or '(none)'}", file=sys.stderr)
+        print(
+            f"trio-run: no application named {argv[0]!r}; installed: {', '.join(sorted(apps)) or '(none)'}",
+            file=sys.stderr,
+        )
         return 2
     return int(ep.load()(argv[1:]) or 0)
 

@@ -57,7 +57,18 @@ def send_and_close(sock: socket.socket, data: bytes) -> None:
 
 
 # Rejection reasons by HTTP status, for the metrics label.
-_REASONS = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found", 405: "method", 408: "timeout", 426: "version", 431: "too_large", 503: "overloaded", 505: "http_version"}
+_REASONS = {
+    400: "bad_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method",
+    408: "timeout",
+    426: "version",
+    431: "too_large",
+    503: "overloaded",
+    505: "http_version",
+}
 
 
 async def _handshake(ctx: Context, sock: socket.socket, slot: object) -> tuple[Connection | None, bytes]:
@@ -121,11 +132,10 @@ async def _handshake(ctx: Context, sock: socket.socket, slot: object) -> tuple[C
 
 def _upgrade(ctx: Context, sock: socket.socket, req: hs.Request) -> Connection | None:
     config = ctx.config
-    if not req.wants_websocket:
-        if req.path == "/healthz" and req.method in ("GET", "HEAD"):
-            status, body = ctx.health(own_sockets=1)
-            send_and_close(sock, hs.response_text(status, body + "\n"))
-            return None
+    if not req.wants_websocket and req.path == "/healthz" and req.method in ("GET", "HEAD"):
+        status, body = ctx.health(own_sockets=1)
+        send_and_close(sock, hs.response_text(status, body + "\n"))
+        return None
     flags = 0
     if req.path == config.ws_path:
         pass
@@ -173,4 +183,6 @@ async def open_connection(ctx: Context, sock: socket.socket, slot: object) -> tu
 
 def expire_handshake(ctx: Context, sock: socket.socket) -> None:
     """Called by the timer task for a handshake past its deadline."""
-    _refuse(ctx, sock, HandshakeError(408, f"handshake not finished within {ctx.config.handshake_timeout:g} s"), "timeout")
+    _refuse(
+        ctx, sock, HandshakeError(408, f"handshake not finished within {ctx.config.handshake_timeout:g} s"), "timeout"
+    )

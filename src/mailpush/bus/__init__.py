@@ -26,6 +26,9 @@ def make_bus(url: str) -> Bus:
         try:
             from .redis import RedisBus
         except ImportError as e:
-            raise ConfigError(f"--bus {url.partition('://')[0]}://… needs the Redis extra ({e.name} is missing): pip install 'mailpush[redis]'") from None
+            raise ConfigError(
+                f"--bus {url.partition('://')[0]}://… needs the Redis extra ({e.name} is missing):"
+                " pip install 'mailpush[redis]'"
+            ) from None
         return RedisBus(url)
     raise ConfigError(f"unknown --bus {url!r}: use 'embedded' or a Redis URL such as redis://127.0.0.1:6379/0")

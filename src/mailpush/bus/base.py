@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
 
 import trio
 

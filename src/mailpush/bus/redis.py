@@ -39,8 +39,8 @@ import trio
 
 from ..backoff import Backoff
 from ..errors import BusUnavailable, ConfigError, PublishError
-from ..log import LogLimiter, get_logger
 from ..items import parse_item_json
+from ..log import LogLimiter, get_logger
 from .base import Bus, Item, Sink
 from .resp import PushParser, RespError, RespProtocolError, command
 
@@ -126,9 +126,18 @@ class RedisBus(Bus):
             lost: BaseException | None = None
             try:
                 await self._session(sink, connected)
-            except* (coredis.exceptions.ConnectionError, TimeoutError, trio.TooSlowError, OSError, RespProtocolError, BusUnavailable,
-                     trio.BrokenResourceError, trio.ClosedResourceError,
-                     anyio.ClosedResourceError, anyio.BrokenResourceError) as group:
+            except* (
+                coredis.exceptions.ConnectionError,
+                TimeoutError,
+                trio.TooSlowError,
+                OSError,
+                RespProtocolError,
+                BusUnavailable,
+                trio.BrokenResourceError,
+                trio.ClosedResourceError,
+                anyio.ClosedResourceError,
+                anyio.BrokenResourceError,
+            ) as group:
                 # (coredis may also fail on its own cleanup of a dead connection)
                 lost = group.exceptions[0]
                 while isinstance(lost, BaseExceptionGroup):
@@ -214,7 +223,9 @@ class RedisBus(Bus):
             reason = f"unexpected {e!r}"[:300]
         self.bad_items += 1
         if n := self._bad_log.tick():
-            self.log.warning("bus_bad_payload", count=n, channel=channel.decode("utf-8", "replace")[:300], reason=reason)
+            self.log.warning(
+                "bus_bad_payload", count=n, channel=channel.decode("utf-8", "replace")[:300], reason=reason
+            )
         return None
 
     async def publish(self, items: Sequence[Item]) -> None:
@@ -231,9 +242,16 @@ class RedisBus(Bus):
             async with self.client.pipeline(transaction=False) as pipe:
                 for sub, event, data in items:
                     pipe.publish(CHANNEL_PREFIX + sub, _encode(_Payload(sub, event, data)))
-        except (coredis.exceptions.RedisError, OSError, RuntimeError, TimeoutError,
-                trio.BrokenResourceError, trio.ClosedResourceError,
-                anyio.ClosedResourceError, anyio.BrokenResourceError) as e:
+        except (
+            coredis.exceptions.RedisError,
+            OSError,
+            RuntimeError,
+            TimeoutError,
+            trio.BrokenResourceError,
+            trio.ClosedResourceError,
+            anyio.ClosedResourceError,
+            anyio.BrokenResourceError,
+        ) as e:
             # RuntimeError: coredis's pool closed with the session meanwhile.
             raise BusUnavailable(f"publishing to the Redis bus at {_safe(self.url)} failed: {_describe(e)}") from None
 
@@ -284,7 +302,7 @@ class _Subscription:
         """AUTH before anything else (the reader is not running yet)."""
         args = (b"AUTH", username, password) if username else (b"AUTH", password)
         await self.stream.send_all(command(*args))
-        parser, replies = PushParser(), []
+        parser, replies = PushParser(), list[object]()
         while not replies:
             data = await self.stream.receive_some(4096)
             if not data:
@@ -347,8 +365,16 @@ def _describe(error: BaseException | None) -> str:
 class _Address:
     """Where the subscription connection goes, from the --bus URL."""
 
-    def __init__(self, scheme: str, host: str, port: int, path: str, username: str | None, password: str | None,
-                 tls: ssl.SSLContext | None = None) -> None:
+    def __init__(
+        self,
+        scheme: str,
+        host: str,
+        port: int,
+        path: str,
+        username: str | None,
+        password: str | None,
+        tls: ssl.SSLContext | None = None,
+    ) -> None:
         self.scheme, self.host, self.port, self.path = scheme, host, port, path
         self.username, self.password = username, password
         self.tls = tls
@@ -375,6 +401,7 @@ class _Address:
         stream = await trio.open_tcp_stream(self.host, self.port)
         if self.scheme == "redis":
             return stream
+        assert self.tls is not None  # rediss:// always has a context (parse)
         tls = trio.SSLStream(stream, self.tls, server_hostname=self.host)
         await tls.do_handshake()
         return tls

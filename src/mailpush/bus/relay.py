@@ -107,7 +107,7 @@ async def relay(streams: list[trio.SocketStream]) -> None:
     locks = [trio.Lock() for _ in streams]
 
     async def broadcast(data: bytes) -> None:
-        for stream, lock in zip(streams, locks):
+        for stream, lock in zip(streams, locks, strict=False):
             async with lock:
                 try:
                     await stream.send_all(data)

@@ -20,7 +20,17 @@ from __future__ import annotations
 from ..errors import RespError, RespProtocolError
 from ..items import MAX_PUBLISH_BYTES
 
-__all__ = ["PushParser", "RespError", "RespProtocolError", "command", "MAX_BULK", "MAX_LINE", "MAX_ARRAY", "MAX_DEPTH", "MAX_REPLY"]
+__all__ = [
+    "PushParser",
+    "RespError",
+    "RespProtocolError",
+    "command",
+    "MAX_BULK",
+    "MAX_LINE",
+    "MAX_ARRAY",
+    "MAX_DEPTH",
+    "MAX_REPLY",
+]
 
 _MESSAGE = b"*3\r\n$7\r\nmessage\r\n"
 _MESSAGE_LEN = len(_MESSAGE)
@@ -44,6 +54,8 @@ _MAX_DIGITS = 12
 
 _CRLF = b"\r\n"
 
+Buf = bytes | bytearray  # what reads hand the parser
+
 
 def command(*args: str | bytes) -> bytes:
     """One command as a RESP array of bulk strings."""
@@ -54,7 +66,7 @@ def command(*args: str | bytes) -> bytes:
     return b"".join(out)
 
 
-def _length(buf: bytes, start: int, end: int, what: str, limit: int) -> int:
+def _length(buf: Buf, start: int, end: int, what: str, limit: int) -> int:
     """A bulk length or array count: digits, or -1 (null); at most ``limit``.
 
     ``int()`` alone would also take signs, spaces and underscores.
@@ -70,7 +82,7 @@ def _length(buf: bytes, start: int, end: int, what: str, limit: int) -> int:
     raise RespProtocolError(f"bad {what}: {digits[:40]!r}")
 
 
-def _integer(buf: bytes, start: int, end: int) -> int:
+def _integer(buf: Buf, start: int, end: int) -> int:
     digits = buf[start:end]
     body = digits[1:] if digits[:1] == b"-" else digits
     if not body.isdigit() or len(body) > 20:
@@ -78,7 +90,7 @@ def _integer(buf: bytes, start: int, end: int) -> int:
     return int(digits)
 
 
-def _line_end(buf: bytes, pos: int) -> int:
+def _line_end(buf: Buf, pos: int) -> int:
     """Where the line at ``pos`` ends (its CR), or -1 if not in ``buf`` yet."""
     end = buf.find(_CRLF, pos, pos + MAX_LINE)
     if end < 0 and len(buf) - pos >= MAX_LINE:
@@ -86,7 +98,7 @@ def _line_end(buf: bytes, pos: int) -> int:
     return end
 
 
-def _value(buf: bytes, pos: int, depth: int = 0) -> tuple[object, int]:
+def _value(buf: Buf, pos: int, depth: int = 0) -> tuple[object, int]:
     """(value, next position) of the RESP value at ``pos``, or
     (_INCOMPLETE, index) when ``buf`` ends inside it: ``index`` is how far
     ``buf`` must reach before trying again (``pos + 1`` when unknown)."""
@@ -124,7 +136,7 @@ def _value(buf: bytes, pos: int, depth: int = 0) -> tuple[object, int]:
         return buf[pos + 1 : end], end + 2
     if kind == 45:  # - error
         return RespError(buf[pos + 1 : end].decode("utf-8", "replace")), end + 2
-    raise RespProtocolError(f"unexpected byte {buf[pos:pos + 1]!r} at the start of a reply")
+    raise RespProtocolError(f"unexpected byte {buf[pos : pos + 1]!r} at the start of a reply")
 
 
 _INCOMPLETE = object()
@@ -150,8 +162,8 @@ class PushParser:
     __slots__ = ("_rest", "_chunks", "_have", "_need")
 
     def __init__(self) -> None:
-        self._rest = b""
-        self._chunks: list[bytes] = []  # reads collected until _need bytes are there
+        self._rest: Buf = b""
+        self._chunks: list[Buf] = []  # reads collected until _need bytes are there
         self._have = 0
         self._need = 0
 
@@ -160,7 +172,7 @@ class PushParser:
         """Bytes of an incomplete reply held now."""
         return self._have if self._chunks else len(self._rest)
 
-    def feed(self, data: bytes) -> list:
+    def feed(self, data: Buf) -> list:
         out: list = []
         try:
             return self._feed(data, out)
@@ -168,13 +180,13 @@ class PushParser:
             e.replies = out
             raise
 
-    def _feed(self, data: bytes, out: list) -> list:
+    def _feed(self, data: Buf, out: list) -> list:
         if self._chunks:
             self._chunks.append(data)
             self._have += len(data)
             if self._have < self._need:
                 return []
-            buf = b"".join(self._chunks)
+            buf: Buf = b"".join(self._chunks)
             self._chunks = []
         else:
             buf = self._rest + data if self._rest else data
