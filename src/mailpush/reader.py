@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 import trio
 
 from .connection import CLOSED
-from .upgrade import RESPONSE_500, open_connection, send_and_close
+from .upgrade import RESPONSE_500, close_socket, open_connection, send_answer
 
 if TYPE_CHECKING:
     from .context import Context
@@ -40,9 +40,12 @@ async def serve_socket(ctx: Context, sock: socket.socket, slot: object) -> None:
         loop.
       slot: the handshake slot taken for it (see :mod:`mailpush.upgrade`).
 
-    Resource handling: the socket is this task's from the accept loop on;
-    it is closed on every way out, and it leaves ``ctx.sockets`` (and the
-    connection the server's books) here, in one place.
+    Resource handling: the socket is this task's from the accept loop on,
+    and its connection's once upgraded (:meth:`Connection.abort` closes
+    it); either way it is closed on every way out, and it leaves
+    ``ctx.sockets`` (and the connection the server's books) here, in one
+    place. (The timer task closes a handshake past its deadline early, to
+    wake it.)
 
     Error handling: this is the isolation boundary of one connection. A
     client's protocol faults get their close code or HTTP status; socket
@@ -51,12 +54,13 @@ async def serve_socket(ctx: Context, sock: socket.socket, slot: object) -> None:
     reported to ``ctx.task_failed`` (logged, counted), never reaching the
     other connections or the server.
     """
+    conn = None
     try:
         try:
             conn, rest = await open_connection(ctx, sock, slot)
         except Exception:  # noqa: BLE001 - the isolation boundary, see above
             ctx.task_failed("handshake")
-            send_and_close(sock, RESPONSE_500)
+            send_answer(sock, RESPONSE_500)
             return
         if conn is None:
             return
@@ -89,4 +93,6 @@ async def serve_socket(ctx: Context, sock: socket.socket, slot: object) -> None:
             conn.abort()
             ctx.removed(conn)
     finally:
+        if conn is None:
+            close_socket(sock)  # never upgraded: still ours to close
         ctx.sockets -= 1

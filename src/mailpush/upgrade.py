@@ -27,7 +27,7 @@ from .log import LogLimiter
 if TYPE_CHECKING:
     from .context import Context
 
-__all__ = ["open_connection", "expire_handshake", "send_and_close", "RESPONSE_500"]
+__all__ = ["open_connection", "expire_handshake", "send_answer", "close_socket", "RESPONSE_500"]
 
 _wait_readable = trio.lowlevel.wait_readable
 _notify_closing = trio.lowlevel.notify_closing
@@ -40,20 +40,22 @@ def _refuse(ctx: Context, sock: socket.socket, err: HandshakeError, reason_label
     ctx.stats.rejections[reason_label] += 1
     if n := _refuse_log.tick():  # a flood of bad requests is one line a second
         ctx.log.warning("handshake_refused", status=err.status, reason=err.reason, count=n)
-    send_and_close(sock, hs.response_error(err))
+    send_answer(sock, hs.response_error(err))
 
 
-def send_and_close(sock: socket.socket, data: bytes) -> None:
-    """Best-effort send of a small response, then close (FIN); wakes any
-    task parked on the socket."""
-    if sock.fileno() < 0:
-        return  # closed already
+def send_answer(sock: socket.socket, data: bytes) -> None:
+    """Best-effort send of a small response (the socket's owner closes it)."""
     try:
         sock.send(data)
     except OSError:
         pass
-    _notify_closing(sock)
-    sock.close()
+
+
+def close_socket(sock: socket.socket) -> None:
+    """Close ``sock`` (FIN), waking any task parked on it; closed already is fine."""
+    if sock.fileno() >= 0:
+        _notify_closing(sock)
+        sock.close()
 
 
 # Rejection reasons by HTTP status, for the metrics label.
@@ -81,8 +83,8 @@ async def _handshake(ctx: Context, sock: socket.socket, slot: object) -> tuple[C
     of its request (or sends nothing) holds a parked task and a socket, no
     slot, until its handshake deadline.
 
-    Returns the new connection (or None when refused or closed, the socket
-    then closed) and any bytes the client sent after the request head.
+    Returns the new connection (or None when refused or gone: the caller
+    closes the socket) and any bytes the client sent after the request head.
     """
     limiter = ctx.handshakes
     held = True
@@ -103,10 +105,8 @@ async def _handshake(ctx: Context, sock: socket.socket, slot: object) -> tuple[C
                 held = True
                 continue
             except OSError:
-                sock.close()
                 return None, b""
             if not chunk:  # closed before finishing: costs nothing lasting
-                sock.close()
                 return None, b""
             data = chunk if not data else data + chunk
             try:
@@ -134,7 +134,7 @@ def _upgrade(ctx: Context, sock: socket.socket, req: hs.Request) -> Connection |
     config = ctx.config
     if not req.wants_websocket and req.path == "/healthz" and req.method in ("GET", "HEAD"):
         status, body = ctx.health(own_sockets=1)
-        send_and_close(sock, hs.response_text(status, body + "\n"))
+        send_answer(sock, hs.response_text(status, body + "\n"))
         return None
     flags = 0
     if req.path == config.ws_path:
@@ -152,7 +152,6 @@ def _upgrade(ctx: Context, sock: socket.socket, req: hs.Request) -> Connection |
     try:
         sock.send(hs.response_101(req.key))
     except OSError:
-        sock.close()
         return None
     return Connection(sock, ctx, subscriber, flags=flags)
 
@@ -169,20 +168,25 @@ async def open_connection(ctx: Context, sock: socket.socket, slot: object) -> tu
         (see :func:`_handshake` for when it is held).
 
     Returns:
-      The new connection (None when refused or closed: the socket is then
-      closed) and any bytes the client sent after the request head.
+      The new connection, which owns the socket from then on, or None when
+      refused or gone (the socket is still the caller's to close); and any
+      bytes the client sent after the request head.
     """
     entry = ctx.timers.handshake_deadline(sock)
     try:
         return await _handshake(ctx, sock, slot)
     except trio.ClosedResourceError:
-        return None, b""  # expired: the sweeper answered and closed it
+        return None, b""  # expired: the timer task answered and closed it
     finally:
         entry[1] = None
 
 
 def expire_handshake(ctx: Context, sock: socket.socket) -> None:
-    """Called by the timer task for a handshake past its deadline."""
+    """Called by the timer task for a handshake past its deadline: answer
+    408 and close the socket, the one close outside the socket's owner (it
+    wakes the handshake wherever it waits: on the socket, which raises,
+    or for a slot, after which its next read fails)."""
     _refuse(
         ctx, sock, HandshakeError(408, f"handshake not finished within {ctx.config.handshake_timeout:g} s"), "timeout"
     )
+    close_socket(sock)
