@@ -184,7 +184,9 @@ class Timers:
                     self._expire(sock)
                 except Exception:  # noqa: BLE001 - one failure must not hold up the rest
                     self._on_error("handshake_deadlines")
-                    sock.close()
+                    if sock.fileno() >= 0:  # cut it, waking its task
+                        trio.lowlevel.notify_closing(sock)
+                        sock.close()
 
 
 class _KeepaliveRound:
