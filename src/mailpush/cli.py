@@ -98,6 +98,7 @@ def _serve_options(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``mailpush`` command line: serve, token, listen, publish."""
     parser = argparse.ArgumentParser(prog="mailpush", description="WebSocket push gateway for mail.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     serve = sub.add_parser("serve", help="run the server", description="Run the push server.")
@@ -162,6 +163,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
+    """The server's Config from ``mailpush serve``'s options.
+
+    Raises:
+      ConfigError: an option or the secret is unusable.
+    """
     secret = args.secret
     if args.demo and not secret and not args.secret_file:
         secret = secrets.token_urlsafe(32)
@@ -345,6 +351,8 @@ def _cmd_listen(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; returns its exit status (2 for a configuration
+    error, with a message that says what to fix)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

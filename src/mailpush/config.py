@@ -43,6 +43,13 @@ def is_loopback(host: str) -> bool:
 
 @attrs.frozen(kw_only=True)
 class Config:
+    """Every option of a server (frozen; ``attrs.evolve`` makes variants).
+
+    Raises:
+      ConfigError: from the constructor, for a value that cannot work,
+        saying which option and why.
+    """
+
     # Where browsers connect (behind the TCP load balancer).
     listen: tuple[str, int] = ("0.0.0.0", 8080)
     # Admin HTTP (publish, health, metrics, demo): loopback only by default,

@@ -38,6 +38,16 @@ SUBSCRIBE_BATCH = 1000
 
 
 class Dispatcher:
+    """Routes what the bus delivers to the local tabs, and keeps the bus's
+    subscriptions equal to the subscribers connected here.
+
+    Args:
+      registry: subscriber id → its local connections.
+      bus: the bus; its ``routes_by_subscription`` says whether it needs
+        to be told which subscribers are here.
+      stats: counts received, delivered, dropped and bad items.
+    """
+
     def __init__(self, registry: Registry, bus: Bus, stats: Stats) -> None:
         self.registry = registry
         self.bus = bus
@@ -168,6 +178,12 @@ class Dispatcher:
                 backoff.reset()
 
     async def flush(self) -> None:
+        """Send the pending subscription changes to the bus, in batches.
+
+        Raises:
+          BusUnavailable: (or the bus's own error) the change could not be
+            made; what was not done stays pending.
+        """
         while self._dirty:
             dirty, self._dirty = self._dirty, set()
             registry, subscribed = self.registry, self._bus_subscribed

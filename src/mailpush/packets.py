@@ -152,15 +152,18 @@ _encode = msgspec.json.Encoder().encode
 
 
 def subscribed_frame(subscriber: str, events: frozenset[str] | None) -> bytes:
+    """The answer to a subscribe: the subscriber and its filter."""
     names = [ALL_EVENTS] if events is None else sorted(events)
     return encode_text(_encode({"type": "subscribed", "subscriber": subscriber, "events": names}))
 
 
 def unsubscribed_frame(subscriber: str) -> bytes:
+    """The answer to an unsubscribe."""
     return encode_text(_encode({"type": "unsubscribed", "subscriber": subscriber}))
 
 
 def error_frame(code: str, message: str) -> bytes:
+    """An error packet: ``code`` names the rule broken, ``message`` says how."""
     return encode_text(_encode({"type": "error", "code": code, "message": message}))
 
 

@@ -31,6 +31,9 @@ SMALL = 16
 
 
 class Registry:
+    """Subscriber id → its connections in this process (see the module
+    docstring)."""
+
     __slots__ = ("_subs",)
 
     def __init__(self) -> None:

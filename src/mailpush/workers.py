@@ -103,6 +103,17 @@ _PR_SET_PDEATHSIG = 1
 
 
 async def _supervise(socks: list[socket.socket], pids: list[int]) -> int:
+    """The supervisor's Trio run: relay the embedded bus, pass signals on,
+    wait for the workers.
+
+    Returns:
+      0 if every worker exited 0 after a signal, else 1 (a worker died on
+      its own: the others were stopped).
+
+    Error handling: SIGHUP is logged and ignored; a dead worker's relay
+    stream ends its pump quietly; anything else is a bug and ends the
+    supervisor (its workers then drain: they die with it, see _die_with).
+    """
     log = get_logger()
     streams = [trio.SocketStream(trio.socket.from_stdlib_socket(s)) for s in socks]
     status: dict[int, int] = {}

@@ -17,6 +17,10 @@ CHANNEL_BATCHES = 1024
 
 
 class EmbeddedBus(Bus):
+    """Publishes of this process to this process's bus-client task, in
+    order, through a bounded memory channel (a full channel makes the
+    publisher wait)."""
+
     routes_by_subscription = False
 
     def __init__(self) -> None:
@@ -33,4 +37,5 @@ class EmbeddedBus(Bus):
             await sink(batch)
 
     async def publish(self, items: Sequence[Item]) -> None:
+        """Queue one batch for the bus-client task (waits while the channel is full)."""
         await self._send.send(items)

@@ -79,6 +79,16 @@ class _Payload(msgspec.Struct):
 
 
 class RedisBus(Bus):
+    """The Redis bus (see the module docstring).
+
+    Args:
+      url: ``redis://[:PASSWORD@]HOST:PORT/DB``, ``rediss://…`` (TLS) or
+        ``unix:///path``.
+
+    Raises:
+      ConfigError: a URL that cannot be used.
+    """
+
     routes_by_subscription = True
 
     def __init__(self, url: str) -> None:
@@ -256,6 +266,11 @@ class RedisBus(Bus):
             raise BusUnavailable(f"publishing to the Redis bus at {_safe(self.url)} failed: {_describe(e)}") from None
 
     async def subscribe(self, subscribers: Sequence[str]) -> None:
+        """SUBSCRIBE their channels; returns once Redis acknowledged each.
+
+        Raises:
+          BusUnavailable: not connected, or the acknowledgement failed.
+        """
         sub = self._sub
         if sub is None:
             # Not connected: say so rather than pretend (the tabs' answers
@@ -268,6 +283,12 @@ class RedisBus(Bus):
             await sub.request(b"SUBSCRIBE", chunk)
 
     async def unsubscribe(self, subscribers: Sequence[str]) -> None:
+        """UNSUBSCRIBE their channels (and not subscribe them again on a
+        reconnect).
+
+        Raises:
+          BusUnavailable: the acknowledgement failed.
+        """
         channels = [CHANNEL_PREFIX + s for s in subscribers]
         self._channels.difference_update(channels)
         sub = self._sub

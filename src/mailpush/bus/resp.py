@@ -173,6 +173,11 @@ class PushParser:
         return self._have if self._chunks else len(self._rest)
 
     def feed(self, data: Buf) -> list:
+        """Every reply completed by ``data``, in order.
+
+        Raises:
+          RespProtocolError: see the class docstring.
+        """
         out: list = []
         try:
             return self._feed(data, out)
