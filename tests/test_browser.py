@@ -40,7 +40,7 @@ def publish(admin: tuple[str, int], item: dict) -> None:
 
 def test_demo_page_in_chromium_receives_its_event_and_only_its_own(tmp_path) -> None:
     require_chromium()
-    with server_process() as (_proc, _listen, admin), chromium(tmp_path) as devtools:
+    with server_process("--demo") as (_proc, _listen, admin), chromium(tmp_path) as devtools:
         with open_tab(devtools, f"http://{admin[0]}:{admin[1]}/") as tab:
             tab.wait_for("document.readyState === 'complete' && !!document.getElementById('connect')", "the demo page to load")
             tab.evaluate("document.getElementById('subscriber').value = 'alice@example.com'; document.getElementById('filter').value = '*'; document.getElementById('connect').click(); true")
