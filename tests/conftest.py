@@ -252,3 +252,12 @@ def _drain(f, into: list) -> None:
 
 def b64key() -> str:
     return base64.b64encode(os.urandom(16)).decode()
+
+
+HISTORY_FIELDS = ("offset", "epoch", "recovered")
+
+
+def bare(packet: dict) -> dict:
+    """A packet without the history's fields (offset, epoch, recovered),
+    for tests about everything else."""
+    return {k: v for k, v in packet.items() if k not in HISTORY_FIELDS}

@@ -158,7 +158,7 @@ async def test_rejections_are_counted_by_reason(start_server):
 
 def plain(items):
     """Items with their data decoded (the fast path keeps it as raw JSON)."""
-    return [(s, e, msgspec.json.decode(d) if isinstance(d, msgspec.Raw) else d) for s, e, d in items]
+    return [(s, e, msgspec.json.decode(d) if isinstance(d, msgspec.Raw) else d) for s, e, d, _state in items]
 
 
 def test_parse_items_shapes():
@@ -473,8 +473,11 @@ def test_mailpush_listen_prints_each_event_as_a_json_line():
             proc.kill()
     assert proc.returncode == 0, err
     lines = [json.loads(line) for line in out.splitlines()]
-    assert lines == [{"type": "event", "subscriber": "ann", "event": "new_letter", "data": {"n": 1}},
-                     {"type": "event", "subscriber": "ann", "event": "new_letter", "data": {"n": 2}}]
+    assert [{k: v for k, v in line.items() if k != "offset"} for line in lines] == [
+        {"type": "event", "subscriber": "ann", "event": "new_letter", "data": {"n": 1}},
+        {"type": "event", "subscriber": "ann", "event": "new_letter", "data": {"n": 2}},
+    ]
+    assert lines[0]["offset"] < lines[1]["offset"]
     assert '"subscribed"' in err
 
 

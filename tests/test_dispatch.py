@@ -3,6 +3,8 @@ batch lets the rest of the server run while it is delivered."""
 
 from __future__ import annotations
 
+import json
+
 import trio
 import trio.testing
 
@@ -11,6 +13,16 @@ from mailpush.testing import FakeBus
 from mailpush.dispatch import DELIVERIES_PER_CHECKPOINT, Dispatcher
 from mailpush.metrics import Stats
 from mailpush.registry import Registry
+
+
+def ev(sub: str, event: str, data, offset=None):
+    """A bus event as the sink gets it (no history: no offset)."""
+    return (sub, event, data, offset, None, None)
+
+
+def kinds(tab) -> list[str]:
+    """The packet types a tab was sent, in order."""
+    return [json.loads(f[2:])["type"] for f in tab.frames]
 
 
 class Tab:
@@ -37,7 +49,7 @@ def setup(tabs):
 async def test_routing_filters_and_counts():
     a1, a2, b = Tab("a"), Tab("a", frozenset({"x"})), Tab("b")
     d, stats = setup([a1, a2, b])
-    await d.deliver([("a", "x", {}), ("a", "y", {"k": 1}), ("nobody", "x", {})])
+    await d.deliver([ev("a", "x", {}), ev("a", "y", {"k": 1}), ev("nobody", "x", {})])
     assert len(a1.frames) == 2 and len(a2.frames) == 1 and not b.frames
     assert a1.frames[0] is a2.frames[0]  # one frame object for both tabs
     assert (stats.received, stats.delivered, stats.dropped) == (3, 3, 1)
@@ -60,7 +72,7 @@ async def test_a_large_batch_checkpoints_while_it_is_delivered():
         nursery.start_soon(other_task)
         await trio.lowlevel.checkpoint()
         before = others_ran
-        await d.deliver([(f"s{i}", "new_letter", {}) for i in range(n)])
+        await d.deliver([ev(f"s{i}", "new_letter", {}) for i in range(n)])
         done = True
     assert stats.delivered == n and all(len(t.frames) == 1 for t in tabs)
     # The other task ran between the chunks, not only after the whole batch.
@@ -114,24 +126,26 @@ async def test_subscribed_is_answered_only_once_the_bus_acknowledges(nursery):
     bus = GatedBus()
     d = Dispatcher(registry, bus, Stats())
     await nursery.start(d.run_subscriptions)
+    await nursery.start(d.recovery.run)
     first, leaver = Tab("x"), Tab("x")
     for t in (first, leaver):
         registry.add(t)
-        d.confirm(t, b"subscribed")
+        d.subscribe(t, None)
     d.changed("x")
     await bus.asked.wait()
     registry.remove(leaver)  # leaves before the acknowledgement
+    d.unsubscribed(leaver)
     await trio.testing.wait_all_tasks_blocked()
     assert first.frames == [] and leaver.frames == []  # the bus has not answered yet
     bus.gate.set()
     await bus.wait_until(lambda f: "x" in f.subscribed)
     await trio.testing.wait_all_tasks_blocked()
-    assert first.frames == [b"subscribed"] and leaver.frames == []
+    assert kinds(first) == ["subscribed"] and leaver.frames == []
     # Once the subscription stands, another tab is answered at once.
     late = Tab("x")
     registry.add(late)
-    d.confirm(late, b"subscribed")
-    assert late.frames == [b"subscribed"] and d._pending == {}
+    d.subscribe(late, None)
+    assert kinds(late) == ["subscribed"] and d._pending == {}
 
 
 async def test_tabs_that_all_leave_before_the_acknowledgement_leave_nothing_behind(nursery, autojump_clock):
@@ -151,8 +165,8 @@ async def test_a_bus_that_routes_everything_here_answers_at_once():
     d = Dispatcher(registry, EmbeddedBus(), Stats())
     tab = Tab("z")
     registry.add(tab)
-    d.confirm(tab, b"subscribed")
-    assert tab.frames == [b"subscribed"]
+    d.subscribe(tab, None)
+    assert kinds(tab) == ["subscribed"]
 
 
 async def test_an_event_that_beats_the_acknowledgement_comes_after_subscribed(nursery):
@@ -161,8 +175,8 @@ async def test_an_event_that_beats_the_acknowledgement_comes_after_subscribed(nu
     bus = GatedBus()
     d, _registry, tab = await waiting_tab(nursery, bus, "w")
     await bus.asked.wait()
-    await d.deliver([("w", "new_letter", {})])
-    assert tab.frames[0] == b"subscribed" and len(tab.frames) == 2 and b"new_letter" in tab.frames[1]
+    await d.deliver([ev("w", "new_letter", {})])
+    assert kinds(tab) == ["subscribed", "event"] and b"new_letter" in tab.frames[1]
     bus.gate.set()
     await bus.wait_until(lambda f: "w" in f.subscribed)
     await trio.testing.wait_all_tasks_blocked()
@@ -175,9 +189,10 @@ async def waiting_tab(nursery, bus, name: str):
     registry = Registry()
     d = Dispatcher(registry, bus, Stats())
     await nursery.start(d.run_subscriptions)
+    await nursery.start(d.recovery.run)
     tab = Tab(name)
     registry.add(tab)
-    d.confirm(tab, b"subscribed")
+    d.subscribe(tab, None)
     d.changed(name)
     return d, registry, tab
 
@@ -187,10 +202,11 @@ def test_the_redis_bus_without_its_extra_is_a_clear_error(monkeypatch):
 
     import pytest
 
+    from mailpush import Config
     from mailpush.bus import make_bus
     from mailpush.errors import ConfigError
 
     monkeypatch.setitem(sys.modules, "coredis", None)  # as if not installed
     monkeypatch.delitem(sys.modules, "mailpush.bus.redis", raising=False)
     with pytest.raises(ConfigError, match=r"pip install 'mailpush\[redis\]'"):
-        make_bus("redis://127.0.0.1:6379/0")
+        make_bus(Config(bus="redis://127.0.0.1:6379/0", secret="s" * 32))

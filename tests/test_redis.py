@@ -20,7 +20,7 @@ import coredis
 import pytest
 import trio
 import trio_websocket
-from conftest import server_process, token, ws_url
+from conftest import bare, server_process, token, ws_url
 
 from mailpush.bus.redis import CONTROL_CHANNEL, RedisBus
 from mailpush.errors import ConfigError
@@ -110,7 +110,7 @@ async def test_channels_follow_the_tabs_and_foreign_publishers_reach_them(start_
             # A mail store in any language: a plain PUBLISH with one item.
             assert await redis_publish(redis.url, "mailpush:alice", '{"subscriber":"alice","event":"new_letter","data":{"id":7}}') == 1
             for ws in (a1, a2):
-                assert json.loads(await ws.get_message()) == {"type": "event", "subscriber": "alice", "event": "new_letter", "data": {"id": 7}}
+                assert bare(json.loads(await ws.get_message())) == {"type": "event", "subscriber": "alice", "event": "new_letter", "data": {"id": 7}}
             # Bad payloads are dropped, the connection and the bus go on.
             await redis_publish(redis.url, "mailpush:alice", "not json")
             await redis_publish(redis.url, "mailpush:alice", '{"subscriber":"mallory","event":"x"}')
@@ -155,6 +155,11 @@ async def test_survives_a_redis_restart(start_server, redis):
         redis.start()
         await wait_channels(redis.url, {"mailpush:carl"})  # subscribed again
         assert server.bus.up
+        # This Redis came back empty: its history (and epoch) is gone, and the
+        # tab is told so before anything else.
+        with trio.fail_after(10):
+            resync = json.loads(await ws.get_message())
+        assert resync["type"] == "resync" and resync["reason"] == "epoch_changed"
         await redis_publish(redis.url, "mailpush:carl", '{"subscriber":"carl","event":"back"}')
         assert json.loads(await ws.get_message())["event"] == "back"
 
@@ -259,13 +264,13 @@ async def test_a_password_and_a_unix_socket(start_server, secured_redis, where):
     server = await start_server(RedisBus(url))
     async with trio_websocket.open_websocket_url(ws_url(server, tok=token("eve"))) as ws:
         await subscribed(ws)
-        await server.bus.publish([("eve", "locked", {"n": 1})])  # through coredis, same URL
-        assert json.loads(await ws.get_message()) == {"type": "event", "subscriber": "eve", "event": "locked", "data": {"n": 1}}
+        await server.bus.publish([("eve", "locked", {"n": 1}, None)])  # through coredis, same URL
+        assert bare(json.loads(await ws.get_message())) == {"type": "event", "subscriber": "eve", "event": "locked", "data": {"n": 1}}
 
 
 def test_a_wrong_password_is_a_clear_error_at_startup(secured_redis):
     err = startup_error(f"redis://:wrong@127.0.0.1:{secured_redis.port}/0")
-    assert "cannot reach the Redis bus at redis://***@127.0.0.1" in err and "Redis refused AUTH" in err
+    assert "cannot reach the Redis bus at redis://***@127.0.0.1" in err and "invalid username-password pair" in err
     assert "wrong" not in err  # the password is not logged
 
 
@@ -298,7 +303,7 @@ async def test_tls_with_the_certificate_verified(start_server, tls_redis):
     server = await start_server(RedisBus(url))
     async with trio_websocket.open_websocket_url(ws_url(server, tok=token("tia"))) as ws:
         await subscribed(ws)
-        await server.bus.publish([("tia", "sealed", {})])
+        await server.bus.publish([("tia", "sealed", {}, None)])
         assert json.loads(await ws.get_message())["event"] == "sealed"
 
 
@@ -348,52 +353,82 @@ async def test_publishing_while_redis_is_down_is_503_and_the_server_goes_on(star
 
 
 class HostileRedis:
-    """A stand-in for Redis that acknowledges the subscription, then, once
-    the server is up, sends ``junk`` on the first connection only; later
-    connections behave. Only a fake can break the protocol this way;
-    everything else here is real."""
+    """A stand-in for Redis that speaks just enough of it (HELLO, FUNCTION
+    LOAD, PUBLISH to the subscribers of a channel, SUBSCRIBE, PING), and,
+    once the server is up, sends ``junk`` on the first subscription
+    connection only; later connections behave. Only a fake can break the
+    protocol this way; everything else here is real."""
 
-    ACK = b"*3\r\n$9\r\nsubscribe\r\n$16\r\nmailpush.control\r\n:1\r\n"
+    HELLO = (b"%7\r\n$6\r\nserver\r\n$5\r\nredis\r\n$7\r\nversion\r\n$6\r\n7.0.15\r\n$5\r\nproto\r\n:3\r\n"
+             b"$2\r\nid\r\n:1\r\n$4\r\nmode\r\n$10\r\nstandalone\r\n$4\r\nrole\r\n$6\r\nmaster\r\n$7\r\nmodules\r\n*0\r\n")
 
     def __init__(self, junk: bytes) -> None:
+        import threading
+
         self.junk = junk
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = self.listener.getsockname()[1]
-        self.connections = 0
+        self.connections = 0  # subscription connections made
         self._socks: list[socket.socket] = []
-        import threading
-
+        self._subscribers: dict[bytes, list[socket.socket]] = {}
+        self._lock = threading.Lock()
         self.go = threading.Event()  # set once the server is listening
         threading.Thread(target=self._serve, daemon=True).start()
 
     def _serve(self) -> None:
+        import threading
+
         while True:
             try:
                 sock, _ = self.listener.accept()
             except OSError:
                 return
             self._socks.append(sock)
-            import threading
-
             threading.Thread(target=self._talk, args=(sock,), daemon=True).start()
 
     def _talk(self, sock: socket.socket) -> None:
+        from mailpush.bus.resp import PushParser, command
+
+        parser = PushParser()
         try:
-            data = b""
-            while b"mailpush.control" not in data:
-                chunk = sock.recv(4096)
-                if not chunk:
-                    return
-                data += chunk
-            self.connections += 1
-            sock.sendall(self.ACK)
-            if self.connections == 1:
-                self.go.wait(30)
-                sock.sendall(self.junk)
-            while sock.recv(4096):
-                pass
+            while chunk := sock.recv(65536):
+                for cmd in parser.feed(chunk):
+                    verb = cmd[0].upper()
+                    if verb == b"HELLO":
+                        sock.sendall(self.HELLO)
+                    elif verb == b"FUNCTION":
+                        sock.sendall(b"$8\r\nmailpush\r\n")
+                    elif verb == b"PUBLISH":
+                        with self._lock:
+                            targets = list(self._subscribers.get(cmd[1], ()))
+                        push = command(b"message", cmd[1], cmd[2])
+                        for target in targets:
+                            target.sendall(push)
+                        sock.sendall(b":%d\r\n" % len(targets))
+                    elif verb == b"SUBSCRIBE":
+                        first = False
+                        with self._lock:
+                            for channel in cmd[1:]:
+                                self._subscribers.setdefault(channel, []).append(sock)
+                            if cmd[1] == b"mailpush.control":
+                                self.connections += 1
+                                first = self.connections == 1
+                        for n, channel in enumerate(cmd[1:], 1):
+                            sock.sendall(b"*3\r\n$9\r\nsubscribe\r\n" + b"$%d\r\n%s\r\n:%d\r\n" % (len(channel), channel, n))
+                        if first:
+                            self.go.wait(30)
+                            sock.sendall(self.junk)
+                    elif verb == b"PING":
+                        sock.sendall(b"*2\r\n$4\r\npong\r\n$0\r\n\r\n")
+                    else:
+                        sock.sendall(b"+OK\r\n")
         except OSError:
             pass
+        finally:
+            with self._lock:
+                for socks in self._subscribers.values():
+                    if sock in socks:
+                        socks.remove(sock)
 
     def close(self) -> None:
         self.listener.close()

@@ -87,6 +87,9 @@ def _serve_options(p: argparse.ArgumentParser) -> None:
     opt("max-packet-errors", _D.max_packet_errors, "bad packets before close 1008", type=int)
     opt("ping-interval", _D.ping_interval, "seconds between keepalive pings; 0: off", type=float)
     opt("pong-timeout", _D.pong_timeout, "seconds a client has to answer a ping", type=float)
+    opt("history-size", _D.history_size, "events kept per subscriber for tabs that reconnect; 0: no history", type=int)
+    opt("history-ttl", _D.history_ttl, "seconds an event is kept in the history", type=float)
+    opt("history-max-events", _D.history_max_events, "events kept in the history in all (the memory bound)", type=int)
     opt("drain-seconds", _D.drain_seconds, "on SIGTERM/SIGINT, spread closes over this many seconds", type=float)
     opt("log-level", _D.log_level, "debug, info, warning or error")
     opt("log-format", _D.log_format, "auto (console on a terminal, else JSON), json or console")
@@ -195,6 +198,9 @@ def config_from_args(args: argparse.Namespace) -> Config:
         ping_interval=args.ping_interval,
         pong_timeout=args.pong_timeout,
         drain_seconds=args.drain_seconds,
+        history_size=args.history_size,
+        history_ttl=args.history_ttl,
+        history_max_events=args.history_max_events,
         log_level=args.log_level,
         log_format=args.log_format,
     )

@@ -99,6 +99,14 @@ class Config:
     # pong_timeout after a ping. 0 disables pings.
     ping_interval: float = 30.0
     pong_timeout: float = 20.0
+    # Event history, for tabs that reconnect: events kept per subscriber,
+    # for how long (seconds), and in all at most (the memory bound: about
+    # 150 bytes each plus the event's data). 100 events and ten minutes
+    # cover a network blip, a drain and a deploy; 0 turns history off
+    # (a resuming tab then always gets a resync).
+    history_size: int = 100
+    history_ttl: float = 600.0
+    history_max_events: int = 1_000_000
     # Drain: spread closes over this many seconds on SIGTERM/SIGINT.
     drain_seconds: float = 10.0
     log_level: str = "info"
@@ -114,6 +122,11 @@ class Config:
             raise ConfigError("--max-message-size must be at least 125 bytes")
         if self.send_queue_bytes < self.max_message_size:
             raise ConfigError("--send-queue-bytes must be at least --max-message-size")
+        for name in ("history_size", "history_max_events"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"--{name.replace('_', '-')} must be 0 (off) or more")
+        if self.history_ttl < 0:
+            raise ConfigError("--history-ttl must be 0 (off) or a positive number of seconds")
         for name in ("handshake_timeout", "pong_timeout", "drain_seconds"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be a positive number of seconds")

@@ -30,7 +30,7 @@ import trio
 
 from .errors import PacketError, ProtocolError
 from .frames import PING_FRAME, CloseCode, Decoder, Opcode, encode_close, encode_frame, parse_close
-from .packets import PONG_FRAME, Ping, Subscribe, error_frame, parse_client_packet, subscribed_frame, unsubscribed_frame
+from .packets import PONG_FRAME, Ping, Subscribe, error_frame, parse_client_packet, unsubscribed_frame
 
 if TYPE_CHECKING:
     from .context import Context
@@ -243,10 +243,11 @@ class Connection:
             self.events = packet.events
             if ctx.registry.add(self):
                 ctx.dispatcher.changed(self.subscriber)
-            ctx.dispatcher.confirm(self, subscribed_frame(self.subscriber, packet.events))
+            ctx.dispatcher.subscribe(self, packet.since)
         elif type(packet) is Ping:
             self.send(PONG_FRAME)
         else:  # Unsubscribe
+            ctx.dispatcher.unsubscribed(self)
             if ctx.registry.remove(self):
                 ctx.dispatcher.changed(self.subscriber)
             self.send(unsubscribed_frame(self.subscriber))

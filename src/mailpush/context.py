@@ -88,6 +88,7 @@ class Context:
     def removed(self, conn: Channel) -> None:
         """``conn`` is closed: off the books, and its subscription gone."""
         self.connections.discard(conn)
+        self.dispatcher.unsubscribed(conn)
         if self.registry.remove(conn):
             self.dispatcher.changed(conn.subscriber)
         self.log.debug("disconnected", subscriber=conn.subscriber)

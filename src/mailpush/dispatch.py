@@ -16,10 +16,11 @@ from collections.abc import Sequence
 import trio
 
 from .backoff import Backoff
-from .bus import Bus, Item
+from .bus import Bus, Event
 from .log import LogLimiter, get_logger
 from .metrics import Stats
-from .packets import event_frame
+from .packets import Since, event_frame
+from .recovery import Recovery
 from .registry import Registry, Subscription
 
 __all__ = ["Dispatcher"]
@@ -57,20 +58,24 @@ class Dispatcher:
         self._dirty: set[str] = set()
         # Tabs whose ``subscribed`` answer waits for the bus to acknowledge
         # their subscriber's subscription: subscriber -> {connection: frame}.
-        self._pending: dict[str, dict[Subscription, bytes]] = {}
+        self._pending: dict[str, dict[Subscription, Since | None]] = {}
+        self.recovery = Recovery(bus, registry, stats)
+        bus.on_gap = self.recovery.gap
         self._wakeup = trio.Event()
         self._bad_log = LogLimiter()
 
-    async def deliver(self, batch: Sequence[Item]) -> None:
-        """The sink: route one batch of items to local connections.
+    async def deliver(self, batch: Sequence[Event]) -> None:
+        """The sink: route one batch of events to local connections.
 
         Frames go out synchronously (a non-blocking ``send()`` each), with a
         checkpoint every DELIVERIES_PER_CHECKPOINT of them, so that a large
         batch never holds up accepting, health checks or other connections
-        for longer than a few milliseconds.
+        for longer than a few milliseconds. A tab being answered from the
+        history (:mod:`mailpush.recovery`) gets its events held back until
+        then.
 
         Error handling: this runs in the bus-client task, which every
-        connection depends on, so it is an isolation boundary: an item that
+        connection depends on, so it is an isolation boundary: an event that
         fails in an unexpected way (a bug, an object the encoder refuses)
         is dropped, counted (``mailpush_bus_bad_items``) and logged at most
         once a second; the rest of the batch and every later one are
@@ -79,27 +84,34 @@ class Dispatcher:
         get = self.registry.get
         stats = self.stats
         pending = self._pending
+        recovery = self.recovery
+        resuming = recovery.resuming
+        track = recovery._track
         stats.received += len(batch)
         budget = DELIVERIES_PER_CHECKPOINT
         delivered = 0
         try:
             for item in batch:
                 try:
-                    sub, event, data = item
+                    sub, event, data, offset, epoch, frame = item
                     conns = get(sub)
                     if conns is None:
                         stats.dropped += 1
                         continue
                     if pending and sub in pending:
                         # An event for it came through the bus: its subscription
-                        # stands, and the waiting tabs hear so before the event.
+                        # stands, and the waiting tabs are answered before it.
                         self._confirmed((sub,))
-                    frame = None
+                    if track and offset is not None and not recovery.moved(sub, offset, epoch):
+                        recovery.epoch_changed(sub)  # its tabs resync; this event is held for after
                     for conn in conns:
                         events = conn.events
                         if events is None or event in events:
                             if frame is None:
-                                frame = event_frame(sub, event, data)
+                                frame = event_frame(sub, event, data, offset)
+                            if resuming and (resume := resuming.get(conn)) is not None:
+                                recovery.hold(resume, offset, frame)
+                                continue
                             if conn.send(frame):
                                 delivered += 1
                             budget -= 1
@@ -120,17 +132,26 @@ class Dispatcher:
 
     # -- bus subscriptions --------------------------------------------------
 
-    def confirm(self, conn: Subscription, frame: bytes) -> None:
-        """Send ``conn`` its ``subscribed`` answer once events for its
-        subscriber reach this process: at once with a bus that routes
-        everything here or whose subscription already stands; otherwise when
-        the bus acknowledges it (Redis: the SUBSCRIBE reply), so that every
-        event published after the tab got ``subscribed`` reaches it."""
+    def subscribe(self, conn: Subscription, since: Since | None) -> None:
+        """Answer ``conn``'s subscribe once events for its subscriber reach
+        this process: at once with a bus that routes everything here or
+        whose subscription already stands; otherwise when the bus
+        acknowledges it (Redis: the SUBSCRIBE reply). The answer itself
+        comes from the history (:class:`~mailpush.recovery.Recovery`), so
+        every event after the position it reports reaches the tab, and with
+        ``since`` every event it missed, or a resync."""
         sub = conn.subscriber
         if not self._track or sub in self._bus_subscribed:
-            conn.send(frame)
+            self.recovery.start(conn, since)
         else:
-            self._pending.setdefault(sub, {})[conn] = frame  # a later subscribe replaces the answer
+            self._pending.setdefault(sub, {})[conn] = since  # a later subscribe replaces the answer
+
+    def unsubscribed(self, conn: Subscription) -> None:
+        """``conn`` left its subscription (unsubscribe or close)."""
+        self.recovery.forget(conn)
+        waiting = self._pending.get(conn.subscriber)
+        if waiting is not None:
+            waiting.pop(conn, None)
 
     def _confirmed(self, subscribers: Sequence[str]) -> None:
         """The bus acknowledged these: answer the tabs that wait for it."""
@@ -139,12 +160,14 @@ class Dispatcher:
             waiting = pending.pop(sub, None)
             if waiting:
                 live = set(self.registry.get(sub) or ())
-                for conn, frame in waiting.items():
+                for conn, since in waiting.items():
                     if conn in live:  # still subscribed (so still open)
-                        conn.send(frame)
+                        self.recovery.start(conn, since)
 
     def changed(self, subscriber: str) -> None:
         """A subscriber got its first or lost its last local connection."""
+        if subscriber not in self.registry:
+            self.recovery.left(subscriber)
         if self._track:
             self._dirty.add(subscriber)
             self._wakeup.set()

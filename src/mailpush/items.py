@@ -3,7 +3,10 @@ straight onto a bus.
 
 One item::
 
-    {"subscriber": SUB, "event": NAME, "data": {...}}
+    {"subscriber": SUB, "event": NAME, "data": {...}, "state": STATE}
+
+``state`` is optional: an opaque string or object (a JMAP state string, say)
+kept as the subscriber's latest state, handed to a tab that must resync.
 
 A publish body is one item, a JSON array of items, or NDJSON (one per
 line). Valid bodies take msgspec's fast path, which validates a whole batch
@@ -20,12 +23,13 @@ from typing import Annotated, Any
 import msgspec
 
 from .errors import PublishError
-from .packets import ALL_EVENTS, MAX_EVENT_LEN, MAX_SUBSCRIBER_LEN
+from .packets import ALL_EVENTS, MAX_EPOCH_LEN, MAX_EVENT_LEN, MAX_SUBSCRIBER_LEN
 
-__all__ = ["Item", "MAX_PUBLISH_BYTES", "parse_item", "parse_items", "parse_item_json"]
+__all__ = ["Item", "MAX_PUBLISH_BYTES", "parse_item", "parse_items", "parse_item_json", "parse_bus_item"]
 
-# One publish item: (subscriber id, event name, data: a dict or msgspec.Raw).
-Item = tuple[str, str, Any]
+# One publish item: (subscriber id, event name, data: a dict or msgspec.Raw,
+# state: the raw JSON of a string or object, or None).
+Item = tuple[str, str, Any, Any]
 
 # The largest publish body the admin API takes (100,000 items of ~150
 # bytes), and so the largest single item any bus carries: bigger batches
@@ -68,13 +72,19 @@ def parse_item(obj: Any, where: str = "item") -> Item:
         data = {}
     elif type(data) is not dict:
         raise PublishError(f"{where}: 'data' must be a JSON object")
-    return sub, event, data
+    state = obj.get("state")
+    if state is not None:
+        if type(state) not in (str, dict):
+            raise PublishError(f"{where}: 'state' must be a string or a JSON object")
+        state = msgspec.Raw(msgspec.json.encode(state))
+    return sub, event, data, state
 
 
 class _Item(msgspec.Struct):
     subscriber: Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_SUBSCRIBER_LEN)]
     event: Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_EVENT_LEN)]
     data: msgspec.Raw = msgspec.Raw(b"{}")
+    state: msgspec.Raw = msgspec.Raw(b"null")  # (Raw cannot be in a union with None)
 
 
 # The fast path: one C call validates a whole batch and keeps each item's
@@ -83,6 +93,7 @@ _decode_batch = msgspec.json.Decoder(list[_Item] | _Item).decode
 _decode_one = msgspec.json.Decoder(_Item).decode
 _EMPTY = msgspec.Raw(b"{}")
 _LBRACE = ord("{")
+_QUOTE = ord('"')
 _NULL = ord("n")
 
 
@@ -98,7 +109,13 @@ def _fast_items(decoded: list[_Item]) -> list[Item] | None:
             data = _EMPTY
         if it.event == ALL_EVENTS:
             return None
-        out.append((it.subscriber, it.event, data))
+        state: msgspec.Raw | None = it.state
+        first = memoryview(it.state)[0]
+        if first != _LBRACE and first != _QUOTE:
+            if first != _NULL:
+                return None  # neither a string nor an object
+            state = None
+        out.append((it.subscriber, it.event, data, state))
     return out
 
 
@@ -178,3 +195,33 @@ def _slow_ndjson(body: bytes) -> list[Item]:
     if not items:
         raise PublishError("empty body: nothing to publish")
     return items
+
+
+class _BusItem(_Item):
+    offset: Annotated[int, msgspec.Meta(ge=1)] | None = None
+    epoch: Annotated[str, msgspec.Meta(max_length=MAX_EPOCH_LEN)] | None = None
+
+
+_decode_bus = msgspec.json.Decoder(_BusItem).decode
+
+
+def parse_bus_item(data: bytes) -> tuple[str, str, Any, int | None, str | None]:
+    """One message from a bus (a publish item, with the ``offset`` and
+    ``epoch`` the history gave it, or without them from a publisher that
+    bypassed it): ``(subscriber, event, data, offset, epoch)``, data raw.
+
+    Raises:
+      PublishError: what is wrong with it.
+    """
+    try:
+        it = _decode_bus(data)
+    except RecursionError:
+        raise PublishError(_TOO_DEEP) from None
+    except msgspec.MsgspecError:
+        it = None
+    if it is not None and it.event != ALL_EVENTS:
+        first = memoryview(it.data)[0]
+        if first in (_LBRACE, _NULL):
+            return it.subscriber, it.event, it.data if first == _LBRACE else _EMPTY, it.offset, it.epoch
+    parse_item(_loads(data, "payload is"), "payload")  # says what is wrong, if it is the item
+    raise PublishError("payload: 'offset' must be a positive integer and 'epoch' a short string")

@@ -37,7 +37,11 @@ class Stats:
         self.lag_skips = 0  # keepalive rounds not judged because the loop stalled
         self.writers = 0  # writer tasks spawned
         self.internal_errors = 0  # unexpected errors caught at a task's isolation boundary
-        self.bad_items = 0  # bus items dropped as unusable (bad payload or failed delivery)
+        self.bad_items = 0
+        self.recovered = 0  # events replayed from the history to resuming tabs
+        self.resyncs: Counter[str] = (
+            Counter()
+        )  # resync packets sent, by reason  # bus items dropped as unusable (bad payload or failed delivery)
 
 
 Values = Callable[[], dict[str, tuple[str, float]]]
@@ -67,6 +71,7 @@ class _Collector(Collector):
             ("mailpush_events_dropped", "Events for subscribers with no connection here", s.dropped),
             ("mailpush_slow_consumers", "Connections closed because their send queue was full", s.slow_consumers),
             ("mailpush_pings", "Keepalive pings sent", s.pings),
+            ("mailpush_events_recovered", "Events replayed from the history to resuming tabs", s.recovered),
             ("mailpush_pong_timeouts", "Connections closed for not answering a ping", s.pong_timeouts),
             ("mailpush_packet_errors", "Error packets sent for bad client packets", s.packet_errors),
             ("mailpush_accept_pauses", "Times accepting waited for a handshake slot", s.accept_pauses),
@@ -83,6 +88,12 @@ class _Collector(Collector):
         for reason, n in sorted(s.rejections.items()):
             rej.add_metric([reason], n)
         yield rej
+        resyncs = CounterMetricFamily(
+            "mailpush_resyncs", "Resync packets sent (history could not fill a gap), by reason", labels=["reason"]
+        )
+        for reason, n in sorted(s.resyncs.items()):
+            resyncs.add_metric([reason], n)
+        yield resyncs
         closes = CounterMetricFamily("mailpush_closes", "Close frames sent, by close code", labels=["code"])
         for code, n in sorted(s.closes.items()):
             closes.add_metric([str(code)], n)

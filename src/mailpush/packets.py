@@ -2,15 +2,19 @@
 
 Plain bytes in, plain bytes out; no I/O. Client packets::
 
-    {"type": "subscribe", "events": ["new_letter", ...]}   # no events or ["*"]: all
+    {"type": "subscribe", "events": ["new_letter", ...],   # no events or ["*"]: all
+     "since": {"epoch": E, "offset": N}}                   # optional: resume after N
     {"type": "unsubscribe"}
     {"type": "ping"}                                       # browsers cannot send WS pings
 
 Server packets::
 
-    {"type": "subscribed", "subscriber": SUB, "events": [...]}
+    {"type": "subscribed", "subscriber": SUB, "events": [...],
+     "epoch": E, "offset": TOP, "recovered": true|false}   # recovered: with since only
+    {"type": "event", "subscriber": SUB, "event": NAME, "data": {...}, "offset": N}
+    {"type": "resync", "subscriber": SUB, "reason": WHY, "epoch": E, "offset": TOP,
+     "state": LATEST_OR_NULL}                              # history cannot fill the gap
     {"type": "unsubscribed", "subscriber": SUB}
-    {"type": "event", "subscriber": SUB, "event": NAME, "data": {...}}
     {"type": "pong"}
     {"type": "error", "code": CODE, "message": TEXT}
 
@@ -38,8 +42,10 @@ __all__ = [
     "Subscribe",
     "Unsubscribe",
     "Ping",
+    "Since",
     "parse_client_packet",
     "subscribed_frame",
+    "resync_frame",
     "unsubscribed_frame",
     "error_frame",
     "event_frame",
@@ -53,6 +59,8 @@ MAX_SUBSCRIBER_LEN = 256
 MAX_EVENT_LEN = 64
 # A tab filters on a handful of event kinds; more is a client bug.
 MAX_FILTER_EVENTS = 32
+# Epochs are short random strings (ours: 16 hex digits; Redis's: a time).
+MAX_EPOCH_LEN = 64
 
 # The wildcard filter: every event.
 ALL_EVENTS = "*"
@@ -60,19 +68,30 @@ ALL_EVENTS = "*"
 _EventName = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_EVENT_LEN)]
 
 
+class Since(msgspec.Struct, frozen=True):
+    """Where a resuming tab stands: the last offset it processed, in the
+    epoch it had it from."""
+
+    epoch: Annotated[str, msgspec.Meta(max_length=MAX_EPOCH_LEN)]
+    offset: Annotated[int, msgspec.Meta(ge=0)]
+
+
 class _Subscribe(msgspec.Struct, tag="subscribe", tag_field="type"):
-    """``{"type":"subscribe","events":[…]}`` as it is decoded."""
+    """``{"type":"subscribe","events":[…],"since":{…}}`` as it is decoded."""
 
     events: Annotated[list[_EventName], msgspec.Meta(max_length=MAX_FILTER_EVENTS)] | None = None
+    since: Since | None = None
 
 
 class Subscribe:
-    """A subscribe packet: ``events`` a shared frozenset, or None for all."""
+    """A subscribe packet: ``events`` a shared frozenset, or None for all;
+    ``since`` where a resuming tab stands, or None."""
 
-    __slots__ = ("events",)
+    __slots__ = ("events", "since")
 
-    def __init__(self, events: frozenset[str] | None) -> None:
+    def __init__(self, events: frozenset[str] | None, since: Since | None = None) -> None:
         self.events = events
+        self.since = since
 
 
 class Unsubscribe(msgspec.Struct, tag="unsubscribe", tag_field="type", frozen=True):
@@ -120,9 +139,10 @@ def parse_client_packet(text: bytes) -> Subscribe | Unsubscribe | Ping:
         raise PacketError("bad_json", f"packet is not valid JSON: {e}") from None
     if type(packet) is _Subscribe:
         events = packet.events
+        since = packet.since
         if not events or ALL_EVENTS in events:
-            return _SUBSCRIBE_ALL
-        return Subscribe(_intern_filter(frozenset(events)))
+            return _SUBSCRIBE_ALL if since is None else Subscribe(None, since)
+        return Subscribe(_intern_filter(frozenset(events)), since)
     return _UNSUBSCRIBE if type(packet) is Unsubscribe else _PING
 
 
@@ -140,7 +160,20 @@ def _explain(text: bytes) -> PacketError:
         return PacketError(
             "unknown_type", f"unknown packet type {kind[:MAX_EVENT_LEN]!r}, expected subscribe, unsubscribe or ping"
         )
+    since = obj.get("since")
+    if since is not None and (
+        type(since) is not dict
+        or type(since.get("epoch")) is not str
+        or type(since.get("offset")) is not int
+        or since["offset"] < 0
+        or len(since["epoch"]) > MAX_EPOCH_LEN
+    ):
+        return PacketError(
+            "bad_field", '\'since\' must be {"epoch": the epoch string, "offset": a non-negative integer}'
+        )
     events = obj.get("events")
+    if events is None:
+        return PacketError("bad_field", "bad subscribe packet")
     if type(events) is not list:
         return PacketError("bad_field", "'events' must be a list of event names")
     if len(events) > MAX_FILTER_EVENTS:
@@ -151,10 +184,37 @@ def _explain(text: bytes) -> PacketError:
 _encode = msgspec.json.Encoder().encode
 
 
-def subscribed_frame(subscriber: str, events: frozenset[str] | None) -> bytes:
-    """The answer to a subscribe: the subscriber and its filter."""
+def subscribed_frame(
+    subscriber: str,
+    events: frozenset[str] | None,
+    epoch: str | None = None,
+    offset: int | None = None,
+    recovered: bool | None = None,
+) -> bytes:
+    """The answer to a subscribe: the subscriber and its filter, where its
+    stream stands (with history), and whether a resume recovered."""
     names = [ALL_EVENTS] if events is None else sorted(events)
-    return encode_text(_encode({"type": "subscribed", "subscriber": subscriber, "events": names}))
+    packet: dict[str, Any] = {"type": "subscribed", "subscriber": subscriber, "events": names}
+    if epoch is not None:
+        packet["epoch"] = epoch
+        packet["offset"] = offset
+    if recovered is not None:
+        packet["recovered"] = recovered
+    return encode_text(_encode(packet))
+
+
+def resync_frame(subscriber: str, reason: str, epoch: str, offset: int, state: Any) -> bytes:
+    """History cannot fill the tab's gap: it should refetch its state (the
+    latest one is ``state``, raw JSON or None) and go on from ``offset``."""
+    packet = {
+        "type": "resync",
+        "subscriber": subscriber,
+        "reason": reason,
+        "epoch": epoch,
+        "offset": offset,
+        "state": state,
+    }
+    return encode_text(_encode(packet))
 
 
 def unsubscribed_frame(subscriber: str) -> bytes:
@@ -173,13 +233,24 @@ class _Event(msgspec.Struct, tag_field="type", tag="event"):
     data: Any  # a dict, or the publisher's own JSON bytes as msgspec.Raw
 
 
-def event_frame(subscriber: str, event: str, data: Any) -> bytes:
+class _OffsetEvent(msgspec.Struct, tag_field="type", tag="event"):
+    subscriber: str
+    event: str
+    data: Any
+    offset: int
+
+
+def event_frame(subscriber: str, event: str, data: Any, offset: int | None = None) -> bytes:
     """The complete text frame of one event, built once for all recipients.
 
     ``data`` is a dict or a :class:`msgspec.Raw` (the JSON the publisher
-    sent, passed through without being decoded and encoded again).
+    sent, passed through without being decoded and encoded again);
+    ``offset`` its place in the subscriber's stream (None: a publisher that
+    bypassed the history, e.g. a plain Redis PUBLISH).
     """
-    return encode_text(_encode(_Event(subscriber, event, data)))
+    if offset is None:
+        return encode_text(_encode(_Event(subscriber, event, data)))
+    return encode_text(_encode(_OffsetEvent(subscriber, event, data, offset)))
 
 
 PONG_FRAME = encode_text(b'{"type":"pong"}')

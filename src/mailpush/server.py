@@ -79,7 +79,7 @@ class Server:
 
     def __init__(self, config: Config, bus: Bus | None = None) -> None:
         self.config = config
-        self.bus = bus if bus is not None else make_bus(config.bus)
+        self.bus = bus if bus is not None else make_bus(config)
         self.log = get_logger()
         self.stats = Stats()
         self.registry = Registry()
@@ -136,6 +136,7 @@ class Server:
                 async with trio.open_nursery() as root:
                     await root.start(self.bus.run, self.dispatcher.deliver)
                     await root.start(self.dispatcher.run_subscriptions)
+                    await root.start(self.dispatcher.recovery.run)
                     if self.config.admin is not None:
                         self.admin_address = await root.start(serve_admin, self, self.config.admin)
                     await root.start(self.timers.run)

@@ -25,8 +25,10 @@ import sys
 import attrs
 import trio
 
+from .bus import history_of
 from .bus.relay import RelayBus, relay
 from .config import Config
+from .history import History
 from .log import get_logger, log_sighup
 
 __all__ = ["run_workers"]
@@ -75,7 +77,7 @@ def run_workers(config: Config, demo: bool, serve) -> int:
     for _, child_end in pairs:
         child_end.close()
     try:
-        return trio.run(_supervise, [p for p, _ in pairs], pids)
+        return trio.run(_supervise, [p for p, _ in pairs], pids, history_of(config))
     finally:
         if reserve is not None:
             reserve.close()
@@ -102,9 +104,9 @@ def _die_with(supervisor: int) -> None:
 _PR_SET_PDEATHSIG = 1
 
 
-async def _supervise(socks: list[socket.socket], pids: list[int]) -> int:
-    """The supervisor's Trio run: relay the embedded bus, pass signals on,
-    wait for the workers.
+async def _supervise(socks: list[socket.socket], pids: list[int], history: History) -> int:
+    """The supervisor's Trio run: relay the embedded bus (and keep its
+    history, which every worker reads), pass signals on, wait for the workers.
 
     Returns:
       0 if every worker exited 0 after a signal, else 1 (a worker died on
@@ -138,7 +140,7 @@ async def _supervise(socks: list[socket.socket], pids: list[int]) -> int:
 
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(relay, streams)
+            nursery.start_soon(relay, streams, history)
 
             async def watch_signals() -> None:
                 nonlocal stopping

@@ -11,17 +11,20 @@ bus-client task of :mod:`mailpush.dispatch`.
 
 from __future__ import annotations
 
+from ..config import Config
 from ..errors import ConfigError
-from .base import Bus, Item, Sink
+from ..history import History
+from .base import Bus, Event, Item, Sink
 from .embedded import EmbeddedBus
 
-__all__ = ["Bus", "Item", "Sink", "EmbeddedBus", "make_bus"]
+__all__ = ["Bus", "Event", "Item", "Sink", "EmbeddedBus", "make_bus", "history_of"]
 
 
-def make_bus(url: str) -> Bus:
-    """The bus named by ``--bus``."""
+def make_bus(config: Config) -> Bus:
+    """The bus ``config.bus`` names, with the history the config asks for."""
+    url = config.bus
     if url == "embedded":
-        return EmbeddedBus()
+        return EmbeddedBus(history_of(config))
     if url.startswith(("redis://", "rediss://", "unix://")):
         try:
             from .redis import RedisBus
@@ -30,5 +33,11 @@ def make_bus(url: str) -> Bus:
                 f"--bus {url.partition('://')[0]}://… needs the Redis extra ({e.name} is missing):"
                 " pip install 'mailpush[redis]'"
             ) from None
-        return RedisBus(url)
+        return RedisBus(url, config)
     raise ConfigError(f"unknown --bus {url!r}: use 'embedded' or a Redis URL such as redis://127.0.0.1:6379/0")
+
+
+def history_of(config: Config) -> History:
+    """An in-memory history sized by the config (0 size or TTL: none kept)."""
+    size = config.history_size if config.history_ttl else 0
+    return History(size, config.history_ttl, config.history_max_events)

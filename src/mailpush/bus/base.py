@@ -4,34 +4,52 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
 
 import trio
 
+from ..history import Position, Replay
 from ..items import Item
 
-__all__ = ["Bus", "Item", "Sink"]
+__all__ = ["Bus", "Event", "Item", "Read", "Sink"]
 
+# What a bus hands the sink: (subscriber, event name, data, offset, epoch,
+# frame). ``offset`` and ``epoch`` are None for an event that bypassed the
+# history (a plain Redis PUBLISH); ``frame`` is the event's frame when the
+# bus built it already (the embedded bus, for its history), else None.
+Event = tuple[str, str, Any, "int | None", "str | None", "bytes | None"]
 # Where a bus hands what it receives, one batch a call (awaited: the sink
 # checkpoints while delivering a large batch).
-Sink = Callable[[Sequence[Item]], Awaitable[None]]
+Sink = Callable[[Sequence[Event]], Awaitable[None]]
+# One history read: (subscriber, epoch, offset): the events after
+# ``offset`` of that epoch; epoch None: the position alone.
+Read = tuple[str, "str | None", "int | None"]
 
 
 class Bus(abc.ABC):
-    """A publish/subscribe channel keyed by subscriber id.
+    """A publish/subscribe channel keyed by subscriber id, with a history.
 
     ``routes_by_subscription``: True when the bus delivers only the
     subscribers this process subscribed to (a real network bus); the
     dispatcher then keeps the bus's subscriptions equal to the set of
     subscribers connected here, with reference counts and batching.
+
+    ``may_lose``: True when the bus can lose events on their way here (a
+    network bus that reconnects); it then calls :attr:`on_gap` after each
+    reconnection, and the dispatcher brings every local tab up to date
+    from the history.
     """
 
     routes_by_subscription: bool = False
+    may_lose: bool = False
     # Items received that could not be used (a malformed payload from
     # another publisher), dropped one by one; exported as
     # mailpush_bus_bad_items together with the dispatcher's own.
     bad_items: int = 0
     # False while the bus is known to be unreachable (publishes get 503).
     up: bool = True
+    # Set by the dispatcher: called with a reason when events may have been lost.
+    on_gap: Callable[[str], None] | None = None
 
     @abc.abstractmethod
     async def run(self, sink: Sink, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -39,7 +57,31 @@ class Bus(abc.ABC):
 
     @abc.abstractmethod
     async def publish(self, items: Sequence[Item]) -> None:
-        """Publish validated items (all of them, or raise)."""
+        """Publish validated items (all of them, or raise), each with the
+        next offset of its subscriber's stream.
+
+        Raises:
+          BusUnavailable: the bus cannot be reached now.
+        """
+
+    @abc.abstractmethod
+    async def read(self, requests: Sequence[Read]) -> list[Replay]:
+        """Read the history: for each request, its subscriber's position and
+        the events after its offset (or why they cannot be had).
+
+        Returns only once every event up to each returned position has been
+        handed to the sink (a barrier), so that a caller holding back live
+        events can tell exactly which of them the read covers.
+
+        Raises:
+          BusUnavailable: the bus cannot be reached now; the caller retries.
+        """
+
+    def position_now(self, subscriber: str) -> Position | None:
+        """The subscriber's position without waiting, when nothing is on its
+        way to the sink (the fast path of a fresh subscribe); None: call
+        :meth:`read`."""
+        return None
 
     async def subscribe(self, subscribers: Sequence[str]) -> None:  # noqa: B027 - optional
         """Start receiving events for these subscribers; returns once the bus

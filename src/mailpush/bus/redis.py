@@ -1,36 +1,50 @@
-"""The Redis bus: channel ``mailpush:SUBSCRIBER``, payload one publish item.
+"""The Redis bus: channel ``mailpush:SUBSCRIBER``, payload one publish item,
+history in a Redis Stream per subscriber.
 
-Any mail store in any language publishes with ``PUBLISH mailpush:alice
-'{"subscriber":"alice","event":"new_letter","data":{...}}'``. Each mailpush
-process subscribes to exactly the channels of the subscribers connected to
-it (the dispatcher keeps that set, reference counted and batched), so Redis
-routes every event only to the processes that hold its subscriber's tabs.
+A mail store in any language publishes with one command, which gives the
+event its offset, keeps it in the subscriber's history and publishes it, in
+one atomic step on the Redis side (:mod:`mailpush.bus.redis_functions`)::
 
-Publishing goes through coredis (it speaks anyio, so it runs inside
-mailpush's Trio loop). Receiving does not: the subscription connection is
-read by our own RESP reader (``resp.py``), which parses every message of a
-``recv()`` at once and hands them to the dispatcher as one batch; coredis's
-pub/sub reader, an await per message, topped out near 10,000 messages a
-second on these machines.
+    FCALL mailpush_publish 2 mailpush:meta:{alice} mailpush:hist:{alice} \
+          alice new_letter '{"id": 42}' ''
+
+(mailpush's own admin API does the same). A plain ``PUBLISH mailpush:alice
+'{"subscriber":"alice","event":"new_letter","data":{...}}'`` from an older
+publisher is still delivered, without an offset: it is not in the history,
+so a tab that was away misses it and no resync tells it.
+
+Each mailpush process subscribes to exactly the channels of the subscribers
+connected to it (the dispatcher keeps that set, reference counted and
+batched), so Redis routes every event only to the processes that hold its
+subscriber's tabs. Publishing and history reads go through coredis (it
+speaks anyio, so it runs inside mailpush's Trio loop). Receiving does not:
+the subscription connection is read by our own RESP reader (``resp.py``),
+which parses every message of a ``recv()`` at once and hands them to the
+dispatcher as one batch.
+
+Broker health is correctness: every process publishes a heartbeat on the
+control channel every HEARTBEAT_INTERVAL and expects to hear heartbeats on
+its subscription connection; when none has arrived for HEARTBEAT_TIMEOUT
+while the connection looks up (a Redis that accepts publishes but stopped
+delivering), the session is ended and made again.
 
 Error handling: Redis pub/sub delivers at most once. If the connection
-drops, or the stream breaks the protocol or a bound of the parser, the
-bus-client task logs it, reconnects with backoff and subscribes again to
-every channel it had; events published meanwhile are lost (tabs that need
-them re-sync from the mail store). A payload that is not a valid publish
-item, or names another subscriber than its channel, is dropped on its own,
-counted (``mailpush_bus_bad_items``) and logged at most once a second; the
-messages around it are delivered. A publish while Redis is unreachable
-raises :class:`~mailpush.errors.BusUnavailable` (the admin API answers 503).
+drops, the heartbeats stop, or the stream breaks the protocol or a bound of
+the parser, the bus-client task logs it, reconnects with backoff and
+subscribes again to every channel it had, then reports the gap
+(:attr:`on_gap`): every local tab is brought up to date from the history,
+or resynced. A payload that is not a valid publish item, or names another
+subscriber than its channel, is dropped on its own, counted
+(``mailpush_bus_bad_items``) and logged at most once a second; the messages
+around it are delivered. A publish or a history read while Redis is
+unreachable raises :class:`~mailpush.errors.BusUnavailable` (the admin API
+answers 503; a read is retried).
 """
 
 from __future__ import annotations
 
-import ssl
-from collections import deque
+import secrets
 from collections.abc import Sequence
-from typing import Any
-from urllib.parse import unquote, urlsplit
 
 import anyio
 import coredis
@@ -38,44 +52,56 @@ import msgspec
 import trio
 
 from ..backoff import Backoff
-from ..errors import BusUnavailable, ConfigError, PublishError
-from ..items import parse_item_json
+from ..config import Config
+from ..errors import BusUnavailable, ConfigError, PublishError, RespProtocolError
+from ..history import Position, Replay, Stored
+from ..items import parse_bus_item
 from ..log import LogLimiter, get_logger
-from .base import Bus, Item, Sink
-from .resp import PushParser, RespError, RespProtocolError, command
+from ..packets import event_frame
+from .base import Bus, Event, Item, Read, Sink
+from .redis_conn import Address, Subscription, chunks, describe, safe
+from .redis_functions import PUBLISH, READ, history_key, library, meta_key
+from .resp import PushParser
 
-__all__ = ["RedisBus", "CHANNEL_PREFIX"]
+__all__ = ["RedisBus", "CHANNEL_PREFIX", "CONTROL_CHANNEL", "HEARTBEAT_INTERVAL", "HEARTBEAT_TIMEOUT"]
 
 # The channel of a subscriber is this prefix + its id (the external contract).
 CHANNEL_PREFIX = "mailpush:"
 # Always subscribed, outside the subscriber namespace: a pub/sub connection
 # with no channel ends its message stream, and a server with no tab yet has
-# none. Messages on it are ignored.
+# none. The heartbeats go here.
 CONTROL_CHANNEL = "mailpush.control"
+# Every process publishes a heartbeat this often (seconds)…
+HEARTBEAT_INTERVAL = 2.0
+# …and one that has heard none for this long ends its session and makes a
+# new one: a bus that stopped delivering is noticed within about 10 s.
+HEARTBEAT_TIMEOUT = 7.0
 # Reconnect backoff after the connection to Redis is lost: first wait, cap
 # (each wait jittered, see backoff.py).
 RECONNECT_FIRST = 0.1
 RECONNECT_MAX = 5.0
-# How long to wait for Redis to acknowledge a SUBSCRIBE or UNSUBSCRIBE (the
-# acknowledgement queues behind the messages already on their way). Past it
-# the connection's state is unknown: it is dropped and made again.
-SUBSCRIBE_ACK_TIMEOUT = 10.0
-# How long connecting (and AUTH) may take.
+# How long connecting (and AUTH, and loading the functions) may take.
 CONNECT_TIMEOUT = 5.0
 # Bytes per read of the subscription connection.
 RECV_SIZE = 256 * 1024
-# Channels per SUBSCRIBE/UNSUBSCRIBE command: one command for a thousand
-# tabs arriving at once, small enough to keep the command line short.
-CHANNELS_PER_COMMAND = 500
+# Errors of the publishing side that mean "Redis is not reachable now".
+_UNREACHABLE = (
+    coredis.exceptions.ConnectionError,
+    OSError,
+    RuntimeError,  # coredis's pool closed with the session meanwhile
+    TimeoutError,
+    trio.BrokenResourceError,
+    trio.ClosedResourceError,
+    anyio.ClosedResourceError,
+    anyio.BrokenResourceError,
+)
 
 _encode = msgspec.json.Encoder().encode
 _CONTROL = CONTROL_CHANNEL.encode()
 
 
-class _Payload(msgspec.Struct):
-    subscriber: str
-    event: str
-    data: Any
+def _json(value: object) -> bytes:
+    return bytes(value) if isinstance(value, msgspec.Raw) else _encode(value)
 
 
 class RedisBus(Bus):
@@ -84,28 +110,38 @@ class RedisBus(Bus):
     Args:
       url: ``redis://[:PASSWORD@]HOST:PORT/DB``, ``rediss://…`` (TLS) or
         ``unix:///path``.
+      config: the history options (size, TTL); the defaults without one.
 
     Raises:
       ConfigError: a URL that cannot be used.
     """
 
     routes_by_subscription = True
+    may_lose = True
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, config: Config | None = None) -> None:
         try:
             self.client = coredis.Redis.from_url(url)
             # TLS as the publishing side has it (ssl_ca_certs=…, ssl_cert_reqs=…
             # and the other coredis URL options): one context for both.
             pool_kwargs = getattr(self.client.connection_pool, "connection_kwargs", {})
-            self._address = _Address.parse(url, pool_kwargs.get("ssl_context"))
+            self._address = Address.parse(url, pool_kwargs.get("ssl_context"))
         except (ValueError, TypeError) as e:
-            raise ConfigError(f"bad --bus URL {_safe(url)!r}: {e}") from None
+            raise ConfigError(f"bad --bus URL {safe(url)!r}: {e}") from None
+        config = config or Config()
         self.url = url
         self.log = get_logger()
+        self._library = library(config.history_size if config.history_ttl else 0, int(config.history_ttl * 1000))
         self._channels: set[str] = set()  # what we want to be subscribed to
-        self._sub: _Subscription | None = None
+        self._sub: Subscription | None = None
         self.up = False
+        self._heard = 0.0  # when the last heartbeat arrived (trio clock)
+        self._beat = ("hb " + secrets.token_hex(4)).encode()
         self._bad_log = LogLimiter()
+
+    def heartbeat_lag(self) -> float:
+        """Seconds since a heartbeat last arrived (0 while none was expected)."""
+        return trio.current_time() - self._heard if self.up else 0.0
 
     async def run(self, sink: Sink, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """The bus-client task: one subscription session after another.
@@ -130,7 +166,9 @@ class RedisBus(Bus):
                 started = True
                 task_status.started()
             else:
-                self.log.warning("bus_reconnected", url=_safe(self.url), channels=len(self._channels))
+                self.log.warning("bus_reconnected", url=safe(self.url), channels=len(self._channels))
+                if self.on_gap is not None:
+                    self.on_gap("bus reconnected")  # what was published meanwhile comes from the history
 
         while True:
             lost: BaseException | None = None
@@ -143,6 +181,7 @@ class RedisBus(Bus):
                 OSError,
                 RespProtocolError,
                 BusUnavailable,
+                coredis.exceptions.ResponseError,
                 trio.BrokenResourceError,
                 trio.ClosedResourceError,
                 anyio.ClosedResourceError,
@@ -155,19 +194,21 @@ class RedisBus(Bus):
             self._sub = None
             self.up = False
             if not started:
-                raise ConfigError(f"cannot reach the Redis bus at {_safe(self.url)}: {_describe(lost)}")
+                raise ConfigError(f"cannot reach the Redis bus at {safe(self.url)}: {describe(lost)}")
             delay = backoff.next()
-            self.log.error("bus_lost", url=_safe(self.url), error=_describe(lost), retry_in=round(delay, 3))
+            self.log.error("bus_lost", url=safe(self.url), error=describe(lost), retry_in=round(delay, 3))
             await trio.sleep(delay)
 
     async def _session(self, sink: Sink, connected) -> None:
-        """One subscription connection to Redis: subscribe to every wanted
-        channel, then hand the messages to the sink until it fails."""
+        """One subscription connection to Redis: load the functions,
+        subscribe to every wanted channel, then hand the messages to the
+        sink until it fails (or the heartbeats stop)."""
         async with self.client:  # the publishing side
             with trio.fail_after(CONNECT_TIMEOUT):
+                await self.client.function_load(self._library, replace=True)
                 stream = await self._address.connect()
             async with stream:
-                sub = _Subscription(stream)
+                sub = Subscription(stream)
                 if self._address.password is not None:
                     with trio.fail_after(CONNECT_TIMEOUT):
                         await sub.auth(self._address.username, self._address.password)
@@ -176,12 +217,29 @@ class RedisBus(Bus):
                     # The control channel keeps the connection in subscribed
                     # mode even with no tab here yet.
                     await sub.request(b"SUBSCRIBE", [CONTROL_CHANNEL])
-                    for chunk in _chunks(sorted(self._channels)):
+                    for chunk in chunks(sorted(self._channels)):
                         await sub.request(b"SUBSCRIBE", chunk)
                     self._sub = sub
+                    self._heard = trio.current_time()
+                    nursery.start_soon(self._heartbeat)
                     connected()
 
-    async def _read(self, sub: _Subscription, sink: Sink) -> None:
+    async def _heartbeat(self) -> None:
+        """Publish a heartbeat every HEARTBEAT_INTERVAL; end the session
+        when none has been heard for HEARTBEAT_TIMEOUT.
+
+        Raises:
+          TimeoutError: the bus stopped delivering (or a publish failed,
+            its own error): the session ends and is made again.
+        """
+        while True:
+            await self.client.publish(CONTROL_CHANNEL, self._beat)
+            await trio.sleep(HEARTBEAT_INTERVAL)
+            silent = trio.current_time() - self._heard
+            if silent > HEARTBEAT_TIMEOUT:
+                raise TimeoutError(f"no heartbeat through Redis for {silent:.1f} s: it stopped delivering")
+
+    async def _read(self, sub: Subscription, sink: Sink) -> None:
         """Every push of a read is parsed at once; the messages among them
         go to the sink as one batch.
 
@@ -203,7 +261,7 @@ class RedisBus(Bus):
             sub.fail(e)
             raise
 
-    async def _handle(self, pushes: list, sub: _Subscription, sink: Sink) -> None:
+    async def _handle(self, pushes: list, sub: Subscription, sink: Sink) -> None:
         item_of = self._item
         batch = []
         for push in pushes:
@@ -212,20 +270,22 @@ class RedisBus(Bus):
                     item = item_of(*push)
                     if item is not None:
                         batch.append(item)
+                else:
+                    self._heard = trio.current_time()
             else:
                 sub.reply(push)
         if batch:
             await sink(batch)
 
-    def _item(self, channel: bytes, data: bytes) -> Item | None:
-        """The publish item of one message, or None (dropped, counted and
-        logged) when it is not one: whatever the payload holds, nothing
-        else happens to the session or to the other messages."""
+    def _item(self, channel: bytes, data: bytes) -> Event | None:
+        """The event of one message, or None (dropped, counted and logged)
+        when it is not one: whatever the payload holds, nothing else
+        happens to the session or to the other messages."""
         try:
             sub = channel.decode("utf-8", "replace")[len(CHANNEL_PREFIX) :]
-            item = parse_item_json(data)
+            item = parse_bus_item(data)
             if item[0] == sub:
-                return item
+                return (*item, None)
             reason = f"payload names subscriber {item[0][:100]!r}, not the channel's"
         except PublishError as e:
             reason = str(e)
@@ -239,7 +299,8 @@ class RedisBus(Bus):
         return None
 
     async def publish(self, items: Sequence[Item]) -> None:
-        """PUBLISH each item on its subscriber's channel, in one pipeline.
+        """``mailpush_publish`` each item (offset, history and PUBLISH in
+        one step on the Redis side), in one pipeline.
 
         Raises:
           BusUnavailable: Redis is not reachable now (the subscription
@@ -247,23 +308,41 @@ class RedisBus(Bus):
             may or may not have been published, the caller retries.
         """
         if not self.up:
-            raise BusUnavailable(f"not connected to the Redis bus at {_safe(self.url)}; retry shortly")
+            raise BusUnavailable(f"not connected to the Redis bus at {safe(self.url)}; retry shortly")
         try:
             async with self.client.pipeline(transaction=False) as pipe:
-                for sub, event, data in items:
-                    pipe.publish(CHANNEL_PREFIX + sub, _encode(_Payload(sub, event, data)))
-        except (
-            coredis.exceptions.RedisError,
-            OSError,
-            RuntimeError,
-            TimeoutError,
-            trio.BrokenResourceError,
-            trio.ClosedResourceError,
-            anyio.ClosedResourceError,
-            anyio.BrokenResourceError,
-        ) as e:
-            # RuntimeError: coredis's pool closed with the session meanwhile.
-            raise BusUnavailable(f"publishing to the Redis bus at {_safe(self.url)} failed: {_describe(e)}") from None
+                for sub, event, data, state in items:
+                    args = [sub, event, _json(data), _json(state) if state is not None else b""]
+                    pipe.fcall(PUBLISH, [meta_key(sub), history_key(sub)], args)
+        except _UNREACHABLE as e:
+            raise BusUnavailable(f"publishing to the Redis bus at {safe(self.url)} failed: {describe(e)}") from None
+        except coredis.exceptions.ResponseError as e:
+            raise BusUnavailable(f"Redis refused the publish: {e}") from None
+
+    async def read(self, requests: Sequence[Read]) -> list[Replay]:
+        """``mailpush_read`` each request in one pipeline, then a PING on
+        the subscription connection: its answer comes after every message
+        published before the reads (the barrier).
+
+        Raises:
+          BusUnavailable: Redis is not reachable now.
+        """
+        sub = self._sub
+        if sub is None or not self.up:
+            raise BusUnavailable(f"not connected to the Redis bus at {safe(self.url)}")
+        try:
+            async with self.client.pipeline(transaction=False) as pipe:
+                pending = [
+                    pipe.fcall(READ, [meta_key(s), history_key(s)], [epoch or "", "" if at is None else str(at)])
+                    for s, epoch, at in requests
+                ]
+            results = [await p for p in pending]
+        except _UNREACHABLE as e:
+            raise BusUnavailable(f"reading the history from Redis failed: {describe(e)}") from None
+        except coredis.exceptions.ResponseError as e:
+            raise BusUnavailable(f"Redis refused the history read: {e}") from None
+        await sub.request(b"PING", [])
+        return [_replay(request[0], result) for request, result in zip(requests, results, strict=True)]
 
     async def subscribe(self, subscribers: Sequence[str]) -> None:
         """SUBSCRIBE their channels; returns once Redis acknowledged each.
@@ -276,10 +355,10 @@ class RedisBus(Bus):
             # Not connected: say so rather than pretend (the tabs' answers
             # wait for the acknowledgement); the dispatcher retries, and the
             # channels are wanted only once subscribed.
-            raise BusUnavailable(f"not connected to the Redis bus at {_safe(self.url)}")
+            raise BusUnavailable(f"not connected to the Redis bus at {safe(self.url)}")
         channels = [CHANNEL_PREFIX + s for s in subscribers]
         self._channels.update(channels)  # a reconnect meanwhile subscribes them too
-        for chunk in _chunks(channels):
+        for chunk in chunks(channels):
             await sub.request(b"SUBSCRIBE", chunk)
 
     async def unsubscribe(self, subscribers: Sequence[str]) -> None:
@@ -293,149 +372,19 @@ class RedisBus(Bus):
         self._channels.difference_update(channels)
         sub = self._sub
         if sub is not None:  # else: not connected, and not subscribed again on reconnect
-            for chunk in _chunks(channels):
+            for chunk in chunks(channels):
                 await sub.request(b"UNSUBSCRIBE", chunk)
 
 
-class _Waiter:
-    __slots__ = ("remaining", "done", "error")
-
-    def __init__(self, remaining: int) -> None:
-        self.remaining = remaining
-        self.done = trio.Event()
-        self.error: BaseException | None = None
-
-
-class _Subscription:
-    """The subscription connection: commands out, acknowledgements matched.
-
-    Redis answers a SUBSCRIBE or UNSUBSCRIBE of k channels with k pushes,
-    in command order, so the waiters form a queue and each counts its own.
-    """
-
-    def __init__(self, stream: trio.abc.Stream) -> None:
-        self.stream = stream
-        self._waiters: deque[_Waiter] = deque()
-        self._send_lock = trio.Lock()
-        self._broken: BaseException | None = None
-
-    async def auth(self, username: str | None, password: str) -> None:
-        """AUTH before anything else (the reader is not running yet)."""
-        args = (b"AUTH", username, password) if username else (b"AUTH", password)
-        await self.stream.send_all(command(*args))
-        parser, replies = PushParser(), list[object]()
-        while not replies:
-            data = await self.stream.receive_some(4096)
-            if not data:
-                raise ConnectionError("Redis closed the connection")
-            replies = parser.feed(data)
-        if isinstance(replies[0], RespError):
-            raise ConnectionError(f"Redis refused AUTH: {replies[0]}")
-
-    async def request(self, verb: bytes, channels: Sequence[str]) -> None:
-        """Send ``verb channels…``; return once Redis acknowledged each."""
-        if self._broken is not None:
-            raise BusUnavailable(f"the Redis subscription connection failed: {self._broken!r}")
-        waiter = _Waiter(len(channels))
-        self._waiters.append(waiter)
-        async with self._send_lock:
-            await self.stream.send_all(command(verb, *channels))
-        with trio.move_on_after(SUBSCRIBE_ACK_TIMEOUT):
-            await waiter.done.wait()
-        if not waiter.done.is_set():
-            # The queue of acknowledgements can no longer be trusted: make
-            # the connection again (run() reconnects and resubscribes).
-            self.fail(TimeoutError(f"no acknowledgement of {verb.decode()} in {SUBSCRIBE_ACK_TIMEOUT:g} s"))
-            await self.stream.aclose()
-        if waiter.error is not None:
-            raise BusUnavailable(f"Redis did not acknowledge {verb.decode()}: {waiter.error}")
-
-    def reply(self, push) -> None:
-        """A reply other than a message: acknowledgements and errors."""
-        if type(push) is list and push and push[0] in (b"subscribe", b"unsubscribe"):
-            if self._waiters:
-                head = self._waiters[0]
-                head.remaining -= 1
-                if head.remaining <= 0:
-                    self._waiters.popleft().done.set()
-        elif isinstance(push, RespError) and self._waiters:
-            head = self._waiters.popleft()  # one error answers the whole command
-            head.error = push
-            head.done.set()
-        # anything else (a pong) needs no answer
-
-    def fail(self, error: BaseException) -> None:
-        """The connection is gone: every waiting request fails."""
-        if self._broken is None:
-            self._broken = error
-        while self._waiters:
-            waiter = self._waiters.popleft()
-            waiter.error = error
-            waiter.done.set()
-
-
-def _describe(error: BaseException | None) -> str:
-    """An error and what caused it, for a log line or a startup error
-    (TLS failures arrive as a bare BrokenResourceError caused by the SSLError)."""
-    if error is None:
-        return "unknown error"
-    text = str(error) or type(error).__name__
-    return f"{text}: {_describe(error.__cause__)}" if error.__cause__ is not None else text
-
-
-class _Address:
-    """Where the subscription connection goes, from the --bus URL."""
-
-    def __init__(
-        self,
-        scheme: str,
-        host: str,
-        port: int,
-        path: str,
-        username: str | None,
-        password: str | None,
-        tls: ssl.SSLContext | None = None,
-    ) -> None:
-        self.scheme, self.host, self.port, self.path = scheme, host, port, path
-        self.username, self.password = username, password
-        self.tls = tls
-
-    @classmethod
-    def parse(cls, url: str, tls: ssl.SSLContext | None = None) -> _Address:
-        parts = urlsplit(url)
-        scheme = parts.scheme
-        if scheme not in ("redis", "rediss", "unix"):
-            raise ValueError("the scheme must be redis://, rediss:// or unix://")
-        username = unquote(parts.username) if parts.username else None
-        password = unquote(parts.password) if parts.password is not None else None
-        if scheme == "unix":
-            if not parts.path:
-                raise ValueError("unix:// needs a socket path, as in unix:///run/redis.sock")
-            return cls(scheme, "", 0, parts.path, username, password)
-        if scheme == "rediss" and tls is None:
-            tls = ssl.create_default_context()
-        return cls(scheme, parts.hostname or "127.0.0.1", parts.port or 6379, "", username, password, tls)
-
-    async def connect(self) -> trio.abc.Stream:
-        if self.scheme == "unix":
-            return await trio.open_unix_socket(self.path)
-        stream = await trio.open_tcp_stream(self.host, self.port)
-        if self.scheme == "redis":
-            return stream
-        assert self.tls is not None  # rediss:// always has a context (parse)
-        tls = trio.SSLStream(stream, self.tls, server_hostname=self.host)
-        await tls.do_handshake()
-        return tls
-
-
-def _chunks(channels: list[str]):
-    for i in range(0, len(channels), CHANNELS_PER_COMMAND):
-        yield channels[i : i + CHANNELS_PER_COMMAND]
-
-
-def _safe(url: str) -> str:
-    """The URL without a password, for logs and errors."""
-    scheme, sep, rest = url.partition("://")
-    if "@" in rest:
-        rest = "***@" + rest.rpartition("@")[2]
-    return scheme + sep + rest
+def _replay(subscriber: str, result: list) -> Replay:
+    """A Replay from ``mailpush_read``'s answer (see redis_functions)."""
+    epoch, top, state, reason, entries = result
+    epoch = epoch.decode() if isinstance(epoch, bytes) else str(epoch)
+    position = Position(epoch, int(top), msgspec.Raw(state) if state else None)
+    if entries is None:
+        return Replay(position, None, reason.decode() if isinstance(reason, bytes) else str(reason))
+    events: list[Stored] = []
+    for i in range(0, len(entries), 3):
+        offset, event, data = int(entries[i]), entries[i + 1].decode(), entries[i + 2]
+        events.append((offset, event, event_frame(subscriber, event, msgspec.Raw(data), offset), 0.0))
+    return Replay(position, events)

@@ -1,0 +1,177 @@
+"""The Redis bus's connections: the subscription connection (commands out,
+acknowledgements matched, read by mailpush's own RESP parser) and where it
+goes (the --bus URL)."""
+
+from __future__ import annotations
+
+import ssl
+from collections import deque
+from collections.abc import Sequence
+from urllib.parse import unquote, urlsplit
+
+import trio
+
+from ..errors import BusUnavailable, RespError
+from .resp import PushParser, command
+
+__all__ = ["Subscription", "Address", "describe", "safe", "chunks", "SUBSCRIBE_ACK_TIMEOUT", "CHANNELS_PER_COMMAND"]
+
+# How long to wait for Redis to acknowledge a command on the subscription
+# connection (the acknowledgement queues behind the messages already on
+# their way). Past it the connection's state is unknown: it is dropped and
+# made again.
+SUBSCRIBE_ACK_TIMEOUT = 10.0
+# Channels per SUBSCRIBE/UNSUBSCRIBE command: one command for a thousand
+# tabs arriving at once, small enough to keep the command line short.
+CHANNELS_PER_COMMAND = 500
+
+
+class _Waiter:
+    __slots__ = ("remaining", "done", "error")
+
+    def __init__(self, remaining: int) -> None:
+        self.remaining = remaining
+        self.done = trio.Event()
+        self.error: BaseException | None = None
+
+
+class Subscription:
+    """The subscription connection: commands out, acknowledgements matched.
+
+    Redis answers a SUBSCRIBE or UNSUBSCRIBE of k channels with k pushes and
+    a PING with one ``pong``, in command order, so the waiters form a queue
+    and each counts its own. A PING's answer comes after every message
+    published before Redis ran it: the barrier of a history read.
+    """
+
+    def __init__(self, stream: trio.abc.Stream) -> None:
+        self.stream = stream
+        self._waiters: deque[_Waiter] = deque()
+        self._send_lock = trio.Lock()
+        self._broken: BaseException | None = None
+
+    async def auth(self, username: str | None, password: str) -> None:
+        """AUTH before anything else (the reader is not running yet)."""
+        args = (b"AUTH", username, password) if username else (b"AUTH", password)
+        await self.stream.send_all(command(*args))
+        parser, replies = PushParser(), list[object]()
+        while not replies:
+            data = await self.stream.receive_some(4096)
+            if not data:
+                raise ConnectionError("Redis closed the connection")
+            replies = parser.feed(data)
+        if isinstance(replies[0], RespError):
+            raise ConnectionError(f"Redis refused AUTH: {replies[0]}")
+
+    async def request(self, verb: bytes, channels: Sequence[str]) -> None:
+        """Send ``verb channels…`` (or a bare PING); return once Redis
+        acknowledged each.
+
+        Raises:
+          BusUnavailable: the connection failed, or Redis refused.
+        """
+        if self._broken is not None:
+            raise BusUnavailable(f"the Redis subscription connection failed: {self._broken!r}")
+        waiter = _Waiter(len(channels) or 1)
+        self._waiters.append(waiter)
+        async with self._send_lock:
+            await self.stream.send_all(command(verb, *channels))
+        with trio.move_on_after(SUBSCRIBE_ACK_TIMEOUT):
+            await waiter.done.wait()
+        if not waiter.done.is_set():
+            # The queue of acknowledgements can no longer be trusted: make
+            # the connection again (run() reconnects and resubscribes).
+            self.fail(TimeoutError(f"no acknowledgement of {verb.decode()} in {SUBSCRIBE_ACK_TIMEOUT:g} s"))
+            await self.stream.aclose()
+        if waiter.error is not None:
+            raise BusUnavailable(f"Redis did not acknowledge {verb.decode()}: {waiter.error}")
+
+    def reply(self, push) -> None:
+        """A reply other than a message: acknowledgements and errors."""
+        if type(push) is list and push and push[0] in (b"subscribe", b"unsubscribe", b"pong"):
+            if self._waiters:
+                head = self._waiters[0]
+                head.remaining -= 1
+                if head.remaining <= 0:
+                    self._waiters.popleft().done.set()
+        elif isinstance(push, RespError) and self._waiters:
+            head = self._waiters.popleft()  # one error answers the whole command
+            head.error = push
+            head.done.set()
+        # anything else needs no answer
+
+    def fail(self, error: BaseException) -> None:
+        """The connection is gone: every waiting request fails."""
+        if self._broken is None:
+            self._broken = error
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            waiter.error = error
+            waiter.done.set()
+
+
+def describe(error: BaseException | None) -> str:
+    """An error and what caused it, for a log line or a startup error
+    (TLS failures arrive as a bare BrokenResourceError caused by the SSLError)."""
+    if error is None:
+        return "unknown error"
+    text = str(error) or type(error).__name__
+    return f"{text}: {describe(error.__cause__)}" if error.__cause__ is not None else text
+
+
+class Address:
+    """Where the subscription connection goes, from the --bus URL."""
+
+    def __init__(
+        self,
+        scheme: str,
+        host: str,
+        port: int,
+        path: str,
+        username: str | None,
+        password: str | None,
+        tls: ssl.SSLContext | None = None,
+    ) -> None:
+        self.scheme, self.host, self.port, self.path = scheme, host, port, path
+        self.username, self.password = username, password
+        self.tls = tls
+
+    @classmethod
+    def parse(cls, url: str, tls: ssl.SSLContext | None = None) -> Address:
+        parts = urlsplit(url)
+        scheme = parts.scheme
+        if scheme not in ("redis", "rediss", "unix"):
+            raise ValueError("the scheme must be redis://, rediss:// or unix://")
+        username = unquote(parts.username) if parts.username else None
+        password = unquote(parts.password) if parts.password is not None else None
+        if scheme == "unix":
+            if not parts.path:
+                raise ValueError("unix:// needs a socket path, as in unix:///run/redis.sock")
+            return cls(scheme, "", 0, parts.path, username, password)
+        if scheme == "rediss" and tls is None:
+            tls = ssl.create_default_context()
+        return cls(scheme, parts.hostname or "127.0.0.1", parts.port or 6379, "", username, password, tls)
+
+    async def connect(self) -> trio.abc.Stream:
+        if self.scheme == "unix":
+            return await trio.open_unix_socket(self.path)
+        stream = await trio.open_tcp_stream(self.host, self.port)
+        if self.scheme == "redis":
+            return stream
+        assert self.tls is not None  # rediss:// always has a context (parse)
+        tls = trio.SSLStream(stream, self.tls, server_hostname=self.host)
+        await tls.do_handshake()
+        return tls
+
+
+def chunks(channels: list[str]):
+    for i in range(0, len(channels), CHANNELS_PER_COMMAND):
+        yield channels[i : i + CHANNELS_PER_COMMAND]
+
+
+def safe(url: str) -> str:
+    """The URL without a password, for logs and errors."""
+    scheme, sep, rest = url.partition("://")
+    if "@" in rest:
+        rest = "***@" + rest.rpartition("@")[2]
+    return scheme + sep + rest
