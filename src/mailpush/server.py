@@ -189,6 +189,8 @@ class Server:
             return 503, "at connection limit"
         if self.acceptor.paused:
             return 503, "overloaded: all handshake slots busy"
+        if not self.bus.up:
+            return 503, "bus unavailable: events would not arrive"
         return 200, "ok"
 
     def gauges(self) -> dict[str, tuple[str, float]]:
@@ -208,7 +210,26 @@ class Server:
                 "Worst lateness of the timer task's ticks over the last 15 s",
                 self.timers.loop_lag(),
             ),
+            "mailpush_resuming_tabs": (
+                "Tabs being answered from the history now",
+                len(self.dispatcher.recovery.resuming),
+            ),
+            **self._bus_gauges(),
         }
+
+    def _bus_gauges(self) -> dict[str, tuple[str, float]]:
+        gauges: dict[str, tuple[str, float]] = {}
+        history = getattr(self.bus, "history", None)
+        if history is not None:  # kept in this process (embedded bus)
+            gauges["mailpush_history_events"] = ("Events kept in the history", history.events)
+            gauges["mailpush_history_subscribers"] = ("Subscribers with events in the history", len(history))
+        lag = getattr(self.bus, "heartbeat_lag", None)
+        if lag is not None:
+            gauges["mailpush_bus_heartbeat_lag_seconds"] = (
+                "Seconds since the last heartbeat came through the bus",
+                lag(),
+            )
+        return gauges
 
     def counters(self) -> dict[str, tuple[str, float]]:
         """Counters for /metrics kept outside :class:`Stats`."""

@@ -57,7 +57,7 @@ class FakeBus(Bus):
         self.calls: list[tuple[str, tuple[str, ...]]] = []
         self.published: list[Item] = []
         self._changed = trio.Event()
-        self._delivering = False
+        self._in_flight = 0  # batches sent and not yet delivered
         self._losing = False
 
     async def run(self, sink: Sink, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -68,26 +68,28 @@ class FakeBus(Bus):
             if isinstance(batch, _Barrier):
                 batch.passed.set()
                 continue
-            routed = [e for e in batch if e[0] in self.subscribed and not self._losing]
-            if routed:
-                self._delivering = True
-                try:
+            try:
+                routed = [e for e in batch if e[0] in self.subscribed and not self._losing]
+                if routed:
                     await sink(routed)
-                finally:
-                    self._delivering = False
+            finally:
+                self._in_flight -= 1
 
     async def publish(self, items: Sequence[Item]) -> None:
         self.published.extend(items)
+        self._in_flight += 1
         await self._send.send(record(self.history, items))
 
     def inject(self, items: Sequence[tuple[Any, ...]]) -> None:
         """What a mail store publishing on the bus looks like to us: items
         of (subscriber, event, data[, state]), through the history."""
         full = [(*item, None) if len(item) == 3 else item for item in items]
+        self._in_flight += 1
         self._send.send_nowait(record(self.history, full))
 
     def inject_unrecorded(self, items: Sequence[tuple[str, str, Any]]) -> None:
         """Events that bypass the history (an old publisher's plain PUBLISH)."""
+        self._in_flight += 1
         self._send.send_nowait([(sub, event, data, None, None, None) for sub, event, data in items])
 
     def lose(self, during: bool) -> None:
@@ -98,9 +100,7 @@ class FakeBus(Bus):
             self.on_gap("fake outage")
 
     def position_now(self, subscriber: str) -> Position | None:
-        stats = self._send.statistics()
-        idle = not self._delivering and not stats.current_buffer_used and not stats.tasks_waiting_send
-        return self.history.position(subscriber) if idle else None
+        return self.history.position(subscriber) if not self._in_flight else None
 
     async def read(self, requests: Sequence[Read]) -> list[Replay]:
         replays = [self.history.read(*request) for request in requests]

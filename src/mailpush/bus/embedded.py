@@ -45,7 +45,9 @@ class EmbeddedBus(Bus):
     def __init__(self, history: History | None = None) -> None:
         self.history = history if history is not None else History(0, 0, 0)
         self._send, self._receive = trio.open_memory_channel[Sequence[Event] | _Barrier](CHANNEL_BATCHES)
-        self._delivering = False
+        # Batches published and not yet delivered (a send to a waiting
+        # receiver is in no buffer: the channel's statistics cannot tell).
+        self._in_flight = 0
 
     async def run(self, sink: Sink, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """The bus-client task: every published batch to the sink, in order.
@@ -58,20 +60,24 @@ class EmbeddedBus(Bus):
             if isinstance(batch, _Barrier):
                 batch.passed.set()
                 continue
-            self._delivering = True
             try:
                 await sink(batch)
             finally:
-                self._delivering = False
+                self._in_flight -= 1
 
     async def publish(self, items: Sequence[Item]) -> None:
         """Give each item its offset, keep it in the history, and queue the
         batch for the bus-client task (waits while the channel is full)."""
-        await self._send.send(record(self.history, items))
+        batch = record(self.history, items)
+        self._in_flight += 1
+        try:
+            await self._send.send(batch)
+        except BaseException:
+            self._in_flight -= 1
+            raise
 
     def _idle(self) -> bool:
-        stats = self._send.statistics()
-        return not self._delivering and not stats.current_buffer_used and not stats.tasks_waiting_send
+        return not self._in_flight
 
     def position_now(self, subscriber: str) -> Position | None:
         return self.history.position(subscriber) if self._idle() else None
