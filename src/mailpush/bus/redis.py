@@ -233,7 +233,8 @@ class RedisBus(Bus):
             its own error): the session ends and is made again.
         """
         while True:
-            await self.client.publish(CONTROL_CHANNEL, self._beat)
+            with trio.fail_after(HEARTBEAT_TIMEOUT):  # a Redis that stopped answering
+                await self.client.publish(CONTROL_CHANNEL, self._beat)
             await trio.sleep(HEARTBEAT_INTERVAL)
             silent = trio.current_time() - self._heard
             if silent > HEARTBEAT_TIMEOUT:
