@@ -13,6 +13,7 @@ import http.client
 import os
 import secrets
 import signal
+import socket
 import sys
 from collections.abc import Sequence
 
@@ -68,7 +69,7 @@ def _serve_options(p: argparse.ArgumentParser) -> None:
     opt(
         "workers",
         _D.workers,
-        "worker processes sharing the listen port; worker i's admin API is on the admin port + i",
+        "worker processes sharing the listen port; worker i's admin API is on the admin port + 1 + i",
         type=int,
     )
     opt("max-connections", _D.max_connections, "open connections per process; beyond it upgrades get 503", type=int)
@@ -93,6 +94,8 @@ def _serve_options(p: argparse.ArgumentParser) -> None:
     opt("drain-seconds", _D.drain_seconds, "on SIGTERM/SIGINT, spread closes over this many seconds", type=float)
     opt("log-level", _D.log_level, "debug, info, warning or error")
     opt("log-format", _D.log_format, "auto (console on a terminal, else JSON), json or console")
+    p.add_argument("--worker-index", type=int, default=None, help=argparse.SUPPRESS)  # set by the supervisor
+    p.add_argument("--relay-fd", type=int, default=None, help=argparse.SUPPRESS)  # the worker's relay socket
     p.add_argument(
         "--demo",
         action="store_true",
@@ -298,10 +301,22 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     config = config_from_args(args)
     log.configure(config.log_level, config.log_format)
+    if args.worker_index is not None:  # one worker of a --workers set
+        from .bus.relay import RelayBus
+        from .workers import die_with_supervisor
+
+        die_with_supervisor()
+        bus = (
+            RelayBus(socket.socket(fileno=args.relay_fd))
+            if config.bus == "embedded" and args.relay_fd is not None
+            else None
+        )
+        trio.run(run_server, config, args.demo and args.worker_index == 0, bus, args.worker_index)
+        return 0
     if config.workers > 1:
         from .workers import run_workers
 
-        return run_workers(config, args.demo, run_server)
+        return run_workers(config, args.raw_argv)
     trio.run(run_server, config, args.demo)
     return 0
 
@@ -360,7 +375,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run one command; returns its exit status (2 for a configuration
     error, with a message that says what to fix)."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    raw = list(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(raw)
+    args.raw_argv = raw[1:]  # a serve command's own options, for the workers it starts
     try:
         return {"serve": _cmd_serve, "token": _cmd_token, "publish": _cmd_publish, "listen": _cmd_listen}[args.command](
             args

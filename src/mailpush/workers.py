@@ -1,17 +1,23 @@
-"""``--workers N``: N server processes on one port, supervised.
+"""``--workers N``: N server processes on one port, supervised, each failing
+alone.
 
 One process may hold at most ~20,000 open files here (and one Python process
 uses one core), so a machine's worth of connections needs several processes.
-The supervisor forks N workers; each is a whole mailpush server bound to the
-same listen port with SO_REUSEPORT (the kernel spreads new connections over
-them) and its own admin port (``--admin HOST:PORT`` → worker i on PORT+i, so
-each can be scraped). With the embedded bus, publishes are relayed to every
-worker (:mod:`mailpush.bus.relay`).
+The supervisor starts N workers (``mailpush serve … --worker-index i``, a
+fresh interpreter each); each is a whole mailpush server bound to the same
+listen port with SO_REUSEPORT (the kernel spreads new connections over them)
+and its own admin port. With the embedded bus, publishes are relayed to
+every worker through the supervisor, which keeps the history they share
+(:mod:`mailpush.bus.relay`).
 
-Signals: SIGTERM/SIGINT are passed to every worker, which drain; the
-supervisor exits 0 once all of them have exited 0. If a worker dies on its
-own, the others are stopped too and the supervisor exits 1, so the service
-manager restarts the whole set.
+A worker that dies on its own is restarted on its own, with crash-loop
+backoff (a log line and ``mailpush_worker_restarts_total`` each time); the
+others keep their connections, and its tabs reconnect to them and recover
+from the history. SIGTERM/SIGINT are passed to every worker, which drain; the
+supervisor exits 0 once all of them have exited 0. Workers run in sessions of
+their own (a terminal's Ctrl-C or hangup reaches the supervisor alone, which
+passes SIGTERM/SIGINT on once) and die with their supervisor, even a
+SIGKILLed one.
 """
 
 from __future__ import annotations
@@ -21,21 +27,47 @@ import os
 import signal
 import socket
 import sys
+from collections.abc import Sequence
 
-import attrs
 import trio
 
+from .backoff import Backoff
 from .bus import history_of
-from .bus.relay import RelayBus, relay
+from .bus.relay import Relay
 from .config import Config
-from .history import History
 from .log import get_logger, log_sighup
 
-__all__ = ["run_workers"]
+__all__ = ["run_workers", "worker_admin", "die_with_supervisor", "RESTART_FIRST", "RESTART_MAX", "STABLE_AFTER"]
+
+# A worker that died is started again after this long, doubling (jittered)
+# up to RESTART_MAX while it keeps dying: a crash loop costs a start every
+# half minute, not a core.
+RESTART_FIRST = 0.5
+RESTART_MAX = 30.0
+# A worker that ran this long before it died was not crash-looping: the
+# next restart is quick again.
+STABLE_AFTER = 60.0
+# The environment variable through which a worker learns its supervisor.
+_SUPERVISOR_ENV = "MAILPUSH_SUPERVISOR_PID"
 
 
-def run_workers(config: Config, demo: bool, serve) -> int:
-    """Fork ``config.workers`` workers running ``serve(config, demo, bus, index)``."""
+def worker_admin(config: Config, index: int) -> tuple[str, int] | None:
+    """Worker ``index``'s admin address: the admin port + 1 + index (the
+    admin port itself is the supervisor's), or port 0 (any) if the admin
+    port is 0; None without an admin API."""
+    if config.admin is None:
+        return None
+    host, port = config.admin
+    return (host, port + 1 + index) if port else (host, 0)
+
+
+def run_workers(config: Config, argv: Sequence[str]) -> int:
+    """Run ``config.workers`` workers (``mailpush serve`` with ``argv`` and
+    a worker index) under this supervisor until a signal drains them.
+
+    Returns:
+      The exit status: 0 if every worker exited 0 after a signal.
+    """
     host, port = config.listen
     reserve = None
     if port == 0:
@@ -45,58 +77,24 @@ def run_workers(config: Config, demo: bool, serve) -> int:
         reserve.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         reserve.bind((host, 0))
         port = reserve.getsockname()[1]
-    pairs = [socket.socketpair() for _ in range(config.workers)]
-    supervisor = os.getpid()
-    pids = []
-    for i in range(config.workers):
-        admin = config.admin
-        if admin is not None and admin[1] != 0:
-            admin = (admin[0], admin[1] + i)
-        worker_config = attrs.evolve(config, listen=(host, port), admin=admin)
-        pid = os.fork()
-        if pid == 0:  # the worker
-            code = 1
-            _die_with(supervisor)
-            try:
-                for j, (parent_end, child_end) in enumerate(pairs):
-                    parent_end.close()
-                    if j != i:
-                        child_end.close()
-                if reserve is not None:
-                    reserve.close()
-                bus = RelayBus(pairs[i][1]) if config.bus == "embedded" else None
-                trio.run(serve, worker_config, demo and i == 0, bus, i)
-                code = 0
-            except BaseException as e:  # noqa: BLE001 - report, then leave this process
-                if not isinstance(e, KeyboardInterrupt):
-                    print(f"mailpush worker {i}: {e!r}", file=sys.stderr)
-            finally:
-                sys.stderr.flush()
-                os._exit(code)
-        pids.append(pid)
-    for _, child_end in pairs:
-        child_end.close()
     try:
-        return trio.run(_supervise, [p for p, _ in pairs], pids, history_of(config))
+        return trio.run(_Supervisor(config, list(argv), port).run)
     finally:
         if reserve is not None:
             reserve.close()
-        for pid in pids:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
 
 
-def _die_with(supervisor: int) -> None:
-    """Have the kernel send this worker SIGTERM (a drain) if the supervisor
-    dies, even by SIGKILL, so no worker is left holding the port alone."""
+def die_with_supervisor() -> None:
+    """In a worker: have the kernel send this process SIGTERM (a drain) if
+    the supervisor dies, even by SIGKILL, so no worker is left holding the
+    port alone."""
+    supervisor = int(os.environ.get(_SUPERVISOR_ENV, "0"))
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
     except (OSError, AttributeError):
         pass
-    if os.getppid() != supervisor:  # it died before prctl took effect
+    if supervisor and os.getppid() != supervisor:  # it died before prctl took effect
         os._exit(1)
 
 
@@ -104,61 +102,92 @@ def _die_with(supervisor: int) -> None:
 _PR_SET_PDEATHSIG = 1
 
 
-async def _supervise(socks: list[socket.socket], pids: list[int], history: History) -> int:
-    """The supervisor's Trio run: relay the embedded bus (and keep its
-    history, which every worker reads), pass signals on, wait for the workers.
+class _Supervisor:
+    def __init__(self, config: Config, argv: list[str], port: int) -> None:
+        self.config = config
+        self.argv = argv
+        self.port = port
+        self.log = get_logger()
+        self.relay = Relay(history_of(config)) if config.bus == "embedded" else None
+        self.stopping = False
+        self.restarts = 0
+        self.exit_codes: dict[int, int] = {}
+        self.procs: dict[int, trio.Process] = {}
 
-    Returns:
-      0 if every worker exited 0 after a signal, else 1 (a worker died on
-      its own: the others were stopped).
+    async def run(self) -> int:
+        """The supervisor's Trio run: start and keep the workers, relay the
+        embedded bus (and keep its history), pass signals on.
 
-    Error handling: SIGHUP is logged and ignored; a dead worker's relay
-    stream ends its pump quietly; anything else is a bug and ends the
-    supervisor (its workers then drain: they die with it, see _die_with).
-    """
-    log = get_logger()
-    streams = [trio.SocketStream(trio.socket.from_stdlib_socket(s)) for s in socks]
-    status: dict[int, int] = {}
-    stopping = False
-    failed = trio.Event()
+        Error handling: SIGHUP is logged and ignored; a worker that dies on
+        its own is restarted; anything else is a bug and ends the
+        supervisor (its workers then drain: they die with it).
+        """
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._watch_signals, signals)
+                async with trio.open_nursery() as workers:
+                    for i in range(self.config.workers):
+                        workers.start_soon(self._keep, i)
+                nursery.cancel_scope.cancel()
+        return 0 if all(code == 0 for code in self.exit_codes.values()) else 1
 
-    async def wait(pid: int) -> None:
-        _, st = await trio.to_thread.run_sync(os.waitpid, pid, 0, abandon_on_cancel=True)
-        code = os.waitstatus_to_exitcode(st)
-        status[pid] = code
-        if code != 0 and not stopping:
-            log.error("worker_died", pid=pid, exit_code=code)
-            failed.set()
+    async def _watch_signals(self, signals) -> None:
+        async for sig in signals:
+            if sig == signal.SIGHUP:
+                log_sighup()
+                continue
+            self.stopping = True
+            for proc in list(self.procs.values()):  # a second signal is passed on too: stop at once
+                if proc.returncode is None:
+                    proc.send_signal(sig)
 
-    def kill_all(sig: int) -> None:
-        for pid in pids:
-            if pid not in status:
-                try:
-                    os.kill(pid, sig)
-                except ProcessLookupError:
-                    pass
+    def _command(self, index: int) -> list[str]:
+        host = self.config.listen[0]
+        admin = worker_admin(self.config, index)
+        return [
+            sys.executable, "-m", "mailpush", "serve", *self.argv,
+            "--listen", f"[{host}]:{self.port}" if ":" in host else f"{host}:{self.port}",
+            "--admin", "off" if admin is None else f"{admin[0]}:{admin[1]}",
+            "--worker-index", str(index),
+        ]  # fmt: skip
 
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(relay, streams, history)
-
-            async def watch_signals() -> None:
-                nonlocal stopping
-                async for sig in signals:
-                    if sig == signal.SIGHUP:
-                        log_sighup()  # workers that got it too log their own
-                        continue
-                    stopping = True
-                    kill_all(sig)  # a second signal is passed on too: stop at once
-
-            async def watch_failure() -> None:
-                await failed.wait()
-                kill_all(signal.SIGTERM)
-
-            nursery.start_soon(watch_signals)
-            nursery.start_soon(watch_failure)
-            async with trio.open_nursery() as waiting:
-                for pid in pids:
-                    waiting.start_soon(wait, pid)
-            nursery.cancel_scope.cancel()
-    return 0 if all(code == 0 for code in status.values()) and not failed.is_set() else 1
+    async def _keep(self, index: int) -> None:
+        """Run worker ``index``, and again each time it dies on its own."""
+        backoff = Backoff(RESTART_FIRST, RESTART_MAX)
+        env = {**os.environ, _SUPERVISOR_ENV: str(os.getpid()), "MAILPUSH_SECRET": self.config.secret}
+        while not self.stopping:
+            parent, child = socket.socketpair()
+            cmd = self._command(index) + ["--relay-fd", str(child.fileno())]
+            try:
+                proc = await trio.lowlevel.open_process(
+                    cmd, pass_fds=(child.fileno(),), env=env, start_new_session=True
+                )
+            finally:
+                child.close()
+            self.procs[index] = proc
+            if self.stopping:  # the signal came while it was starting
+                proc.send_signal(signal.SIGTERM)
+            started = trio.current_time()
+            stream = trio.SocketStream(trio.socket.from_stdlib_socket(parent))
+            async with trio.open_nursery() as nursery:
+                if self.relay is not None:
+                    nursery.start_soon(self.relay.serve, index, stream)
+                code = await proc.wait()
+                nursery.cancel_scope.cancel()
+            await stream.aclose()
+            if self.stopping:
+                self.exit_codes[index] = code
+                return
+            if trio.current_time() - started > STABLE_AFTER:
+                backoff.reset()
+            delay = backoff.next()
+            self.restarts += 1
+            self.log.error(
+                "worker_died",
+                worker=index,
+                pid=proc.pid,
+                exit_code=code,
+                restart_in=round(delay, 2),
+                restarts=self.restarts,
+            )
+            await trio.sleep(delay)

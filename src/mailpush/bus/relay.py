@@ -33,7 +33,7 @@ from ..history import History, Position, Replay, record
 from ..log import get_logger
 from .base import Bus, Item, Read, Sink
 
-__all__ = ["RelayBus", "relay", "read_message", "MAX_MESSAGE", "OUTBOX_MAX"]
+__all__ = ["RelayBus", "Relay", "read_message", "MAX_MESSAGE", "OUTBOX_MAX"]
 
 _LEN = struct.Struct("!I")
 # A batch on the relay: the admin API's largest body, with room for framing.
@@ -227,45 +227,60 @@ class _Outbox:
                 await self.stream.aclose()
 
 
-async def relay(streams: list[trio.SocketStream], history: History) -> None:
+class Relay:
     """The supervisor's side: offsets, the shared history, and every batch
-    to every worker; read answers to the worker that asked.
-
-    Returns when every worker has closed its end.
-
-    Error handling: a worker whose stream breaks, or whose messages do not
-    decode, is cut off (its supervisor stops the set when it exits); the
-    others go on.
+    to every worker attached now; read answers to the worker that asked.
+    Workers come and go (a crashed one is restarted and attached again);
+    the history stays.
     """
-    outboxes = [_Outbox(s) for s in streams]
 
-    async def pump(stream: trio.SocketStream, outbox: _Outbox) -> None:
+    def __init__(self, history: History) -> None:
+        self.history = history
+        self._outboxes: dict[int, _Outbox] = {}
+
+    def publish(self, items: Sequence[Item]) -> int:
+        """Publish from the supervisor itself (its admin API): offsets,
+        history, and the batch to every worker. Returns the count."""
+        self._broadcast(record(self.history, items))
+        return len(items)
+
+    def _broadcast(self, events: list) -> None:
+        batch = _framed(_Events([(s, e, d, o, ep) for s, e, d, o, ep, _ in events]))
+        for box in self._outboxes.values():  # all before any await: the order every worker sees
+            box.put(batch)
+
+    async def serve(self, slot: int, stream: trio.SocketStream) -> None:
+        """Relay for the worker in ``slot`` until its stream ends.
+
+        Error handling: a stream that breaks, or messages that do not
+        decode, end this worker's relay (the worker then ends too and is
+        restarted by its supervisor); the others go on.
+        """
+        outbox = self._outboxes[slot] = _Outbox(stream)
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(outbox.write)
+                await self._pump(stream, outbox)
+                outbox.dead = True
+                outbox.ready.set()
+        finally:
+            if self._outboxes.get(slot) is outbox:
+                del self._outboxes[slot]
+
+    async def _pump(self, stream: trio.SocketStream, outbox: _Outbox) -> None:
         buf = bytearray()
+        history = self.history
         try:
             while (msg := await read_message(stream, buf)) is not None:
                 message = _decode(msg)
                 if type(message) is _Publish:
                     items = [(s, e, d, None if bytes(st) == b"null" else st) for s, e, d, st in message.items]
-                    events = record(history, items)
-                    batch = _framed(_Events([(s, e, d, o, ep) for s, e, d, o, ep, _ in events]))
-                    for box in outboxes:  # all before any await: the order every worker sees
-                        box.put(batch)
+                    self._broadcast(record(history, items))
                 elif type(message) is _Read:
                     replays = [_wire(history.read(*r)) for r in message.reads]
                     outbox.put(_framed(_Replays(message.id, replays)))
         except (trio.BrokenResourceError, trio.ClosedResourceError, ValueError, msgspec.MsgspecError):
-            outbox.dead = True
-            outbox.ready.set()
-
-    async with trio.open_nursery() as nursery:
-        for outbox in outboxes:
-            nursery.start_soon(outbox.write)
-        async with trio.open_nursery() as pumps:
-            for stream, outbox in zip(streams, outboxes, strict=True):
-                pumps.start_soon(pump, stream, outbox)
-        for outbox in outboxes:
-            outbox.dead = True
-            outbox.ready.set()
+            pass
 
 
 def _wire(replay: Replay) -> _Replay:
