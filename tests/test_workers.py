@@ -40,15 +40,7 @@ def test_two_workers_share_the_port_and_every_publish_reaches_every_tab():
     proc = start_workers(admin="127.0.0.1:0", drain="1")
     clients = []
     try:
-        workers = {}
-        deadline = time.monotonic() + 20
-        while len(workers) < 2 and time.monotonic() < deadline:
-            line = proc.stderr.readline()
-            assert line, "supervisor exited early"
-            rec = json.loads(line)
-            if rec["event"] == "listening":
-                workers[rec["worker"]] = (rec["listen"], rec["admin"])
-        threading.Thread(target=_drain, args=(proc.stderr, []), daemon=True).start()
+        workers, lines = _listening(proc, 2)
         assert workers[0][0] == workers[1][0]  # one port
         assert workers[0][1] != workers[1][1]  # an admin API each
         port = workers[0][0].rsplit(":", 1)[1]
@@ -60,6 +52,19 @@ def test_two_workers_share_the_port_and_every_publish_reaches_every_tab():
             clients.append(ws)
         per_worker = [metric(workers[w][1], "mailpush_connections") for w in (0, 1)]
         assert sum(per_worker) == 24 and min(per_worker) > 0, per_worker  # the kernel spread them
+        # The supervisor's admin API answers for the group: the connections
+        # of both workers summed, and a publish there reaches every tab.
+        group = next(json.loads(line)["admin"] for line in lines if b'"supervising"' in line)
+        deadline = time.monotonic() + 5
+        while metric(group, "mailpush_connections") != len(clients):
+            assert time.monotonic() < deadline, metric(group, "mailpush_connections")
+            time.sleep(0.05)
+        assert metric(workers[0][1], "mailpush_connections") + metric(workers[1][1], "mailpush_connections") == len(clients)
+        assert urllib.request.urlopen(f"http://{group}/healthz", timeout=5).status == 200
+        body = json.dumps([{"subscriber": s, "event": "via_group"} for s in subs]).encode()
+        assert urllib.request.urlopen(urllib.request.Request(f"http://{group}/v1/publish", data=body, method="POST"), timeout=5).status == 202
+        for s, ws in zip(subs, clients):
+            assert json.loads(ws.recv(timeout=5))["event"] == "via_group"
         # A publish at either worker reaches the tabs on both.
         for w in (0, 1):
             body = json.dumps([{"subscriber": s, "event": f"via{w}"} for s in subs]).encode()
@@ -191,6 +196,13 @@ def test_a_worker_that_dies_is_restarted_alone_and_its_tabs_recover_on_the_other
         while not any(b'"worker_died"' in line for line in lines) or sum(b'"listening"' in line for line in lines) < 3:
             assert time.monotonic() < deadline and proc.poll() is None, lines[-5:]
             time.sleep(0.05)
+        # The supervisor answers for the group: healthy again, the restart counted.
+        group = next(json.loads(line)["admin"] for line in lines if b'"supervising"' in line)
+        deadline = time.monotonic() + 10
+        while urllib.request.urlopen(f"http://{group}/healthz", timeout=5).status != 200:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert metric(group, "mailpush_worker_restarts_total") == 1 and metric(group, "mailpush_workers_running") == 2
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(15) == 0
     finally:

@@ -40,7 +40,7 @@ from .dispatch import Dispatcher
 from .errors import ConfigError
 from .frames import CloseCode
 from .log import get_logger
-from .metrics import Stats
+from .metrics import Stats, render
 from .reader import serve_socket
 from .registry import Registry
 from .timers import Timers
@@ -230,6 +230,10 @@ class Server:
                 lag(),
             )
         return gauges
+
+    async def metrics(self) -> bytes:
+        """The Prometheus text of /metrics: the counters and the gauges."""
+        return render(self.stats, self.gauges, self.counters)
 
     def counters(self) -> dict[str, tuple[str, float]]:
         """Counters for /metrics kept outside :class:`Stats`."""

@@ -29,12 +29,16 @@ import socket
 import sys
 from collections.abc import Sequence
 
+import attrs
 import trio
 
+from .admin import serve_admin
 from .backoff import Backoff
 from .bus import history_of
 from .bus.relay import Relay
 from .config import Config
+from .errors import ConfigError
+from .group import Group
 from .log import get_logger, log_sighup
 
 __all__ = ["run_workers", "worker_admin", "die_with_supervisor", "RESTART_FIRST", "RESTART_MAX", "STABLE_AFTER"]
@@ -77,11 +81,33 @@ def run_workers(config: Config, argv: Sequence[str]) -> int:
         reserve.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         reserve.bind((host, 0))
         port = reserve.getsockname()[1]
+    if config.admin is not None and config.admin[1] == 0:
+        # The supervisor's admin port and each worker's after it: known in
+        # advance, so that the supervisor can sum their metrics.
+        config = attrs.evolve(config, admin=(config.admin[0], _free_ports(config.admin[0], config.workers + 1)))
     try:
         return trio.run(_Supervisor(config, list(argv), port).run)
     finally:
         if reserve is not None:
             reserve.close()
+
+
+def _free_ports(host: str, n: int, tries: int = 50) -> int:
+    """A port free now with the ``n - 1`` above it free too."""
+    for _ in range(tries):
+        held: list[socket.socket] = []
+        try:
+            for k in range(n):
+                s = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+                held.append(s)
+                s.bind((host, held[0].getsockname()[1] + k if k else 0))
+            return held[0].getsockname()[1]
+        except OSError:
+            continue
+        finally:
+            for s in held:
+                s.close()
+    raise ConfigError(f"no {n} consecutive free ports on {host} for the admin APIs; give --admin HOST:PORT")
 
 
 def die_with_supervisor() -> None:
@@ -113,6 +139,7 @@ class _Supervisor:
         self.restarts = 0
         self.exit_codes: dict[int, int] = {}
         self.procs: dict[int, trio.Process] = {}
+        self.group: Group | None = None
 
     async def run(self) -> int:
         """The supervisor's Trio run: start and keep the workers, relay the
@@ -125,11 +152,31 @@ class _Supervisor:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._watch_signals, signals)
+                if self.config.admin is not None:
+                    await nursery.start(self._serve_admin)
                 async with trio.open_nursery() as workers:
                     for i in range(self.config.workers):
                         workers.start_soon(self._keep, i)
                 nursery.cancel_scope.cancel()
         return 0 if all(code == 0 for code in self.exit_codes.values()) else 1
+
+    async def _serve_admin(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """The group's admin API on the --admin address (see group.py)."""
+        self.group = Group(
+            self.config,
+            self.relay,
+            lambda: [worker_admin(self.config, i) for i in range(self.config.workers)],
+            lambda: {i for i, p in self.procs.items() if p.returncode is None},
+            lambda: self.restarts,
+        )
+        async with trio.open_nursery() as nursery:
+            if self.relay is None:
+                await nursery.start(self.group.bus.run, _ignore)
+            address = await nursery.start(serve_admin, self.group, self.config.admin)
+            self.log.info(
+                "supervising", workers=self.config.workers, admin=f"{address[0]}:{address[1]}", pid=os.getpid()
+            )
+            task_status.started()
 
     async def _watch_signals(self, signals) -> None:
         async for sig in signals:
@@ -137,6 +184,8 @@ class _Supervisor:
                 log_sighup()
                 continue
             self.stopping = True
+            if self.group is not None:
+                self.group.draining = True
             for proc in list(self.procs.values()):  # a second signal is passed on too: stop at once
                 if proc.returncode is None:
                     proc.send_signal(sig)
@@ -191,3 +240,7 @@ class _Supervisor:
                 restarts=self.restarts,
             )
             await trio.sleep(delay)
+
+
+async def _ignore(batch: object) -> None:
+    """The supervisor's Redis bus hands it nothing it needs."""
