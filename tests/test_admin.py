@@ -227,6 +227,31 @@ async def test_deeply_nested_json_is_400_and_the_server_goes_on(start_server):
     assert status == 202
 
 
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"subscriber":"alice","event":"e","data":{"x":"\xff\xfe"}}',  # kept raw, sent as it is
+        b'{"subscriber":"alice","event":"e","other":"\xc3"}',  # in a field mailpush skips
+        b'{"subscriber":"alice","event":"e"}\n{"subscriber":"alice","event":"e","data":{"x":"\xed\xa0\x80"}}',
+    ],
+)
+async def test_a_publish_that_is_not_utf8_is_400_and_reaches_no_tab(start_server, body):
+    # Regression: bytes that are not UTF-8 inside 'data' went out in a text
+    # frame, which browsers fail with 1007: one publish closed every tab of
+    # the subscriber. Found by tests/test_properties.py.
+    bus = FakeBus()
+    server = await start_server(bus)
+    async with trio_websocket.open_websocket_url(ws_url(server, tok=token("alice"))) as ws:
+        await ws.send_message('{"type":"subscribe"}')
+        await ws.get_message()
+        status, resp, _ = await ahttp(server.admin_address, "POST", "/v1/publish", body)
+        assert status == 400 and "not valid UTF-8" in json.loads(resp)["error"]
+        assert bus.published == []
+        status, _, _ = await ahttp(server.admin_address, "POST", "/v1/publish", b'{"subscriber":"alice","event":"ok"}')
+        assert status == 202
+        assert json.loads(await ws.get_message())["event"] == "ok"
+
+
 async def test_metrics_show_live_tasks_and_event_loop_lag(start_server):
     server = await start_server(ping_interval=5)
     status, body, _ = await ahttp(server.admin_address, "GET", "/metrics")

@@ -83,7 +83,7 @@ async def channels(url: str) -> set[str]:
         return set(await client.pubsub_channels())
 
 
-async def redis_publish(url: str, channel: str, payload: str) -> int:
+async def redis_publish(url: str, channel: str, payload: str | bytes) -> int:
     client = coredis.Redis.from_url(url)
     async with client:
         return await client.publish(channel, payload)
@@ -324,6 +324,19 @@ async def test_a_deeply_nested_payload_is_dropped_and_the_bus_goes_on(start_serv
         await subscribed(ws)
         await wait_channels(redis.url, {"mailpush:alice"})
         await redis_publish(redis.url, "mailpush:alice", NESTED)
+        await redis_publish(redis.url, "mailpush:alice", '{"subscriber":"alice","event":"after"}')
+        assert json.loads(await ws.get_message())["event"] == "after"
+        assert server.bus.bad_items == 1 and server.bus.up
+
+
+async def test_a_payload_that_is_not_utf8_is_dropped_and_the_tab_stays(start_server, redis):
+    # Regression: a payload with bytes that are not UTF-8 in its data went
+    # out in a text frame, and the browser closed the tab with 1007.
+    server = await start_server(RedisBus(redis.url))
+    async with trio_websocket.open_websocket_url(ws_url(server, tok=token("alice"))) as ws:
+        await subscribed(ws)
+        await wait_channels(redis.url, {"mailpush:alice"})
+        await redis_publish(redis.url, "mailpush:alice", b'{"subscriber":"alice","event":"e","data":{"x":"\xff"}}')
         await redis_publish(redis.url, "mailpush:alice", '{"subscriber":"alice","event":"after"}')
         assert json.loads(await ws.get_message())["event"] == "after"
         assert server.bus.bad_items == 1 and server.bus.up

@@ -43,6 +43,23 @@ MAX_PUBLISH_BYTES = 16 * 1024 * 1024
 _TOO_DEEP = "JSON nested too deeply: events' data may nest a few hundred levels at most"
 
 
+def _require_utf8(data: bytes, what: str) -> None:
+    """JSON is UTF-8 (RFC 8259 §8.1), and an event goes out in a text
+    frame, which a browser that finds bad UTF-8 in it fails with 1007: so a
+    publish that is not UTF-8 is refused whole, even where the bad bytes
+    sit in a field mailpush skips or keeps raw (the fast decoders do not
+    check those). ASCII, the common case, is checked without a copy.
+
+    Raises:
+      PublishError: ``what`` is not valid UTF-8, and where.
+    """
+    if not data.isascii():
+        try:
+            data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise PublishError(f"{what} not valid UTF-8 (byte {e.start}): JSON must be UTF-8") from None
+
+
 def _loads(data: bytes, what: str) -> Any:
     """Decode JSON for the slow path's messages; ``what`` starts them."""
     try:
@@ -130,6 +147,7 @@ def parse_items(body: bytes, content_type: str = "") -> list[Item]:
       PublishError: what is wrong, and with NDJSON or arrays which item.
     """
     stripped = body.strip()
+    _require_utf8(stripped, "body is")
     if not stripped:
         raise PublishError("empty body: send a JSON object, a JSON array of them, or NDJSON")
     ndjson = "ndjson" in content_type or "jsonlines" in content_type
@@ -165,6 +183,7 @@ def parse_item_json(data: bytes) -> Item:
     Raises:
       PublishError: what is wrong with it.
     """
+    _require_utf8(data, "payload is")
     try:
         items = _fast_items([_decode_one(data)])
     except RecursionError:
@@ -213,6 +232,7 @@ def parse_bus_item(data: bytes) -> tuple[str, str, Any, int | None, str | None]:
     Raises:
       PublishError: what is wrong with it.
     """
+    _require_utf8(data, "payload is")
     try:
         it = _decode_bus(data)
     except RecursionError:
