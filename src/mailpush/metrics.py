@@ -37,11 +37,9 @@ class Stats:
         self.lag_skips = 0  # keepalive rounds not judged because the loop stalled
         self.writers = 0  # writer tasks spawned
         self.internal_errors = 0  # unexpected errors caught at a task's isolation boundary
-        self.bad_items = 0
+        self.bad_items = 0  # bus items dropped as unusable (bad payload or failed delivery)
         self.recovered = 0  # events replayed from the history to resuming tabs
-        self.resyncs: Counter[str] = (
-            Counter()
-        )  # resync packets sent, by reason  # bus items dropped as unusable (bad payload or failed delivery)
+        self.resyncs: Counter[str] = Counter()  # resync packets sent, by reason
 
 
 Values = Callable[[], dict[str, tuple[str, float]]]

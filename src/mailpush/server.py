@@ -1,4 +1,7 @@
-"""The server: start-up, the nursery tree, health, drain.
+"""The server: start-up, the nursery tree, and the start of a drain.
+
+What it answers about itself (``/healthz``, ``/metrics``) lives in
+``health.py``; how a drain closes its connections, in ``drain.py``.
 
 Nursery tree::
 
@@ -24,7 +27,6 @@ from __future__ import annotations
 
 import functools
 import os
-import random
 import socket
 
 import trio
@@ -37,10 +39,11 @@ from .bus import Bus, make_bus
 from .config import Config
 from .context import Context
 from .dispatch import Dispatcher
+from .drain import close_all
 from .errors import ConfigError
-from .frames import CloseCode
+from .health import Health
 from .log import get_logger
-from .metrics import Stats, render
+from .metrics import Stats
 from .reader import serve_socket
 from .registry import Registry
 from .timers import Timers
@@ -58,12 +61,6 @@ LISTEN_BACKLOG = 65535
 # Readers woken per event-loop iteration at most (see _trio_compat): a
 # burst of 15,000 readable connections is handled 1,024 at a time.
 MAX_WAKEUPS = 1024
-# Drain: after the window, how long the last closed peers get to answer
-# their Close before the rest are cut; the exit comes within the drain
-# window plus this (and a little shutdown work).
-DRAIN_GRACE = 1.0
-# Drain: closes are issued in ticks of this length, a group per tick.
-DRAIN_TICK = 0.01
 
 
 class Server:
@@ -95,6 +92,7 @@ class Server:
         ctx.timers = Timers(config, self.stats, ctx.connections, expire, ctx.task_failed, self.log)
         self.ctx, self.timers = ctx, ctx.timers
         self.acceptor = Acceptor(self.ctx, serve_socket)
+        self.vitals = Health(self.ctx, self.acceptor, self.bus)
         self.listen_address: tuple[str, int] | None = None
         self.admin_address: tuple[str, int] | None = None
         self._listener: socket.socket | None = None
@@ -176,73 +174,12 @@ class Server:
     # -- health and metrics ---------------------------------------------------
 
     def health(self, *, own_sockets: int = 0) -> tuple[int, str]:
-        """What /healthz answers on both ports.
-
-        Args:
-          own_sockets: sockets of the asking probe itself among
-            :attr:`open_sockets` (1 on the public port), not counted
-            against the limit it asks about.
-        """
-        if self.ctx.draining:
-            return 503, "draining"
-        if self.ctx.sockets - own_sockets >= self.config.max_connections:
-            return 503, "at connection limit"
-        if self.acceptor.paused:
-            return 503, "overloaded: all handshake slots busy"
-        if not self.bus.up:
-            return 503, "bus unavailable: events would not arrive"
-        return 200, "ok"
-
-    def gauges(self) -> dict[str, tuple[str, float]]:
-        """Live values for /metrics."""
-        return {
-            "mailpush_connections": ("Open WebSocket connections", len(self.ctx.connections)),
-            "mailpush_sockets": ("Accepted sockets, handshaking or open", self.ctx.sockets),
-            "mailpush_subscribers": ("Subscribers with at least one subscribed connection here", len(self.registry)),
-            "mailpush_handshakes_in_progress": (
-                "Handshake slots in use (requests being parsed now)",
-                self.handshakes.borrowed_tokens,
-            ),
-            "mailpush_draining": ("1 while draining", int(self.ctx.draining)),
-            "mailpush_bus_up": ("1 while the bus is connected", int(self.bus.up)),
-            "mailpush_tasks": ("Live Trio tasks in this process", _count_tasks()),
-            "mailpush_event_loop_lag_seconds": (
-                "Worst lateness of the timer task's ticks over the last 15 s",
-                self.timers.loop_lag(),
-            ),
-            "mailpush_resuming_tabs": (
-                "Tabs being answered from the history now",
-                len(self.dispatcher.recovery.resuming),
-            ),
-            **self._bus_gauges(),
-        }
-
-    def _bus_gauges(self) -> dict[str, tuple[str, float]]:
-        gauges: dict[str, tuple[str, float]] = {}
-        history = getattr(self.bus, "history", None)
-        if history is not None:  # kept in this process (embedded bus)
-            gauges["mailpush_history_events"] = ("Events kept in the history", history.events)
-            gauges["mailpush_history_subscribers"] = ("Subscribers with events in the history", len(history))
-        lag = getattr(self.bus, "heartbeat_lag", None)
-        if lag is not None:
-            gauges["mailpush_bus_heartbeat_lag_seconds"] = (
-                "Seconds since the last heartbeat came through the bus",
-                lag(),
-            )
-        return gauges
+        """What /healthz answers on both ports (see :meth:`Health.status`)."""
+        return self.vitals.status(own_sockets=own_sockets)
 
     async def metrics(self) -> bytes:
-        """The Prometheus text of /metrics: the counters and the gauges."""
-        return render(self.stats, self.gauges, self.counters)
-
-    def counters(self) -> dict[str, tuple[str, float]]:
-        """Counters for /metrics kept outside :class:`Stats`."""
-        return {
-            "mailpush_bus_bad_items": (
-                "Items from the bus dropped as unusable (malformed payload, or delivery failed)",
-                self.stats.bad_items + self.bus.bad_items,
-            ),
-        }
+        """The Prometheus text of /metrics."""
+        return await self.vitals.metrics()
 
     # -- drain ----------------------------------------------------------------
 
@@ -266,49 +203,14 @@ class Server:
         if self._listener is not None:
             trio.lowlevel.notify_closing(self._listener)
             self._listener.close()
-        conns = list(ctx.connections)
-        random.shuffle(conns)
-        start = trio.current_time()
         try:
-            for i, conn in enumerate(conns):
-                # Connection i closes at i/n of the window: an even spread, the
-                # order random, so reconnects arrive evenly over the window.
-                at = start + seconds * i / len(conns)
-                if at - trio.current_time() > DRAIN_TICK:
-                    await trio.sleep_until(at)
-                try:
-                    if conn.is_open:
-                        delay = random.uniform(1.0, max(1.0, seconds))
-                        conn.close(CloseCode.SERVICE_RESTART, f"restarting; reconnect in {delay:.0f} s")
-                except Exception:  # noqa: BLE001 - the isolation boundary, see above
-                    ctx.task_failed("drain")
-                    conn.abort()
-            with trio.move_on_after(DRAIN_GRACE):
-                while ctx.connections:
-                    await trio.sleep(0.05)
+            await close_all(ctx, seconds)
         finally:
-            for conn in list(ctx.connections):
-                conn.abort()
             self._drained.set()
 
     def stop(self) -> None:
         """Stop at once, without draining."""
         self._cancel.cancel()
-
-
-def _count_tasks() -> int:
-    """Live tasks of the running Trio loop (a walk of the task tree: a few
-    milliseconds at 15,000 connections, for a scrape)."""
-    count = 0
-    stack = [trio.lowlevel.current_root_task()]
-    while stack:
-        task = stack.pop()
-        if task is None:
-            continue
-        count += 1
-        for nursery in task.child_nurseries:
-            stack.extend(nursery.child_tasks)
-    return count
 
 
 def _fmt(address: tuple[str, int] | None) -> str | None:
