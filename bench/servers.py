@@ -61,7 +61,8 @@ TRIGGER_TIMEOUT_S = 60.0
 
 def free_port(consecutive: int = 1) -> int:
     """A port that is free now, and so are the ``consecutive - 1`` above it
-    (mailpush --workers N puts worker i's admin API on the admin port + i)."""
+    (mailpush --workers N answers for the set on the admin port and puts
+    worker i's admin API on the admin port + 1 + i)."""
     for _ in range(FREE_PORT_TRIES):
         held = [socket.socket()]
         try:
@@ -148,10 +149,11 @@ class Server:
         self.extra_args = extra_args or []
         args = spec.extra_args + self.extra_args
         workers = int(args[args.index("--workers") + 1]) if "--workers" in args else 1
+        admin_ports = workers + 1 if workers > 1 else 1  # the supervisor's, then one per worker
         self.port = free_port()
-        self.aport = free_port(workers)
-        while self.port in range(self.aport, self.aport + workers):
-            self.aport = free_port(workers)
+        self.aport = free_port(admin_ports)
+        while self.port in range(self.aport, self.aport + admin_ports):
+            self.aport = free_port(admin_ports)
         self.log_path = log_path
         self.proc: subprocess.Popen | None = None
         self._http: http.client.HTTPConnection | None = None
