@@ -3,7 +3,8 @@ that use a real browser as a client (tests/test_browser.py,
 tests/test_interop.py).
 
 :func:`chromium` starts the browser with a fresh profile and yields its
-DevTools HTTP address; :func:`open_tab` opens a page and yields a
+DevTools HTTP address (:func:`chromium_process` also the process, for a
+test that kills it); :func:`open_tab` opens a page and yields a
 :class:`Tab`, whose :meth:`Tab.evaluate` runs ``Runtime.evaluate`` over the
 tab's ``webSocketDebuggerUrl`` (with the websockets sync client). Pages are
 polled in real time: no ``--virtual-time-budget``, which would run the
@@ -59,6 +60,15 @@ def require_chromium() -> str:
 def chromium(tmp_path: Path):
     """Start headless Chromium; yield its DevTools HTTP address. Leaving the
     block SIGKILLs the browser's whole process group."""
+    with chromium_process(tmp_path) as (_proc, devtools):
+        yield devtools
+
+
+@contextlib.contextmanager
+def chromium_process(tmp_path: Path):
+    """:func:`chromium`, yielding ``(process, DevTools address)``: the
+    browser leads its own process group, so ``os.killpg(process.pid,
+    signal.SIGKILL)`` kills every Chromium process (a crashed browser)."""
     profile = tmp_path / "profile"
     profile.mkdir()
     log = (tmp_path / "chromium.log").open("wb")
@@ -87,7 +97,7 @@ def chromium(tmp_path: Path):
             if time.monotonic() > deadline:
                 raise RuntimeError("chromium's DevTools endpoint did not come up")
             time.sleep(0.1)
-        yield f"127.0.0.1:{port}"
+        yield proc, f"127.0.0.1:{port}"
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
