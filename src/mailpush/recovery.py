@@ -136,14 +136,16 @@ class Recovery:
         get_logger().warning("bus_gap_recovery", reason=reason, subscribers=len(self.positions))
         for sub, position in list(self.positions.items()):
             for conn in self.registry.get(sub) or ():
-                self.start(conn, Since(position.epoch, position.offset), answered=True)
+                if conn not in self.resuming:  # one being answered is, from its own since, by a read still to come
+                    self.start(conn, Since(position.epoch, position.offset), answered=True)
 
     def epoch_changed(self, subscriber: str) -> None:
         """A live event came from a new epoch: the tabs must resync."""
         position = self.positions.get(subscriber)
         since = Since(position.epoch, position.offset) if position is not None else None
         for conn in self.registry.get(subscriber) or ():
-            self.start(conn, since, answered=True)
+            if conn not in self.resuming:  # as in gap()
+                self.start(conn, since, answered=True)
 
     # -- the task ---------------------------------------------------------------
 
