@@ -16,13 +16,15 @@ venv: $(STAMP)
 
 # Debian packages the integration tests use for real: redis-server (the
 # bus), haproxy (the load balancer in front), chromium (the browser client),
-# openssl (a certificate for the Redis TLS test).
+# openssl (a certificate for the Redis TLS test), Node.js and npm (the ws
+# interop client and the browser client's tests).
 system-deps:
 	@missing=""; \
 	command -v redis-server >/dev/null || missing="$$missing redis-server"; \
 	command -v haproxy >/dev/null || [ -x /usr/sbin/haproxy ] || missing="$$missing haproxy"; \
 	command -v chromium >/dev/null || missing="$$missing chromium"; \
 	command -v openssl >/dev/null || missing="$$missing openssl"; \
+	command -v npm >/dev/null || missing="$$missing nodejs npm"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing:$$missing"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \

@@ -254,10 +254,10 @@ def b64key() -> str:
     return base64.b64encode(os.urandom(16)).decode()
 
 
-HISTORY_FIELDS = ("offset", "epoch", "recovered")
+HISTORY_FIELDS = ("offset", "epoch", "recovered", "expires_at")
 
 
 def bare(packet: dict) -> dict:
-    """A packet without the history's fields (offset, epoch, recovered),
-    for tests about everything else."""
+    """A packet without the history's fields (offset, epoch, recovered) and
+    the token's expiry (expires_at), for tests about everything else."""
     return {k: v for k, v in packet.items() if k not in HISTORY_FIELDS}

@@ -30,6 +30,7 @@ class Tab:
 
     def __init__(self, subscriber: str, events=None) -> None:
         self.subscriber = subscriber
+        self.expires = 0
         self.events = events
         self.frames: list[bytes] = []
 

@@ -120,7 +120,7 @@ def test_drain_moves_clients_to_the_other_instance(tmp_path):
             time.sleep(0.2)
             codes = [ws.close_code for ws in clients]
             assert codes.count(1012) == on_a and codes.count(None) == on_b, codes
-            assert all("reconnect in" in ws.close_reason for ws in clients if ws.close_code)
+            assert all("reconnect_after_ms=" in ws.close_reason for ws in clients if ws.close_code)
             # HAProxy saw a's health check fail: reconnects all go to b.
             clients = [ws if ws.close_code is None else open_client(port, s) for s, ws in zip(subs, clients)]
             assert connections(admin_b) == 10

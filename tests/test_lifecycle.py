@@ -320,7 +320,7 @@ async def test_drain_spreads_closes_over_the_window_after_flushing(start_server,
             await trio.sleep(0)
         await server.drain()
     assert len(closes) == 40
-    assert all(code == 1012 and "reconnect in" in reason and got == ["last_words"] for _, code, reason, got in closes), closes[:3]
+    assert all(code == 1012 and "reconnect_after_ms=" in reason and got == ["last_words"] for _, code, reason, got in closes), closes[:3]
     times = sorted(t for t, *_ in closes)
     assert times[0] < 1.0 and times[-1] > 9.0
     # Evenly spread: each 2.5-second quarter of the window has about a quarter.

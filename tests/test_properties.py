@@ -477,7 +477,7 @@ def broken_frame_streams(draw) -> bytes:
             s["fin"] = not s.get("fin", True)
         elif op == "lie":
             s["declared"] = max(0, len(s["payload"]) + draw(st.sampled_from([-3, -1, 1, 2, 200, 70000])))
-            s["form"] = draw(st.sampled_from(["min", "16", "64"]))
+            s["form"] = draw(st.sampled_from(["min", "16", "64"] if s["declared"] < 65536 else ["min", "64"]))
         elif op == "top_bit":
             s["declared"], s["form"] = 2**63 + draw(st.integers(0, 10)), "64"
         elif op == "oversize":

@@ -8,6 +8,7 @@ from mailpush.registry import SMALL, Registry
 class Tab:
     def __init__(self, subscriber: str) -> None:
         self.subscriber = subscriber
+        self.expires = 0
 
 
 def test_first_and_last_connection_of_a_subscriber():

@@ -30,7 +30,9 @@ DRAIN_EVEN_HIGH = 1.5
 # loop add a few ms).
 DRAIN_EDGE_S = 0.1
 
-_DELAY_RE = re.compile(rb"(\d+(?:\.\d+)?)\s*s")
+# The suggested delay in the reason: "reconnect_after_ms=N" (and, from
+# servers before it, "reconnect in N s").
+_DELAY_RE = re.compile(rb"reconnect_after_ms=(\d+)|(\d+(?:\.\d+)?)\s*s")
 
 
 def drain(ctx: Context, spec: ServerSpec) -> dict:
@@ -72,7 +74,7 @@ def drain(ctx: Context, spec: ServerSpec) -> dict:
         codes[str(c)] = codes.get(str(c), 0) + 1
         m = _DELAY_RE.search(reason)
         if m:
-            d = float(m.group(1))
+            d = int(m.group(1)) / 1000 if m.group(1) else float(m.group(2))
             delays.append(d)
             reconnects.append((t - t_sig) / 1e9 + d)
     step = window / DRAIN_BINS

@@ -26,7 +26,16 @@ import msgspec
 from .errors import AuthError, ConfigError
 from .handshake import Request, cookie_value, query_param
 
-__all__ = ["MIN_SECRET_BYTES", "MAX_TOKEN_BYTES", "Verifier", "mint", "token_from_request", "load_secret"]
+__all__ = [
+    "MIN_SECRET_BYTES",
+    "MAX_TOKEN_BYTES",
+    "PROTOCOL",
+    "TOKEN_PROTOCOL_PREFIX",
+    "Verifier",
+    "mint",
+    "token_from_request",
+    "load_secret",
+]
 
 # RFC 7518 §3.2: an HS256 key must be at least as long as the hash (32 bytes).
 MIN_SECRET_BYTES = 32
@@ -40,6 +49,13 @@ LEEWAY_SECONDS = 0
 
 COOKIE_NAME = "mailpush_token"
 QUERY_PARAM = "token"
+# The subprotocol of mailpush's packets, and the one that carries a token
+# in ``Sec-WebSocket-Protocol`` (a browser cannot set headers, and a token
+# there stays out of URLs and the logs that keep them):
+# ``new WebSocket(url, ["mailpush.v1", "mailpush.token." + jwt])``. The
+# answer names ``mailpush.v1``, never the token.
+PROTOCOL = "mailpush.v1"
+TOKEN_PROTOCOL_PREFIX = "mailpush.token."
 
 
 # base64url → standard alphabet for binascii; '+' and '/' are not base64url
@@ -101,8 +117,18 @@ class Verifier:
         """Return the ``sub`` claim of a valid token.
 
         Raises:
+          AuthError: see :meth:`verify_claims`.
+        """
+        return self.verify_claims(token)[0]
+
+    def verify_claims(self, token: str) -> tuple[str, int]:
+        """Return the ``sub`` and ``exp`` claims of a valid token (``exp``
+        in whole seconds since 1970, rounded down).
+
+        Raises:
           AuthError: malformed, badly signed, expired, not yet valid, or
-            without a ``sub`` / ``exp`` claim.
+            without a ``sub`` / ``exp`` claim; ``expired`` is True on the
+            error when that is the only fault.
         """
         if len(token) > MAX_TOKEN_BYTES:
             raise AuthError(f"token longer than {MAX_TOKEN_BYTES} bytes")
@@ -138,7 +164,7 @@ class Verifier:
             raise AuthError("token has no 'exp' claim")
         now = self._clock()
         if exp <= now - self.leeway:
-            raise AuthError("token expired")
+            raise AuthError("token expired", expired=True)
         for name in ("nbf", "iat"):
             t = _number(claims, name)
             if t is not None and t > now + self.leeway:
@@ -151,7 +177,7 @@ class Verifier:
         sub = claims.get("sub")
         if type(sub) is not str or not sub:
             raise AuthError("token has no 'sub' claim (the subscriber id)")
-        return sub
+        return sub, int(exp)
 
 
 def mint(secret: str | bytes, subscriber: str, ttl: float = 3600.0, now: float | None = None) -> str:
@@ -165,11 +191,17 @@ def mint(secret: str | bytes, subscriber: str, ttl: float = 3600.0, now: float |
 
 
 def token_from_request(req: Request) -> str:
-    """The token from ``Authorization: Bearer``, query ``token`` or the cookie.
+    """The token from ``Sec-WebSocket-Protocol`` (``mailpush.token.<jwt>``),
+    ``Authorization: Bearer``, query ``token`` or the cookie, in that order.
 
     Raises:
-      AuthError: none of the three carries a token.
+      AuthError: none of them carries a token.
     """
+    if req.protocols:
+        for offered in req.protocols.split(","):
+            offered = offered.strip(" \t")
+            if offered.startswith(TOKEN_PROTOCOL_PREFIX) and len(offered) > len(TOKEN_PROTOCOL_PREFIX):
+                return offered[len(TOKEN_PROTOCOL_PREFIX) :]
     if req.authorization:
         scheme, _, value = req.authorization.partition(" ")
         if scheme.lower() == "bearer" and value.strip():
@@ -183,8 +215,16 @@ def token_from_request(req: Request) -> str:
         if found:
             return found
     raise AuthError(
-        f"no token: send it as query parameter '{QUERY_PARAM}', cookie '{COOKIE_NAME}' or 'Authorization: Bearer'"
+        f"no token: send it as subprotocol '{TOKEN_PROTOCOL_PREFIX}<token>' beside '{PROTOCOL}', query parameter"
+        f" '{QUERY_PARAM}', cookie '{COOKIE_NAME}' or 'Authorization: Bearer'"
     )
+
+
+def offers_protocol(req: Request) -> bool:
+    """The client offered the ``mailpush.v1`` subprotocol (mailpush's own
+    client does): it is answered with it, and a refused token reaches it
+    as a close code it can read (a browser cannot see an HTTP status)."""
+    return bool(req.protocols) and any(p.strip(" \t") == PROTOCOL for p in req.protocols.split(","))
 
 
 def load_secret(secret: str | None, secret_file: str | None) -> str:

@@ -28,9 +28,18 @@ from typing import TYPE_CHECKING
 import attrs
 import trio
 
-from .errors import PacketError, ProtocolError
+from .errors import AuthError, PacketError, ProtocolError
 from .frames import PING_FRAME, CloseCode, Decoder, Opcode, encode_close, encode_frame, parse_close
-from .packets import PONG_FRAME, Ping, Subscribe, error_frame, parse_client_packet, unsubscribed_frame
+from .packets import (
+    PONG_FRAME,
+    Ping,
+    Refresh,
+    Subscribe,
+    error_frame,
+    parse_client_packet,
+    refreshed_frame,
+    unsubscribed_frame,
+)
 
 if TYPE_CHECKING:
     from .context import Context
@@ -73,6 +82,7 @@ class Connection:
     state: int = OPEN
     flags: int = 0
     strikes: int = 0  # error packets sent
+    expires: int = 0  # the token's exp (seconds since 1970); 0: never
 
     # -- state ----------------------------------------------------------------
 
@@ -246,11 +256,28 @@ class Connection:
             ctx.dispatcher.subscribe(self, packet.since)
         elif type(packet) is Ping:
             self.send(PONG_FRAME)
+        elif type(packet) is Refresh:
+            self._refresh(packet.token)
         else:  # Unsubscribe
             ctx.dispatcher.unsubscribed(self)
             if ctx.registry.remove(self):
                 ctx.dispatcher.changed(self.subscriber)
             self.send(unsubscribed_frame(self.subscriber))
+
+    def _refresh(self, token: str) -> None:
+        """A new token in band: the same subscriber's, or the connection ends."""
+        try:
+            subscriber, expires = self.ctx.verifier.verify_claims(token)
+        except AuthError as e:
+            self._bad_packet(PacketError("bad_token", f"refresh refused: {e.reason}"))
+            return
+        if subscriber != self.subscriber:
+            self._bad_packet(PacketError("wrong_subscriber", "refresh with a token of another subscriber"))
+            self.close(CloseCode.POLICY_VIOLATION, "refresh with a token of another subscriber")
+            return
+        self.expires = expires
+        self.ctx.stats.refreshes += 1
+        self.send(refreshed_frame(expires))
 
     def _bad_packet(self, e: PacketError) -> None:
         self.ctx.stats.packet_errors += 1

@@ -28,8 +28,9 @@ async def close_all(ctx: Context, seconds: float) -> None:
     """Close every open connection of ``ctx``, spread over ``seconds``.
 
     Connection i of n (in random order) closes at i/n of the window, with
-    1012 and a reconnect delay suggested in its reason, spread over the
-    window too; its queued events go out before the Close frame. Returns
+    1012 and a reconnect delay suggested in its reason
+    (``reconnect_after_ms=N``, which mailpush's browser client honours),
+    spread over the window too; its queued events go out before the Close frame. Returns
     once every connection is closed, or DRAIN_GRACE after the window; what
     is still open then is cut.
 
@@ -46,8 +47,8 @@ async def close_all(ctx: Context, seconds: float) -> None:
                 await trio.sleep_until(at)
             try:
                 if conn.is_open:
-                    delay = random.uniform(1.0, max(1.0, seconds))
-                    conn.close(CloseCode.SERVICE_RESTART, f"restarting; reconnect in {delay:.0f} s")
+                    delay_ms = round(random.uniform(1.0, max(1.0, seconds)) * 1000)
+                    conn.close(CloseCode.SERVICE_RESTART, f"restarting; reconnect_after_ms={delay_ms}")
             except Exception:  # noqa: BLE001 - the isolation boundary, see above
                 ctx.task_failed("drain")
                 conn.abort()

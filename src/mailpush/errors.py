@@ -61,10 +61,12 @@ class HandshakeError(MailpushError):
 
 
 class AuthError(HandshakeError):
-    """The token is missing or not acceptable (401)."""
+    """The token is missing or not acceptable (401); ``expired`` says the
+    token was fine but for its age (a client should fetch a new one)."""
 
-    def __init__(self, reason: str) -> None:
+    def __init__(self, reason: str, *, expired: bool = False) -> None:
         super().__init__(401, reason, (("WWW-Authenticate", 'Bearer realm="mailpush"'),))
+        self.expired = expired
 
 
 class ProtocolError(MailpushError):

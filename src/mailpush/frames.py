@@ -58,6 +58,9 @@ class CloseCode(IntEnum):
     INTERNAL_ERROR = 1011
     SERVICE_RESTART = 1012
     TRY_AGAIN_LATER = 1013
+    # mailpush's own (the 4000–4999 range is the application's, §7.4.2).
+    TOKEN_EXPIRED = 4001  # the token expired and was not refreshed in time
+    UNAUTHORIZED = 4003  # the token was refused (mailpush.v1 clients only)
 
 
 # Codes a peer may legitimately put in a Close frame (§7.4.1, §7.4.2): the

@@ -65,6 +65,8 @@ class Request:
         "cookie",
         "authorization",
         "origin",
+        "protocols",
+        "last_event_id",
         "key",
         "seen",
         "upgrade",
@@ -80,6 +82,8 @@ class Request:
         self.cookie = ""
         self.authorization = ""
         self.origin = ""
+        self.protocols = ""  # Sec-WebSocket-Protocol, every line joined with ", "
+        self.last_event_id = ""  # Last-Event-ID (an SSE client resuming)
         self.key = ""
         self.version = ""
         self.seen = 0  # bitmask of required headers present
@@ -191,6 +195,11 @@ def parse_request(head: bytes) -> Request:
             req.authorization = value.decode("latin-1")
         elif bit == _ORIGIN:
             req.origin = value.decode("latin-1")
+        elif bit == _PROTOCOL:
+            protocols = value.decode("latin-1")
+            req.protocols = f"{req.protocols}, {protocols}" if req.protocols else protocols
+        elif bit == _LAST_EVENT_ID:
+            req.last_event_id = value.decode("latin-1")
         seen |= bit
     req.seen = seen
     return req
@@ -199,6 +208,8 @@ def parse_request(head: bytes) -> Request:
 _COOKIE = 32
 _AUTHORIZATION = 64
 _ORIGIN = 128
+_PROTOCOL = 256
+_LAST_EVENT_ID = 512
 _FIELDS = {
     b"host": _HOST,
     b"upgrade": _UPGRADE,
@@ -208,6 +219,8 @@ _FIELDS = {
     b"cookie": _COOKIE,
     b"authorization": _AUTHORIZATION,
     b"origin": _ORIGIN,
+    b"sec-websocket-protocol": _PROTOCOL,
+    b"last-event-id": _LAST_EVENT_ID,
 }
 
 
@@ -254,13 +267,15 @@ def accept_key(key: str) -> str:
     return base64.b64encode(hashlib.sha1(key.encode("ascii") + _WS_GUID).digest()).decode("ascii")
 
 
-def response_101(key: str) -> bytes:
-    """The 101 answer that completes the handshake."""
+def response_101(key: str, protocol: str = "") -> bytes:
+    """The 101 answer that completes the handshake, naming ``protocol``
+    (one the client offered) if given."""
+    chosen = b"Sec-WebSocket-Protocol: " + protocol.encode("ascii") + b"\r\n" if protocol else b""
     return (
         b"HTTP/1.1 101 Switching Protocols\r\n"
         b"Upgrade: websocket\r\n"
         b"Connection: Upgrade\r\n"
-        b"Sec-WebSocket-Accept: " + accept_key(key).encode("ascii") + b"\r\n\r\n"
+        b"Sec-WebSocket-Accept: " + accept_key(key).encode("ascii") + b"\r\n" + chosen + b"\r\n"
     )
 
 

@@ -40,6 +40,8 @@ class Stats:
         self.bad_items = 0  # bus items dropped as unusable (bad payload or failed delivery)
         self.recovered = 0  # events replayed from the history to resuming tabs
         self.resyncs: Counter[str] = Counter()  # resync packets sent, by reason
+        self.token_expiries = 0  # connections closed with 4001: token expired, not refreshed
+        self.refreshes = 0  # tokens renewed in band
 
 
 Values = Callable[[], dict[str, tuple[str, float]]]
@@ -80,6 +82,8 @@ class _Collector(Collector):
                 s.internal_errors,
             ),
             ("mailpush_writers", "Writer tasks spawned for sockets that could not take a frame at once", s.writers),
+            ("mailpush_token_expiries", "Connections closed because their token expired unrefreshed", s.token_expiries),
+            ("mailpush_token_refreshes", "Tokens renewed in band by a refresh packet", s.refreshes),
         ):
             yield CounterMetricFamily(name, doc, value=value)
         rej = CounterMetricFamily("mailpush_rejections", "Handshakes refused, by reason", labels=["reason"])

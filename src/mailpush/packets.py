@@ -6,16 +6,19 @@ Plain bytes in, plain bytes out; no I/O. Client packets::
      "since": {"epoch": E, "offset": N}}                   # optional: resume after N
     {"type": "unsubscribe"}
     {"type": "ping"}                                       # browsers cannot send WS pings
+    {"type": "refresh", "token": JWT}                      # a new token for the same subscriber
 
 Server packets::
 
     {"type": "subscribed", "subscriber": SUB, "events": [...],
-     "epoch": E, "offset": TOP, "recovered": true|false}   # recovered: with since only
+     "epoch": E, "offset": TOP, "recovered": true|false,   # recovered: with since only
+     "expires_at": EXP}                                    # the token's exp (seconds since 1970)
     {"type": "event", "subscriber": SUB, "event": NAME, "data": {...}, "offset": N}
     {"type": "resync", "subscriber": SUB, "reason": WHY, "epoch": E, "offset": TOP,
      "state": LATEST_OR_NULL}                              # history cannot fill the gap
     {"type": "unsubscribed", "subscriber": SUB}
     {"type": "pong"}
+    {"type": "refreshed", "expires_at": EXP}
     {"type": "error", "code": CODE, "message": TEXT}
 
 Client packets are msgspec tagged Structs (the ``type`` field is the tag),
@@ -42,12 +45,14 @@ __all__ = [
     "Subscribe",
     "Unsubscribe",
     "Ping",
+    "Refresh",
     "Since",
     "parse_client_packet",
     "subscribed_frame",
     "resync_frame",
     "unsubscribed_frame",
     "error_frame",
+    "refreshed_frame",
     "event_frame",
     "PONG_FRAME",
 ]
@@ -61,6 +66,8 @@ MAX_EVENT_LEN = 64
 MAX_FILTER_EVENTS = 32
 # Epochs are short random strings (ours: 16 hex digits; Redis's: a time).
 MAX_EPOCH_LEN = 64
+# A token in a refresh packet (auth.MAX_TOKEN_BYTES checks it again).
+MAX_TOKEN_LEN = 4096
 
 # The wildcard filter: every event.
 ALL_EVENTS = "*"
@@ -102,7 +109,14 @@ class Ping(msgspec.Struct, tag="ping", tag_field="type", frozen=True):
     """``{"type":"ping"}``: answered with ``{"type":"pong"}``."""
 
 
-_decode_packet = msgspec.json.Decoder(_Subscribe | Unsubscribe | Ping).decode
+class Refresh(msgspec.Struct, tag="refresh", tag_field="type", frozen=True):
+    """``{"type":"refresh","token":JWT}``: a new token for the connection's
+    subscriber, answered ``{"type":"refreshed","expires_at":EXP}``."""
+
+    token: Annotated[str, msgspec.Meta(max_length=MAX_TOKEN_LEN)]
+
+
+_decode_packet = msgspec.json.Decoder(_Subscribe | Unsubscribe | Ping | Refresh).decode
 _UNSUBSCRIBE = Unsubscribe()
 _PING = Ping()
 _SUBSCRIBE_ALL = Subscribe(None)
@@ -121,7 +135,7 @@ def _intern_filter(events: frozenset[str]) -> frozenset[str]:
     return events
 
 
-def parse_client_packet(text: bytes) -> Subscribe | Unsubscribe | Ping:
+def parse_client_packet(text: bytes) -> Subscribe | Unsubscribe | Ping | Refresh:
     """Parse one text message from a client.
 
     Raises:
@@ -143,6 +157,8 @@ def parse_client_packet(text: bytes) -> Subscribe | Unsubscribe | Ping:
         if not events or ALL_EVENTS in events:
             return _SUBSCRIBE_ALL if since is None else Subscribe(None, since)
         return Subscribe(_intern_filter(frozenset(events)), since)
+    if type(packet) is Refresh:
+        return packet
     return _UNSUBSCRIBE if type(packet) is Unsubscribe else _PING
 
 
@@ -156,10 +172,13 @@ def _explain(text: bytes) -> PacketError:
         return PacketError("bad_packet", "packet has no 'type' field")
     if type(kind) is not str:
         return PacketError("bad_field", "'type' must be a string")
-    if kind not in ("subscribe", "unsubscribe", "ping"):
+    if kind not in ("subscribe", "unsubscribe", "ping", "refresh"):
         return PacketError(
-            "unknown_type", f"unknown packet type {kind[:MAX_EVENT_LEN]!r}, expected subscribe, unsubscribe or ping"
+            "unknown_type",
+            f"unknown packet type {kind[:MAX_EVENT_LEN]!r}, expected subscribe, unsubscribe, ping or refresh",
         )
+    if kind == "refresh":
+        return PacketError("bad_field", f"'token' must be a string of at most {MAX_TOKEN_LEN} characters")
     since = obj.get("since")
     if since is not None and (
         type(since) is not dict
@@ -190,9 +209,11 @@ def subscribed_frame(
     epoch: str | None = None,
     offset: int | None = None,
     recovered: bool | None = None,
+    expires_at: int = 0,
 ) -> bytes:
     """The answer to a subscribe: the subscriber and its filter, where its
-    stream stands (with history), and whether a resume recovered."""
+    stream stands (with history), whether a resume recovered, and when the
+    connection's token expires (0: never, e.g. the echo endpoint)."""
     names = [ALL_EVENTS] if events is None else sorted(events)
     packet: dict[str, Any] = {"type": "subscribed", "subscriber": subscriber, "events": names}
     if epoch is not None:
@@ -200,7 +221,14 @@ def subscribed_frame(
         packet["offset"] = offset
     if recovered is not None:
         packet["recovered"] = recovered
+    if expires_at:
+        packet["expires_at"] = expires_at
     return encode_text(_encode(packet))
+
+
+def refreshed_frame(expires_at: int) -> bytes:
+    """The answer to a refresh: when the new token expires."""
+    return encode_text(_encode({"type": "refreshed", "expires_at": expires_at}))
 
 
 def resync_frame(subscriber: str, reason: str, epoch: str, offset: int, state: Any) -> bytes:

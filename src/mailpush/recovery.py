@@ -241,7 +241,7 @@ class Recovery:
             events = []  # a fresh subscribe: nothing to replay
         if resume is None or not resume.answered:
             recovered = None if since is None else events is not None
-            conn.send(subscribed_frame(sub, conn.events, position.epoch, position.offset, recovered))
+            conn.send(subscribed_frame(sub, conn.events, position.epoch, position.offset, recovered, conn.expires))
         if since is not None and events is None:
             stats.resyncs[reason or "history_gap"] += 1
             conn.send(resync_frame(sub, reason or "history_gap", position.epoch, position.offset, position.state))

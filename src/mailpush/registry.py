@@ -19,6 +19,7 @@ class Subscription(Protocol):
 
     subscriber: str
     events: frozenset[str] | None  # the event filter; None: all
+    expires: int  # when its token expires (seconds since 1970); 0: never
 
     def send(self, frame: bytes) -> bool: ...
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import socket
+import time
 from collections import deque
 from collections.abc import Callable, Collection
 from typing import Protocol
@@ -30,6 +31,8 @@ __all__ = [
     "HANDSHAKE_SWEEP_TICK",
     "CLOSE_TIMEOUT",
     "LAG_WINDOW",
+    "EXPIRY_GRACE",
+    "EXPIRY_ROUND",
 ]
 
 # How long a connection that we sent a Close may take to answer it (§7.1.1),
@@ -47,11 +50,20 @@ HANDSHAKE_SWEEP_TICK = 0.05
 # The event-loop lag gauge reports the worst tick lateness over this many
 # seconds: a scrape every 10-15 s sees every stall since the last one.
 LAG_WINDOW = 15.0
+# Token expiry: each round of keepalive also closes, with 4001, the
+# connections whose token expired more than EXPIRY_GRACE seconds ago (a
+# refresh racing its expiry gets that long). So a connection outlives its
+# token by at most one round (--ping-interval, or EXPIRY_ROUND with pings
+# off) plus the grace; no timer is kept per connection.
+EXPIRY_GRACE = 5.0
+EXPIRY_ROUND = 30.0
 
 
 class Keepalive(Protocol):
     """What keepalive needs of a connection (a
     :class:`~mailpush.connection.Connection` is one)."""
+
+    expires: int  # the token's exp, seconds since 1970; 0: never
 
     @property
     def is_open(self) -> bool: ...
@@ -133,7 +145,9 @@ class Timers:
         Every keepalive tick pings one slice of the connections and,
         ``pong_timeout`` later, checks that each of them has sent something
         since (a pong or anything else); those that have not are closed with
-        1001. If a tick comes late by more than LAG_TOLERANCE, the server
+        1001. The same visit closes a connection whose token expired (more
+        than EXPIRY_GRACE ago) with 4001; with pings off the rounds still
+        run, every EXPIRY_ROUND seconds, for that. If a tick comes late by more than LAG_TOLERANCE, the server
         itself stalled: the pending checks are dropped, so no client pays for
         our stall. The same ticks cut closing handshakes past their deadline.
 
@@ -142,9 +156,9 @@ class Timers:
         next step runs: the timers never stop, and no connection is judged
         on a broken round.
         """
-        interval = self.config.ping_interval
-        tick = (interval / KEEPALIVE_SLICES) if interval else 1.0
-        keepalive = _KeepaliveRound(self, interval, tick)
+        interval = self.config.ping_interval or EXPIRY_ROUND
+        tick = interval / KEEPALIVE_SLICES
+        keepalive = _KeepaliveRound(self, interval, tick, pings=bool(self.config.ping_interval))
         next_tick = trio.current_time() + tick
         task_status.started()
         while True:
@@ -193,8 +207,9 @@ class _KeepaliveRound:
     """Keepalive's state between ticks: the connections still to ping this
     round, and the pings awaiting their check."""
 
-    def __init__(self, timers: Timers, interval: float, tick: float) -> None:
+    def __init__(self, timers: Timers, interval: float, tick: float, *, pings: bool = True) -> None:
         self.timers = timers
+        self.pings = pings
         self.interval = interval
         self.tick_length = tick
         self.pending: list[Keepalive] = []
@@ -207,8 +222,6 @@ class _KeepaliveRound:
 
     def tick(self, now: float, late: float) -> None:
         interval, tick, stats = self.interval, self.tick_length, self.timers.stats
-        if not interval:
-            return
         if late > LAG_TOLERANCE:
             stats.lag_skips += 1
             self.timers.log.warning(
@@ -230,6 +243,17 @@ class _KeepaliveRound:
             self.round_at = now
         n = max(1, math.ceil(len(self.pending) * tick / interval))
         batch, self.pending = self.pending[-n:], self.pending[:-n]
-        pinged = [conn for conn in batch if conn.is_open and conn.ping()]
-        stats.pings += len(pinged)
-        checks.append((now + pong_timeout, pinged))
+        expired_before = time.time() - EXPIRY_GRACE
+        pings = self.pings
+        pinged = []
+        for conn in batch:
+            if not conn.is_open:
+                continue
+            if conn.expires and conn.expires <= expired_before:
+                stats.token_expiries += 1
+                conn.close(CloseCode.TOKEN_EXPIRED, "token expired", wait_for_peer=False)
+            elif pings and conn.ping():
+                pinged.append(conn)
+        if pings:
+            stats.pings += len(pinged)
+            checks.append((now + pong_timeout, pinged))

@@ -19,10 +19,12 @@ from typing import TYPE_CHECKING
 import trio
 
 from . import handshake as hs
-from .auth import token_from_request
+from .auth import PROTOCOL, TOKEN_PROTOCOL_PREFIX, offers_protocol, token_from_request
 from .connection import F_ECHO, Connection
-from .errors import HandshakeError
+from .errors import AuthError, HandshakeError
+from .frames import CloseCode, encode_close
 from .log import LogLimiter
+from .sse import CLIENT_JS_PATH, SSE_PATH, client_js_response, open_sse
 
 if TYPE_CHECKING:
     from .context import Context
@@ -132,10 +134,16 @@ async def _handshake(ctx: Context, sock: socket.socket, slot: object) -> tuple[C
 
 def _upgrade(ctx: Context, sock: socket.socket, req: hs.Request) -> Connection | None:
     config = ctx.config
-    if not req.wants_websocket and req.path == "/healthz" and req.method in ("GET", "HEAD"):
-        status, body = ctx.health(own_sockets=1)
-        send_answer(sock, hs.response_text(status, body + "\n"))
-        return None
+    if not req.wants_websocket and req.method in ("GET", "HEAD"):
+        if req.path == "/healthz":
+            status, body = ctx.health(own_sockets=1)
+            send_answer(sock, hs.response_text(status, body + "\n"))
+            return None
+        if req.path == CLIENT_JS_PATH:
+            send_answer(sock, client_js_response(req.method == "HEAD"))
+            return None
+        if req.path == SSE_PATH and req.method == "GET":
+            return open_sse(ctx, sock, req)
     flags = 0
     if req.path == config.ws_path:
         pass
@@ -148,12 +156,39 @@ def _upgrade(ctx: Context, sock: socket.socket, req: hs.Request) -> Connection |
         raise HandshakeError(403, f"origin {req.origin[:100] or '(none)'} is not allowed")
     if ctx.draining:
         raise HandshakeError(503, "server is draining, reconnect to another instance", (("Retry-After", "1"),))
-    subscriber = "" if flags else ctx.verifier.verify(token_from_request(req))
+    protocol = PROTOCOL if req.protocols and offers_protocol(req) else ""
+    if req.protocols and not protocol and TOKEN_PROTOCOL_PREFIX in req.protocols:
+        raise HandshakeError(
+            400, f"offer subprotocol '{PROTOCOL}' beside '{TOKEN_PROTOCOL_PREFIX}<token>': it is the one answered"
+        )
+    subscriber, expires = "", 0
+    if not flags:
+        try:
+            subscriber, expires = ctx.verifier.verify_claims(token_from_request(req))
+        except AuthError as e:
+            if not protocol:
+                raise
+            _refuse_in_band(ctx, sock, req, e)
+            return None
     try:
-        sock.send(hs.response_101(req.key))
+        sock.send(hs.response_101(req.key, protocol))
     except OSError:
         return None
-    return Connection(sock, ctx, subscriber, flags=flags)
+    return Connection(sock, ctx, subscriber, flags=flags, expires=expires)
+
+
+def _refuse_in_band(ctx: Context, sock: socket.socket, req: hs.Request, err: AuthError) -> None:
+    """Refuse a ``mailpush.v1`` client's token after the upgrade, with close
+    4001 (expired: fetch a new one) or 4003 (refused): a browser cannot read
+    the status of a refused upgrade, only a close code. The socket's owner
+    closes it after this."""
+    label = "expired" if err.expired else "unauthorized"
+    ctx.stats.rejections[label] += 1
+    if n := _refuse_log.tick():
+        ctx.log.warning("handshake_refused", status=err.status, reason=err.reason, count=n, in_band=True)
+    code = CloseCode.TOKEN_EXPIRED if err.expired else CloseCode.UNAUTHORIZED
+    ctx.stats.closes[code] += 1
+    send_answer(sock, hs.response_101(req.key, PROTOCOL) + encode_close(code, err.reason[:120]))
 
 
 async def open_connection(ctx: Context, sock: socket.socket, slot: object) -> tuple[Connection | None, bytes]:
