@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import time
+from importlib import resources
 
 import jwt
 import pytest
@@ -303,3 +304,18 @@ async def test_sse_refusals(start_server, path, headers, status):
     head = await trio.to_thread.run_sync(c.read_head)
     assert head.split(b" ")[1] == status
     c.close()
+
+
+# -- client.js -------------------------------------------------------------------------
+
+
+async def test_client_js_is_served_as_a_module_another_origin_may_import(start_server):
+    server = await start_server()
+    c = await trio.to_thread.run_sync(sse_get, server.listen_address, "/v1/client.js", "Origin: https://mail.example\r\n")
+    head = await trio.to_thread.run_sync(c.read_head)
+    body = c.buf + await trio.to_thread.run_sync(c.read_all)
+    assert head.startswith(b"HTTP/1.1 200")
+    assert b"Content-Type: text/javascript" in head and b"Access-Control-Allow-Origin: *" in head
+    assert b"Cache-Control: public" in head and b"ETag: " in head
+    assert body == (resources.files("mailpush") / "client.js").read_bytes()
+    assert b"export" in body
