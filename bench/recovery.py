@@ -1,0 +1,954 @@
+"""Recovery under faults, the issue-11 targets ("Never lose a letter"),
+counted per tab AnyCable-style: every tab of bench/recovery_clients.py is
+its own subscriber, resumes with ``since`` whenever its connection ends,
+and counts ``messages_missing`` and ``messages_duplicated`` against what
+the publisher says it published to it.
+
+``faults``: TABS tabs under a steady publish load (RATE events/s, round
+robin, each subscriber's events numbered in their data), one fault in the
+middle, then the count. 0 missing and 0 duplicated per tab is the target,
+with no resync:
+
+- ``kill``: two mailpush instances behind HAProxy (mode tcp, /healthz
+  checks) on one Redis (``--bus redis://``), the mail store publishing with
+  ``FCALL mailpush_publish``; one instance is SIGKILLed; its tabs come back
+  through HAProxy to the other and resume from the Redis Streams.
+- ``drain``: the same, but one instance is drained (SIGTERM,
+  ``--drain-seconds DRAIN_S``): its tabs are closed with 1012 and resume.
+- ``workers``: ``--workers 2`` on the embedded bus, publishing at the
+  supervisor's admin API; worker 1 (its pid from the process tree) is
+  SIGKILLed, its tabs reconnect to the shared port, reach worker 0 (and the
+  restarted worker 1), and resume from the history the supervisor keeps.
+
+Server CPU (the mailpush processes, summed; Redis apart) is reported per
+delivered event, beside the rate.
+
+``resume``: RESUME_TABS tabs of as many subscribers on one instance (Redis
+bus), another instance idle on the same Redis; every tab has had one
+event; the first instance is SIGKILLed, one more event is published to
+every subscriber while the tabs are away, then they all resume at once on
+the other instance (the tabs hold until then, so that the count starts
+from one moment). Measured: the time until every tab has its missed event
+(target RESUME_TARGET_S), Redis commands per resuming subscriber (``INFO
+commandstats`` before and after, commands the functions run included), and
+CPU per resume of the instance and of Redis.
+
+``memory``: with the embedded bus, RSS per retained event in the history
+(a realistic small event; RSS growth with ``--history-size 100`` minus the
+growth of the same publishes with ``--history-size 0``), and RSS per idle
+subscribed connection at IDLE_CONNECTIONS with history on and off in the
+same run (target MEMORY_BUDGET_KB).
+
+The publish-to-receive latency through the Redis history (issue target:
+p99 < 20 ms at 10,000 events/s over 5,000 connections) is the latency
+scenario, whose publishes go through ``mailpush_publish`` (the admin API's
+FCALL pipeline)::
+
+    .venv/bin/python bench/run.py --only latency --servers mailpush --out bench/results/recovery_latency
+
+This one::
+
+    .venv/bin/python bench/recovery.py [--only faults,resume,memory] [--rounds 3] [--tabs 1000] [--resume-tabs 15000]
+
+prints the tables and writes bench/results/recovery.json (servers' logs in
+bench/results/logs/recovery-*.log). Needs redis-server and haproxy (``make
+test`` installs them).
+
+Resource handling: every process started here (redis-server, haproxy,
+mailpush instances, client processes) is stopped when its round ends, also
+on an error or Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import http.client
+import json
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCH))
+
+from loadgen import LoadGen, procs_for  # noqa: E402
+from recovery_clients import Tabs  # noqa: E402
+from scenarios import settle_rss  # noqa: E402
+from servers import HOST, SECRET, SERVERS, Server, ServerError, free_port, stop_all  # noqa: E402
+
+# -- faults ----------------------------------------------------------------------
+# The issue's count of tabs, over two client processes (one core's worth).
+TABS = 1000
+FAULT_PROCS = 2
+# Events per second over all tabs (two a second per tab: a busy mailbox,
+# and a load two cores carry with the clients and Redis beside), published
+# every TICK_S (10,000 events/s is the latency scenario's business).
+RATE = 2000
+TICK_S = 0.01
+# Load before the fault, and after it until the publisher stops: long enough
+# for every tab of the failed instance to be back and live again.
+BEFORE_S = 2.0
+AFTER_S = 4.0
+# After the last publish, how long the tabs may take to have everything.
+CATCH_UP_S = 30.0
+# The drained instance's --drain-seconds.
+DRAIN_S = 2.0
+# HAProxy's health checks: every 100 ms, one failure takes a server out
+# (test_haproxy.py's configuration); a connection refused by a server that
+# is down but not yet marked so goes to another server at once (redispatch
+# on every retry), instead of HAProxy's one-second turn-around before
+# retrying the same one.
+HAPROXY_CONFIG = """
+global
+    maxconn 8000
+defaults
+    mode tcp
+    timeout connect 2s
+    timeout client 120s
+    timeout server 120s
+frontend push
+    bind {host}:{port}
+    default_backend mailpush
+backend mailpush
+    balance roundrobin
+    retries 3
+    option redispatch 1
+    option httpchk
+    http-check send meth GET uri /healthz
+    http-check expect status 200
+    server a {host}:{a} check inter 100ms fall 1 rise 2
+    server b {host}:{b} check inter 100ms fall 1 rise 2
+"""
+
+# -- resume --------------------------------------------------------------------------
+# The issue's storm: this many tabs (and subscribers) resume at once, on one
+# instance; over three client processes (one may hold ~18,000 sockets).
+RESUME_TABS = 15_000
+RESUME_PROCS = 3
+# The issue's target: all of them recovered within this (seconds).
+RESUME_TARGET_S = 5.0
+# FCALLs per pipeline when publishing to every subscriber.
+PIPELINE = 1000
+# How long the storm may take before the round counts as failed.
+RESUME_TIMEOUT_S = 60.0
+
+# -- memory ---------------------------------------------------------------------------
+# A realistic small event: a new letter's id, folder and sender (the frame
+# a tab gets is about 190 bytes).
+EVENT_DATA = '{{"id":"M{n:08d}","mailbox":"INBOX","from":"bob@example.com","subject":"Lunch on Friday?"}}'
+# (subscribers, events each): most subscribers hold a few events; a few
+# hold many (the history's default size is 100).
+HISTORY_SHAPES = ((10_000, 10), (1_000, 100))
+HISTORY_BATCH = 5000  # items per publish request
+# Idle connections for the per-connection figure (the memory scenario's 15,000).
+IDLE_CONNECTIONS = 15_000
+MEMORY_BUDGET_KB = 3.5
+SETTLE_MAX_S = 5.0
+
+ROUNDS = 3
+REDIS = shutil.which("redis-server") or "/usr/bin/redis-server"
+HAPROXY = shutil.which("haproxy") or "/usr/sbin/haproxy"
+
+
+# -- the processes ---------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def redis_server():
+    """A throwaway redis-server (no persistence) on a free port: yields (process, port)."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [REDIS, "--port", str(port), "--bind", HOST, "--save", "", "--appendonly", "no"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                socket.create_connection((HOST, port), timeout=1).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    raise ServerError("redis-server did not start") from None
+                time.sleep(0.05)
+        yield proc, port
+    finally:
+        proc.kill()
+        proc.wait(10)
+
+
+@contextlib.contextmanager
+def haproxy(a: int, b: int, log_dir: Path):
+    """HAProxy in front of two instances: yields its port once both pass their checks."""
+    port = free_port()
+    cfg = log_dir / "recovery-haproxy.cfg"
+    cfg.write_text(HAPROXY_CONFIG.format(host=HOST, port=port, a=a, b=b))
+    proc = subprocess.Popen(
+        [HAPROXY, "-db", "-f", str(cfg)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while True:  # a /healthz through it answered 200: a backend is up
+            try:
+                conn = http.client.HTTPConnection(HOST, port, timeout=1)
+                conn.request("GET", "/healthz")
+                if conn.getresponse().status == 200:
+                    conn.close()
+                    break
+                conn.close()
+            except (OSError, http.client.HTTPException):
+                pass
+            if time.monotonic() > deadline or proc.poll() is not None:
+                raise ServerError("haproxy did not come up")
+            time.sleep(0.05)
+        time.sleep(0.5)  # both checked twice
+        yield proc, port
+    finally:
+        proc.kill()
+        proc.wait(10)
+
+
+def mailpush(log_dir: Path, name: str, args: list[str]) -> Server:
+    return Server(SERVERS["mailpush"], log_dir / f"recovery-{name}.log", args)
+
+
+def kill(srv: Server) -> None:
+    """SIGKILL the instance (its whole process group) and reap it."""
+    os.killpg(srv.proc.pid, signal.SIGKILL)
+    srv.proc.wait(10)
+
+
+def worker_pid(srv: Server, index: int) -> int:
+    """The pid of worker ``index`` of a ``--workers`` supervisor (its command line says ``--worker-index i``)."""
+    for pid in srv.pids():
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+        except OSError:
+            continue
+        if b"--worker-index" in argv and argv[argv.index(b"--worker-index") + 1] == str(index).encode():
+            return pid
+    raise ServerError(f"no worker {index} among {srv.pids()}")
+
+
+def gauge(host: str, port: int, name: str) -> float:
+    """One value of an admin API's /metrics."""
+    conn = http.client.HTTPConnection(host, port, timeout=10)
+    try:
+        conn.request("GET", "/metrics")
+        text = conn.getresponse().read().decode()
+    finally:
+        conn.close()
+    return float(next(line.split()[1] for line in text.splitlines() if line.startswith(name + " ")))
+
+
+def cpu_s(pid: int) -> float:
+    """CPU seconds of one process, every thread (schedstat: ns resolution)."""
+    total = 0
+    try:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                total += int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        pass
+    return total / 1e9
+
+
+class CpuWatch:
+    """CPU of processes that may die meanwhile: sampled every PERIOD_S, the
+    last reading of each pid kept (a killed process's last ~0.1 s is lost)."""
+
+    PERIOD_S = 0.1
+
+    def __init__(self, pids_of) -> None:
+        self.pids_of = pids_of
+        self.last: dict[int, float] = {}
+        self.first: dict[int, float] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _sample(self) -> None:
+        for pid in self.pids_of():
+            t = cpu_s(pid)
+            if t:
+                self.first.setdefault(pid, t)
+                self.last[pid] = max(self.last.get(pid, 0.0), t)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.PERIOD_S):
+            self._sample()
+
+    def __enter__(self):
+        self._sample()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join(5)
+        self._sample()
+
+    def seconds(self) -> float:
+        return sum(self.last[p] - self.first[p] for p in self.last)
+
+
+# -- publishing ---------------------------------------------------------------------------
+
+
+class Resp:
+    """A minimal Redis client: pipelined commands, RESP2 replies."""
+
+    def __init__(self, port: int) -> None:
+        self.sock = socket.create_connection((HOST, port), timeout=30)
+        self.buf = b""
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def call(self, *commands: list) -> list:
+        out = bytearray()
+        for args in commands:
+            out += b"*%d\r\n" % len(args)
+            for a in args:
+                a = a if isinstance(a, bytes) else str(a).encode()
+                out += b"$%d\r\n%s\r\n" % (len(a), a)
+        self.sock.sendall(out)
+        return [self._reply() for _ in commands]
+
+    def _line(self) -> bytes:
+        while b"\r\n" not in self.buf:
+            chunk = self.sock.recv(1 << 20)
+            if not chunk:
+                raise ConnectionError("Redis closed the connection")
+            self.buf += chunk
+        line, _, self.buf = self.buf.partition(b"\r\n")
+        return line
+
+    def _reply(self):
+        line = self._line()
+        kind, rest = line[:1], line[1:]
+        if kind == b"+":
+            return rest
+        if kind == b"-":
+            raise RuntimeError(f"Redis: {rest.decode()}")
+        if kind == b":":
+            return int(rest)
+        if kind == b"$":
+            n = int(rest)
+            if n < 0:
+                return None
+            while len(self.buf) < n + 2:
+                chunk = self.sock.recv(1 << 20)
+                if not chunk:
+                    raise ConnectionError("Redis closed the connection")
+                self.buf += chunk
+            data, self.buf = self.buf[:n], self.buf[n + 2 :]
+            return data
+        if kind == b"*":
+            n = int(rest)
+            return None if n < 0 else [self._reply() for _ in range(n)]
+        raise RuntimeError(f"unexpected RESP line {line[:80]!r}")
+
+    def fcall(self, items: list[tuple[str, int]]) -> None:
+        """``mailpush_publish`` each (subscriber, q), pipelined; each must get its offset."""
+        for i in range(0, len(items), PIPELINE):
+            chunk = items[i : i + PIPELINE]
+            replies = self.call(
+                *[
+                    [
+                        b"FCALL",
+                        b"mailpush_publish",
+                        b"2",
+                        f"mailpush:meta:{{{sub}}}",
+                        f"mailpush:hist:{{{sub}}}",
+                        sub,
+                        b"new_letter",
+                        b'{"q":%d}' % q,
+                        b"",
+                    ]
+                    for sub, q in chunk
+                ]
+            )
+            if not all(isinstance(r, int) and r > 0 for r in replies):
+                raise RuntimeError(f"FCALL answered {replies[:3]}")
+
+    def commandstats(self) -> dict[str, int]:
+        """Calls per command since start (commands run by functions included)."""
+        text = self.call([b"INFO", b"commandstats"])[0].decode()
+        out = {}
+        for line in text.splitlines():
+            if line.startswith("cmdstat_"):
+                name, _, fields = line[len("cmdstat_") :].partition(":")
+                out[name] = int(dict(f.split("=") for f in fields.split(","))["calls"])
+        return out
+
+
+class AdminPublisher:
+    """Publishes at an admin API (a supervisor's: it relays to every worker)."""
+
+    def __init__(self, port: int) -> None:
+        self.conn = http.client.HTTPConnection(HOST, port, timeout=30)
+
+    def fcall(self, items: list[tuple[str, int]]) -> None:
+        body = json.dumps(
+            [{"subscriber": sub, "event": "new_letter", "data": {"q": q}} for sub, q in items], separators=(",", ":")
+        ).encode()
+        self.conn.request("POST", "/v1/publish", body=body, headers={"Content-Type": "application/json"})
+        resp = self.conn.getresponse()
+        answer = resp.read()
+        if resp.status != 202:
+            raise RuntimeError(f"publish answered {resp.status}: {answer[:200]!r}")
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+class Load(threading.Thread):
+    """RATE events a second, round robin over the tabs' subscribers, each
+    subscriber's events numbered ``q`` = 1, 2, …; ``published[i]`` counts
+    the events of subscriber i that were acknowledged."""
+
+    def __init__(self, names: list[str], rate: int, publisher) -> None:
+        super().__init__(daemon=True)
+        self.names = names
+        self.rate = rate
+        self.publisher = publisher
+        self.published = [0] * len(names)
+        self.assigned = [0] * len(names)  # q given out (acknowledged or not)
+        self.sent = 0
+        self.late = 0
+        self.error: str | None = None
+        self.stopping = threading.Event()
+
+    def run(self) -> None:
+        turn, tick, start = 0, 0, time.monotonic()
+        n = len(self.names)
+        try:
+            while not self.stopping.is_set():
+                tick += 1
+                due = start + tick * TICK_S
+                now = time.monotonic()
+                if now < due:
+                    time.sleep(due - now)
+                elif now - due > TICK_S:
+                    self.late += 1
+                k = int(self.rate * tick * TICK_S) - self.sent
+                if not k:
+                    continue
+                picked = [(turn + j) % n for j in range(k)]
+                turn += k
+                items = []
+                for i in picked:
+                    self.assigned[i] += 1
+                    items.append((self.names[i], self.assigned[i]))
+                self.publisher.fcall(items)  # raises unless every item was acknowledged
+                for i in picked:
+                    self.published[i] += 1
+                self.sent += k
+        except Exception as e:  # noqa: BLE001 - recorded: the round reports it and fails
+            self.error = f"{type(e).__name__}: {e}"
+
+    def start(self) -> None:
+        self.began = time.monotonic()
+        super().start()
+
+    def stop(self) -> float:
+        self.stopping.set()
+        self.join(30)
+        return time.monotonic() - self.began
+
+
+# -- faults ----------------------------------------------------------------------------------
+
+
+def _pct(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    values = sorted(values)
+    return values[min(len(values) - 1, int(q * len(values)))]
+
+
+def count(report: dict, expected: list[int]) -> dict:
+    """The per-tab counts, AnyCable-style, and their totals."""
+    missing, dups = report["missing"], report["duplicated"]
+    return {
+        "messages_expected": sum(expected),
+        "messages_received": sum(report["got"]),
+        "messages_missing": sum(missing),
+        "messages_duplicated": sum(dups),
+        "tabs_missing": sum(1 for m in missing if m),
+        "tabs_duplicated": sum(1 for d in dups if d),
+        "max_missing_per_tab": max(missing, default=0),
+        "max_duplicated_per_tab": max(dups, default=0),
+        "out_of_order": sum(report["disorder"]),
+        "resyncs": sum(report["resyncs"]),
+        "resync_reasons": report["reasons"],
+        "answers": report["answers"],
+        "ended": report["ended"],
+        "other_packets": report["packets"],
+    }
+
+
+def fault_round(kind: str, tabs_n: int, log_dir: Path) -> dict:
+    """One round of ``kind`` (kill, drain, workers): see the module docstring."""
+    with contextlib.ExitStack() as stack:
+        servers: list[Server] = []
+        redis = None
+        if kind == "workers":
+            srv = stack.enter_context(mailpush(log_dir, "workers", ["--workers", "2"]))
+            servers.append(srv)
+            deadline = time.monotonic() + 30
+            while srv.admin("GET", "/healthz")[0] != 200:  # the group's: every worker listens
+                if time.monotonic() > deadline:
+                    raise ServerError("the workers did not all come up")
+                time.sleep(0.05)
+            targets = [(HOST, srv.port)]
+            publisher = AdminPublisher(srv.aport)  # the supervisor's: into the relay
+        else:
+            redis, rport = stack.enter_context(redis_server())
+            bus = ["--bus", f"redis://{HOST}:{rport}/0", "--drain-seconds", str(DRAIN_S)]
+            a = stack.enter_context(mailpush(log_dir, f"{kind}-a", bus))
+            b = stack.enter_context(mailpush(log_dir, f"{kind}-b", bus))
+            servers += [a, b]
+            _lb, lport = stack.enter_context(haproxy(a.port, b.port, log_dir))
+            targets = [(HOST, lport)]
+            publisher = Resp(rport)  # the mail store: FCALL
+        stack.callback(publisher.close)
+        tabs = stack.enter_context(Tabs(tabs_n, FAULT_PROCS, targets, SECRET, prefix=f"{kind}-"))
+        opened = tabs.open(60)
+        if opened["ok"] < tabs_n:
+            raise ServerError(f"only {opened['ok']:,}/{tabs_n:,} tabs opened: {opened['ended']}")
+
+        if kind == "workers":  # the kernel spread them (SO_REUSEPORT): the victim holds some
+            held = [gauge(HOST, srv.aport + 1 + i, "mailpush_connections") for i in range(2)]
+            if min(held) == 0:
+                raise ServerError(f"tabs per worker: {held}")
+
+        def pids():
+            return [p for s in servers for p in s.pids()]
+
+        with CpuWatch(pids) as mp_cpu, CpuWatch(lambda: [redis.pid] if redis else []) as redis_cpu:
+            load = Load(tabs.names, RATE, publisher)
+            load.start()
+            time.sleep(BEFORE_S)
+            t_fault = time.monotonic_ns()
+            exit_code = None
+            if kind == "kill":
+                kill(servers[0])
+            elif kind == "drain":
+                os.kill(servers[1].proc.pid, signal.SIGTERM)
+                exit_code = servers[1].proc.wait(DRAIN_S + 10)
+            else:
+                os.kill(worker_pid(servers[0], 1), signal.SIGKILL)
+            time.sleep(max(0.0, BEFORE_S + AFTER_S - (time.monotonic() - load.began)))
+            seconds = load.stop()
+            if load.error:
+                raise ServerError(f"publishing failed: {load.error}")
+            expected = load.published
+            t_end = time.monotonic()
+            have = tabs.expect(expected, CATCH_UP_S)
+            caught_up_s = time.monotonic() - t_end
+            report = tabs.report(expected)
+        back = [(t - t_fault) / 1e9 for t in report["recovered_ns"] if t > t_fault]
+        delivered = sum(report["got"])
+        out = {
+            "kind": kind,
+            "tabs": tabs_n,
+            "rate": RATE,
+            "seconds": seconds,
+            "published": load.sent,
+            "late_ticks": load.late,
+            "tabs_complete": have,
+            "catch_up_s": caught_up_s,
+            "tabs_resumed": len(back),
+            "last_resumed_after_fault_s": max(back, default=None),
+            "resumed_p50_s": _pct(back, 0.5),
+            "drain_exit_code": exit_code,
+            "server_cpu_s": mp_cpu.seconds(),
+            "redis_cpu_s": redis_cpu.seconds(),
+            "server_cpu_us_per_event": mp_cpu.seconds() / delivered * 1e6 if delivered else None,
+            "redis_cpu_us_per_event": redis_cpu.seconds() / delivered * 1e6 if delivered and redis else None,
+            **count(report, expected),
+        }
+        per_tab = [
+            {"tab": n, "missing": m, "duplicated": d}
+            for n, m, d in zip(report["names"], report["missing"], report["duplicated"], strict=True)
+            if m or d
+        ]
+        out["tabs_with_problems"] = per_tab[:20]
+    return out
+
+
+# -- resume -------------------------------------------------------------------------------------
+
+
+def resume_round(tabs_n: int, log_dir: Path) -> dict:
+    with contextlib.ExitStack() as stack:
+        redis, rport = stack.enter_context(redis_server())
+        bus = ["--bus", f"redis://{HOST}:{rport}/0"]
+        a = stack.enter_context(mailpush(log_dir, "resume-a", bus))
+        b = stack.enter_context(mailpush(log_dir, "resume-b", bus))
+        store = Resp(rport)
+        stack.callback(store.close)
+        tabs = stack.enter_context(
+            Tabs(tabs_n, RESUME_PROCS, [(HOST, a.port), (HOST, b.port)], SECRET, prefix="storm-")
+        )
+        t0 = time.monotonic()
+        opened = tabs.open(120)
+        if opened["ok"] < tabs_n:
+            raise ServerError(f"only {opened['ok']:,}/{tabs_n:,} tabs opened: {opened['ended']}")
+        open_s = time.monotonic() - t0
+        store.fcall([(s, 1) for s in tabs.names])  # one live event each: every tab has an offset
+        if tabs.expect([1] * tabs_n, 30) < tabs_n:
+            raise ServerError("not every tab got its live event")
+        tabs.auto(False)  # from now on the lost tabs wait for go
+        kill(a)
+        deadline = time.monotonic() + 15
+        while tabs.state()["waiting"] < tabs_n:
+            if time.monotonic() > deadline:
+                raise ServerError(f"the tabs did not all notice the kill: {tabs.state()}")
+            time.sleep(0.05)
+        store.fcall([(s, 2) for s in tabs.names])  # missed while away
+        before = store.commandstats()
+        b_cpu0, r_cpu0 = b.cpu_s(), cpu_s(redis.pid)
+        t_go = time.monotonic_ns()
+        have = tabs.expect([2] * tabs_n, RESUME_TIMEOUT_S, meanwhile=tabs.go)
+        all_s = (time.monotonic_ns() - t_go) / 1e9
+        b_cpu, r_cpu = b.cpu_s() - b_cpu0, cpu_s(redis.pid) - r_cpu0
+        after = store.commandstats()
+        report = tabs.report([2] * tabs_n)
+    done = [(t - t_go) / 1e9 for t in report["done_ns"] if t > t_go]
+    answered = [(t - t_go) / 1e9 for t in report["recovered_ns"] if t > t_go]
+    calls = {k: after.get(k, 0) - before.get(k, 0) for k in after}
+    calls = {k: v for k, v in sorted(calls.items(), key=lambda kv: -kv[1]) if v}
+    calls.pop("info", None)  # our own
+    top = {k: v for k, v in calls.items() if k in ("fcall", "subscribe", "ping", "publish", "unsubscribe")}
+    return {
+        "tabs": tabs_n,
+        "open_s": open_s,
+        "tabs_complete": have,
+        "all_recovered_s": max(done, default=None),
+        "wall_s": all_s,
+        "recovered_p50_s": _pct(done, 0.5),
+        "recovered_p99_s": _pct(done, 0.99),
+        "answered_p50_s": _pct(answered, 0.5),
+        "answered_max_s": max(answered, default=None),
+        "redis_commands": sum(calls.values()),
+        "redis_commands_per_subscriber": sum(calls.values()) / tabs_n,
+        "redis_top_level_commands_per_subscriber": sum(top.values()) / tabs_n,
+        "redis_calls": calls,
+        "server_cpu_us_per_resume": b_cpu / tabs_n * 1e6,
+        "redis_cpu_us_per_resume": r_cpu / tabs_n * 1e6,
+        "resumes_per_s": tabs_n / max(done, default=float("nan")) if done else None,
+        **count(report, [2] * tabs_n),
+    }
+
+
+# -- memory -------------------------------------------------------------------------------------
+
+
+def history_round(subscribers: int, each: int, size: int, log_dir: Path) -> dict:
+    """RSS growth of an idle embedded-bus instance after ``subscribers`` x
+    ``each`` events published with --history-size ``size``."""
+    args = ["--history-size", str(size), "--history-max-events", str(max(1_000_000, subscribers * each))]
+    with mailpush(log_dir, f"history-{size}", args) as srv:
+        base = settle_rss(srv, SETTLE_MAX_S)
+        items, n = [], 0
+        frame = None
+        for _ in range(each):
+            for s in range(subscribers):
+                n += 1
+                items.append(
+                    f'{{"subscriber":"user{s:06d}@example.com","event":"new_letter","data":{EVENT_DATA.format(n=n)}}}'
+                )
+        cpu0 = srv.cpu_s()
+        t0 = time.monotonic()
+        for i in range(0, len(items), HISTORY_BATCH):
+            status, answer = srv.admin(
+                "POST", "/v1/publish", ("[" + ",".join(items[i : i + HISTORY_BATCH]) + "]").encode()
+            )
+            if status != 202:
+                raise ServerError(f"publish answered {status}: {answer[:200]!r}")
+        seconds, cpu = time.monotonic() - t0, srv.cpu_s() - cpu0
+        rss = settle_rss(srv, SETTLE_MAX_S)
+        frame = len(
+            json.dumps(
+                {
+                    "type": "event",
+                    "subscriber": "user000000@example.com",
+                    "event": "new_letter",
+                    "data": json.loads(EVENT_DATA.format(n=1)),
+                    "offset": 123456,
+                },
+                separators=(",", ":"),
+            )
+        )
+        _, metrics = srv.admin("GET", "/metrics")
+    retained = None
+    for line in metrics.decode().splitlines():
+        if line.startswith("mailpush_history_events "):
+            retained = int(float(line.split()[1]))
+    return {
+        "subscribers": subscribers,
+        "events_each": each,
+        "history_size": size,
+        "events": n,
+        "retained": retained,
+        "frame_bytes": frame,
+        "rss_base_kib": base,
+        "rss_kib": rss,
+        "delta_bytes": (rss - base) * 1024,
+        "publish_rate": n / seconds,
+        "server_cpu_us_per_publish": cpu / n * 1e6,
+    }
+
+
+def idle_round(history: bool, log_dir: Path) -> dict:
+    args = [] if history else ["--history-size", "0"]
+    n = IDLE_CONNECTIONS
+    with (
+        mailpush(log_dir, f"idle-{'on' if history else 'off'}", args) as srv,
+        LoadGen(HOST, srv.port, "/v1/ws", SECRET, procs=procs_for(n, 2), subscribe=True) as lg,
+    ):
+        base = settle_rss(srv, SETTLE_MAX_S)
+        r = lg.open(n, timeout=120)
+        if r["failed"]:
+            raise ServerError(f"{r['failed']} connections failed: {r['errors']}")
+        rss = settle_rss(srv, SETTLE_MAX_S)
+    return {
+        "history": history,
+        "connections": n,
+        "rss_base_kib": base,
+        "rss_kib": rss,
+        "kb_per_connection": (rss - base) * 1.024 / n,
+    }
+
+
+# -- the report -------------------------------------------------------------------------------------
+
+
+def med(rounds: list[dict], key: str):
+    values = [r[key] for r in rounds if r.get(key) is not None]
+    if not values:
+        return None, None, None
+    return statistics.median(values), min(values), max(values)
+
+
+def fmt(triple, spec: str = ",.2f") -> str:
+    m, lo, hi = triple
+    if m is None:
+        return "–"
+    return f"{m:{spec}}" if lo == hi else f"{m:{spec}} [{lo:{spec}}–{hi:{spec}}]"
+
+
+def total(rounds: list[dict], key: str) -> int:
+    return sum(r[key] for r in rounds)
+
+
+def faults_table(results: dict) -> list[str]:
+    head = [
+        "fault",
+        "tabs × rounds",
+        "events published",
+        "received",
+        "missing",
+        "duplicated",
+        "tabs missing / duplicated",
+        "out of order",
+        "resyncs",
+        "tabs resumed per round",
+        "last tab back after the fault (s)",
+        "every tab complete after the last publish (s)",
+        "server CPU µs / delivered event",
+        "Redis CPU µs / event",
+    ]
+    rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    names = {
+        "kill": "SIGKILL one of 2 instances behind HAProxy, Redis bus",
+        "drain": f"SIGTERM (drain {DRAIN_S:g} s) one of 2 instances behind HAProxy, Redis bus",
+        "workers": "SIGKILL worker 1 of --workers 2, embedded bus",
+    }
+    for kind, rounds in results.items():
+        if not rounds or "error" in rounds[0]:
+            rows.append(f"| {names.get(kind, kind)} | error: {rounds[0].get('error', '')[:200] if rounds else ''} |")
+            continue
+        rows.append(
+            "| "
+            + " | ".join(
+                [
+                    names[kind],
+                    f"{rounds[0]['tabs']:,} × {len(rounds)}",
+                    f"{total(rounds, 'messages_expected'):,}",
+                    f"{total(rounds, 'messages_received'):,}",
+                    f"{total(rounds, 'messages_missing'):,}",
+                    f"{total(rounds, 'messages_duplicated'):,}",
+                    f"{total(rounds, 'tabs_missing')} / {total(rounds, 'tabs_duplicated')}",
+                    f"{total(rounds, 'out_of_order')}",
+                    f"{total(rounds, 'resyncs')}",
+                    fmt(med(rounds, "tabs_resumed"), ",.0f"),
+                    fmt(med(rounds, "last_resumed_after_fault_s")),
+                    fmt(med(rounds, "catch_up_s")),
+                    fmt(med(rounds, "server_cpu_us_per_event"), ",.1f"),
+                    fmt(med(rounds, "redis_cpu_us_per_event"), ",.1f"),
+                ]
+            )
+            + " |"
+        )
+    return rows
+
+
+def resume_table(rounds: list[dict]) -> list[str]:
+    rows = ["| figure | median [min–max] over rounds |", "|---|---|"]
+    for label, key, spec in [
+        ("tabs (one subscriber each) resuming at once", "tabs", ",.0f"),
+        ("every tab has its missed event, after go (s)", "all_recovered_s", ",.2f"),
+        ("p50 / p99 tab complete (s)", None, None),
+        ("last recovered answer (s)", "answered_max_s", ",.2f"),
+        ("resumes per second", "resumes_per_s", ",.0f"),
+        (
+            "Redis commands per resuming subscriber (functions' inner commands included)",
+            "redis_commands_per_subscriber",
+            ",.2f",
+        ),
+        (
+            "Redis top-level commands per resuming subscriber (FCALL, SUBSCRIBE, PING)",
+            "redis_top_level_commands_per_subscriber",
+            ",.3f",
+        ),
+        ("instance CPU µs per resume", "server_cpu_us_per_resume", ",.0f"),
+        ("Redis CPU µs per resume", "redis_cpu_us_per_resume", ",.0f"),
+        ("missing / duplicated / resyncs (total over rounds)", None, None),
+    ]:
+        if key:
+            rows.append(f"| {label} | {fmt(med(rounds, key), spec)} |")
+        elif label.startswith("p50"):
+            rows.append(f"| {label} | {fmt(med(rounds, 'recovered_p50_s'))} / {fmt(med(rounds, 'recovered_p99_s'))} |")
+        else:
+            rows.append(
+                f"| {label} | {total(rounds, 'messages_missing')} / {total(rounds, 'messages_duplicated')} / "
+                f"{total(rounds, 'resyncs')} |"
+            )
+    return rows
+
+
+def memory_tables(history: dict, idle: dict) -> list[str]:
+    rows = [
+        "| subscribers × events each | frame bytes | RSS growth, history 100 (MiB) | RSS growth, history 0 (MiB) | "
+        "bytes per retained event | publishes/s | server CPU µs / publish |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for shape, pairs in history.items():
+        per = [(on["delta_bytes"] - off["delta_bytes"]) / on["events"] for on, off in pairs]
+        rows.append(
+            f"| {shape} | {pairs[0][0]['frame_bytes']} | "
+            f"{fmt((statistics.median([on['delta_bytes'] / 2**20 for on, _ in pairs]),) * 3, ',.1f')} | "
+            f"{fmt((statistics.median([off['delta_bytes'] / 2**20 for _, off in pairs]),) * 3, ',.1f')} | "
+            f"{fmt((statistics.median(per), min(per), max(per)), ',.0f')} | "
+            f"{fmt(med([on for on, _ in pairs], 'publish_rate'), ',.0f')} | "
+            f"{fmt(med([on for on, _ in pairs], 'server_cpu_us_per_publish'), ',.1f')} |"
+        )
+    rows += [
+        "",
+        f"| idle subscribed connections @ {IDLE_CONNECTIONS:,} | KB per connection (target ≤ {MEMORY_BUDGET_KB}) |",
+        "|---|---|",
+    ]
+    for label, key in (("history on (default, --history-size 100)", "on"), ("history off (--history-size 0)", "off")):
+        rows.append(f"| {label} | {fmt(med(idle[key], 'kb_per_connection'))} |")
+    return rows
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--only", default="faults,resume,memory")
+    ap.add_argument("--faults", default="kill,drain,workers", help="which faults")
+    ap.add_argument("--rounds", type=int, default=ROUNDS)
+    ap.add_argument("--tabs", type=int, default=TABS)
+    ap.add_argument("--resume-tabs", type=int, default=RESUME_TABS)
+    ap.add_argument("--out", type=Path, default=BENCH / "results" / "recovery.json")
+    args = ap.parse_args()
+    only = args.only.split(",")
+    log_dir = args.out.parent / "logs"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    results: dict = {
+        "command": " ".join([os.path.relpath(sys.executable), *sys.argv]),
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "rounds": args.rounds,
+    }
+    if args.out.exists():  # keep the parts not run this time
+        old = json.loads(args.out.read_text())
+        results = {**{k: v for k, v in old.items() if k in ("faults", "resume", "memory")}, **results}
+    ok = True
+    try:
+        if "faults" in only:
+            results["faults"] = {}
+            for kind in args.faults.split(","):
+                rounds = []
+                for i in range(args.rounds):
+                    r = fault_round(kind, args.tabs, log_dir)
+                    rounds.append(r)
+                    print(
+                        f"{kind} round {i + 1}: missing {r['messages_missing']}, duplicated "
+                        f"{r['messages_duplicated']}, resyncs {r['resyncs']}, resumed {r['tabs_resumed']} "
+                        f"(last {r['last_resumed_after_fault_s']} s), complete {r['tabs_complete']}/{r['tabs']}, "
+                        f"{r['server_cpu_us_per_event']:.1f} µs/event",
+                        flush=True,
+                    )
+                    ok &= r["messages_missing"] == 0 and r["messages_duplicated"] == 0 and r["resyncs"] == 0
+                results["faults"][kind] = rounds
+            print("\n".join(faults_table(results["faults"])))
+        if "resume" in only:
+            rounds = []
+            for i in range(args.rounds):
+                r = resume_round(args.resume_tabs, log_dir)
+                rounds.append(r)
+                print(
+                    f"resume round {i + 1}: {r['tabs_complete']}/{r['tabs']} in {r['all_recovered_s']} s, "
+                    f"{r['redis_commands_per_subscriber']:.2f} Redis commands/subscriber, "
+                    f"missing {r['messages_missing']}, duplicated {r['messages_duplicated']}, "
+                    f"resyncs {r['resyncs']}",
+                    flush=True,
+                )
+                ok &= r["tabs_complete"] == r["tabs"] and (r["all_recovered_s"] or 1e9) <= RESUME_TARGET_S
+            results["resume"] = rounds
+            print("\n".join(resume_table(rounds)))
+        if "memory" in only:
+            history = {}
+            for subscribers, each in HISTORY_SHAPES:
+                pairs = []
+                for _ in range(args.rounds):
+                    pairs.append(
+                        (history_round(subscribers, each, 100, log_dir), history_round(subscribers, each, 0, log_dir))
+                    )
+                    on, off = pairs[-1]
+                    per = (on["delta_bytes"] - off["delta_bytes"]) / on["events"]
+                    print(
+                        f"history {subscribers:,} x {each}: {per:.0f} bytes/event (retained {on['retained']})",
+                        flush=True,
+                    )
+                history[f"{subscribers:,} × {each}"] = pairs
+            idle = {"on": [], "off": []}
+            for _ in range(args.rounds):
+                for key in ("on", "off"):
+                    idle[key].append(idle_round(key == "on", log_dir))
+                    print(f"idle history {key}: {idle[key][-1]['kb_per_connection']:.2f} KB/conn", flush=True)
+            results["memory"] = {"history": history, "idle": idle}
+            print("\n".join(memory_tables(history, idle)))
+    finally:
+        stop_all()
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(results, indent=1))
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
