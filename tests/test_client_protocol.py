@@ -319,3 +319,51 @@ async def test_client_js_is_served_as_a_module_another_origin_may_import(start_s
     assert b"Cache-Control: public" in head and b"ETag: " in head
     assert body == (resources.files("mailpush") / "client.js").read_bytes()
     assert b"export" in body
+
+
+# -- the per-subscriber cap (issue 13) ----------------------------------------------------
+
+
+async def test_a_subscriber_at_its_cap_is_refused_and_others_are_not(start_server):
+    server = await start_server(max_connections_per_subscriber=2)
+    tok = token("alice")
+    async with trio_websocket.open_websocket_url(ws_url(server, tok=tok)) as a1:
+        async with trio_websocket.open_websocket_url(ws_url(server, tok=tok)) as a2:
+            # A third of alice's: 429 with the reason, or close 4008 for a mailpush.v1 client.
+            c, head = await raw_upgrade(server, "", path="/v1/ws?token=" + tok)
+            assert head.startswith(b"HTTP/1.1 429") and b"Retry-After: 30" in head
+            assert b"2 connections" in await trio.to_thread.run_sync(c.read_all)
+            c, head = await raw_upgrade(server, sub_protocols(tok))
+            assert head.startswith(b"HTTP/1.1 101")
+            op, payload = await frame(c)
+            assert op == Opcode.CLOSE and close_code(payload) == 4008
+            c.close()
+            s = await trio.to_thread.run_sync(sse_get, server.listen_address, f"/v1/events?token={tok}")
+            assert (await trio.to_thread.run_sync(s.read_head)).startswith(b"HTTP/1.1 429")
+            s.close()
+            # Bob is not affected.
+            async with trio_websocket.open_websocket_url(ws_url(server, tok=token("bob"))) as b:
+                await b.send_message('{"type":"ping"}')
+                assert json.loads(await b.get_message()) == {"type": "pong"}
+            for ws in (a1, a2):
+                await ws.send_message('{"type":"ping"}')
+                assert json.loads(await ws.get_message()) == {"type": "pong"}
+        # One closed: alice may connect again.
+        with trio.fail_after(5):
+            while server.ctx.per_subscriber.get("alice") != 1:
+                await trio.sleep(0.01)
+        async with trio_websocket.open_websocket_url(ws_url(server, tok=tok)) as again:
+            await again.send_message('{"type":"ping"}')
+            assert json.loads(await again.get_message()) == {"type": "pong"}
+    assert server.stats.rejections["per_subscriber_cap"] == 3
+    with trio.fail_after(5):
+        while server.ctx.per_subscriber:
+            await trio.sleep(0.01)
+
+
+def test_the_cap_option_is_checked():
+    from mailpush import Config
+    from mailpush.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="max-connections-per-subscriber"):
+        Config(secret=SECRET, max_connections_per_subscriber=-1)

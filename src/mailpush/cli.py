@@ -72,6 +72,12 @@ def _serve_options(p: argparse.ArgumentParser) -> None:
     )
     opt("max-connections", _D.max_connections, "open connections per process; beyond it upgrades get 503", type=int)
     opt(
+        "max-connections-per-subscriber",
+        _D.max_connections_per_subscriber,
+        "open connections of one subscriber per process; beyond it 429 (close 4008 for mailpush.v1 clients); 0: no cap",
+        type=int,
+    )
+    opt(
         "max-handshakes", _D.max_handshakes, "handshakes in progress at once; more wait in the kernel backlog", type=int
     )
     opt("handshake-timeout", _D.handshake_timeout, "seconds for the whole upgrade request", type=float)
@@ -190,6 +196,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
         allowed_origins=origins,
         workers=args.workers,
         max_connections=args.max_connections,
+        max_connections_per_subscriber=args.max_connections_per_subscriber,
         max_handshakes=args.max_handshakes,
         handshake_timeout=args.handshake_timeout,
         buffer_size=args.buffer_size,

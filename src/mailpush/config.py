@@ -77,6 +77,11 @@ class Config:
     # under this machine's 20,000-file limit with room for listeners, the
     # bus and admin sockets.
     max_connections: int = 18_000
+    # Open connections of one subscriber per process (a mailbox owner with
+    # 500 tabs, or a client that leaks sockets, cannot take a node's
+    # capacity); 0: no cap. Beyond it an upgrade gets 429, or close 4008 for
+    # a mailpush.v1 client.
+    max_connections_per_subscriber: int = 0
     # Handshakes in progress at once: the accept loop waits for a slot and
     # leaves further connections in the kernel backlog. Enough to keep both
     # cores busy through a reconnect avalanche without piling up tasks.
@@ -122,7 +127,7 @@ class Config:
             raise ConfigError("--max-message-size must be at least 125 bytes")
         if self.send_queue_bytes < self.max_message_size:
             raise ConfigError("--send-queue-bytes must be at least --max-message-size")
-        for name in ("history_size", "history_max_events"):
+        for name in ("history_size", "history_max_events", "max_connections_per_subscriber"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be 0 (off) or more")
         if self.history_ttl < 0:

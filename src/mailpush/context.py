@@ -20,6 +20,7 @@ import trio
 from .auth import Verifier
 from .config import Config
 from .dispatch import Dispatcher
+from .errors import HandshakeError
 from .log import LogLimiter
 from .metrics import Stats
 from .registry import Registry, Subscription
@@ -63,6 +64,8 @@ class Context:
     buffer: bytearray = attrs.field(init=False)
     view: memoryview = attrs.field(init=False)
     connections: set[Channel] = attrs.field(init=False, factory=set)
+    # Open connections per subscriber, kept only with a per-subscriber cap.
+    per_subscriber: dict[str, int] = attrs.field(init=False, factory=dict)
     nursery: trio.Nursery | None = None  # where connection and writer tasks run
     wait_readable: Callable[[Any], Awaitable[None]] = trio.lowlevel.wait_readable
     draining: bool = False
@@ -79,15 +82,33 @@ class Context:
         assert self.nursery is not None, "the server is not serving"
         self.nursery.start_soon(fn, *args, name=name)
 
+    def at_subscriber_cap(self, subscriber: str) -> bool:
+        """``subscriber`` has as many connections here as the cap allows."""
+        cap = self.config.max_connections_per_subscriber
+        return bool(cap) and self.per_subscriber.get(subscriber, 0) >= cap
+
+    def subscriber_cap_error(self) -> HandshakeError:
+        """The refusal of a subscriber at ``--max-connections-per-subscriber``."""
+        cap = self.config.max_connections_per_subscriber
+        return HandshakeError(
+            429, f"this subscriber has {cap} connections open here, the most allowed", (("Retry-After", "30"),)
+        )
+
     def added(self, conn: Channel) -> None:
         """``conn`` was upgraded."""
         self.connections.add(conn)
+        if self.config.max_connections_per_subscriber:
+            self.per_subscriber[conn.subscriber] = self.per_subscriber.get(conn.subscriber, 0) + 1
         self.stats.upgrades += 1
         self.log.debug("connected", subscriber=conn.subscriber)
 
     def removed(self, conn: Channel) -> None:
         """``conn`` is closed: off the books, and its subscription gone."""
         self.connections.discard(conn)
+        if self.config.max_connections_per_subscriber:
+            left = self.per_subscriber.pop(conn.subscriber, 1) - 1
+            if left:
+                self.per_subscriber[conn.subscriber] = left
         self.dispatcher.unsubscribed(conn)
         if self.registry.remove(conn):
             self.dispatcher.changed(conn.subscriber)

@@ -61,6 +61,7 @@ class CloseCode(IntEnum):
     # mailpush's own (the 4000–4999 range is the application's, §7.4.2).
     TOKEN_EXPIRED = 4001  # the token expired and was not refreshed in time
     UNAUTHORIZED = 4003  # the token was refused (mailpush.v1 clients only)
+    TOO_MANY_CONNECTIONS = 4008  # the subscriber is at --max-connections-per-subscriber
 
 
 # Codes a peer may legitimately put in a Close frame (§7.4.1, §7.4.2): the

@@ -160,7 +160,8 @@ def open_sse(ctx: Context, sock: socket.socket, req: hs.Request) -> SSEConnectio
 
     Raises:
       HandshakeError: 400 a bad filter or Last-Event-ID, 401 no valid
-        token, 403 an origin not allowed, 503 draining.
+        token, 403 an origin not allowed, 429 the subscriber at its cap,
+        503 draining.
     """
     config = ctx.config
     if config.allowed_origins and req.origin not in config.allowed_origins:
@@ -171,6 +172,8 @@ def open_sse(ctx: Context, sock: socket.socket, req: hs.Request) -> SSEConnectio
     last = req.last_event_id or hs.query_param(req.query, "last_event_id") or ""
     since = parse_event_id(last) if last else None
     subscriber, expires = ctx.verifier.verify_claims(token_from_request(req))
+    if ctx.at_subscriber_cap(subscriber):
+        raise ctx.subscriber_cap_error()
     headers = [
         "HTTP/1.1 200 OK",
         "Content-Type: text/event-stream; charset=utf-8",

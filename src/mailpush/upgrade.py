@@ -69,6 +69,7 @@ _REASONS = {
     405: "method",
     408: "timeout",
     426: "version",
+    429: "per_subscriber_cap",
     431: "too_large",
     503: "overloaded",
     505: "http_version",
@@ -168,7 +169,13 @@ def _upgrade(ctx: Context, sock: socket.socket, req: hs.Request) -> Connection |
         except AuthError as e:
             if not protocol:
                 raise
-            _refuse_in_band(ctx, sock, req, e)
+            _refuse_in_band(ctx, sock, req, e, CloseCode.TOKEN_EXPIRED if e.expired else CloseCode.UNAUTHORIZED)
+            return None
+        if ctx.at_subscriber_cap(subscriber):
+            err = ctx.subscriber_cap_error()
+            if not protocol:
+                raise err
+            _refuse_in_band(ctx, sock, req, err, CloseCode.TOO_MANY_CONNECTIONS)
             return None
     try:
         sock.send(hs.response_101(req.key, protocol))
@@ -177,16 +184,16 @@ def _upgrade(ctx: Context, sock: socket.socket, req: hs.Request) -> Connection |
     return Connection(sock, ctx, subscriber, flags=flags, expires=expires)
 
 
-def _refuse_in_band(ctx: Context, sock: socket.socket, req: hs.Request, err: AuthError) -> None:
-    """Refuse a ``mailpush.v1`` client's token after the upgrade, with close
-    4001 (expired: fetch a new one) or 4003 (refused): a browser cannot read
-    the status of a refused upgrade, only a close code. The socket's owner
-    closes it after this."""
-    label = "expired" if err.expired else "unauthorized"
+def _refuse_in_band(ctx: Context, sock: socket.socket, req: hs.Request, err: HandshakeError, code: int) -> None:
+    """Refuse a ``mailpush.v1`` client after the upgrade, with a close code
+    (4001 token expired: fetch a new one; 4003 token refused; 4008 too many
+    connections of this subscriber): a browser cannot read the status of a
+    refused upgrade, only a close code. The socket's owner closes it after
+    this."""
+    label = "expired" if getattr(err, "expired", False) else _REASONS.get(err.status, str(err.status))
     ctx.stats.rejections[label] += 1
     if n := _refuse_log.tick():
-        ctx.log.warning("handshake_refused", status=err.status, reason=err.reason, count=n, in_band=True)
-    code = CloseCode.TOKEN_EXPIRED if err.expired else CloseCode.UNAUTHORIZED
+        ctx.log.warning("handshake_refused", status=err.status, reason=err.reason, count=n, in_band=code)
     ctx.stats.closes[code] += 1
     send_answer(sock, hs.response_101(req.key, PROTOCOL) + encode_close(code, err.reason[:120]))
 
