@@ -38,13 +38,24 @@ $(NODE_STAMP): $(NODE_DIR)/package.json $(NODE_DIR)/package-lock.json
 	cd $(NODE_DIR) && npm ci --no-audit --no-fund --loglevel=error
 	touch $@
 
+# The browser client's own packages (ws and esbuild, for its Node tests).
+JS_DIR   := clients/js
+JS_STAMP := $(JS_DIR)/node_modules/.installed
+
+$(JS_STAMP): $(JS_DIR)/package.json $(JS_DIR)/package-lock.json
+	cd $(JS_DIR) && npm ci --no-audit --no-fund --loglevel=error
+	touch $@
+
 node-deps:
 	@if [ -f $(NODE_DIR)/package.json ]; then $(MAKE) --no-print-directory $(NODE_STAMP); fi
+	@if [ -f $(JS_DIR)/package.json ]; then $(MAKE) --no-print-directory $(JS_STAMP); fi
 
 run: $(STAMP)
 	$(BIN)/mailpush serve --demo
 
+# The browser client's Node tests first, then the whole Python suite.
 test: lint system-deps node-deps
+	cd $(JS_DIR) && npm test --silent
 	$(BIN)/python -m pytest
 
 # The lint gate, part of make test: ruff (lint and format) and mypy on src/,
