@@ -1,4 +1,5 @@
-"""Deployed behind a real TCP load balancer (HAProxy, mode tcp).
+"""Deployed behind a real TCP load balancer (HAProxy, mode tcp), configured
+by the deployment kit's own file, deploy/haproxy.cfg.
 
 Two mailpush processes behind HAProxy with an HTTP health check on the public
 port's /healthz. Draining one takes it out of the balancer: its clients are
@@ -16,6 +17,7 @@ import socket
 import subprocess
 import time
 import urllib.request
+from pathlib import Path
 
 import pytest
 from conftest import bare, server_process, token
@@ -23,6 +25,7 @@ from websockets.exceptions import WebSocketException
 from websockets.sync.client import connect
 
 HAPROXY = shutil.which("haproxy") or "/usr/sbin/haproxy"
+DEPLOY_CONFIG = Path(__file__).resolve().parent.parent / "deploy" / "haproxy.cfg"
 
 pytestmark = pytest.mark.skipif(
     not os.path.exists(HAPROXY) and not os.environ.get("CI"),
@@ -48,6 +51,25 @@ backend mailpush
     server a 127.0.0.1:{a} check inter 100ms fall 1 rise 2
     server b 127.0.0.1:{b} check inter 100ms fall 1 rise 2
 """
+
+
+def start_haproxy(port: int, a: int, b: int) -> subprocess.Popen:
+    """HAProxy on deploy/haproxy.cfg in front of two local instances, with
+    the test's addresses, a file budget this machine allows and fast checks."""
+    env = {
+        **os.environ,
+        "MAILPUSH_LB_BIND": f"127.0.0.1:{port}",
+        "MAILPUSH_NODE1": f"127.0.0.1:{a}",
+        "MAILPUSH_NODE2": f"127.0.0.1:{b}",
+        "MAILPUSH_LB_MAXCONN": "2000",
+        "MAILPUSH_CHECK_INTER": "100ms",
+    }
+    return subprocess.Popen([HAPROXY, "-db", "-f", str(DEPLOY_CONFIG)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+
+
+def test_the_deployment_config_is_valid_haproxy():
+    out = subprocess.run([HAPROXY, "-c", "-f", str(DEPLOY_CONFIG)], capture_output=True, text=True, env={**os.environ, "MAILPUSH_LB_MAXCONN": "2000"})
+    assert out.returncode == 0, out.stdout + out.stderr
 
 
 def free_port() -> int:
@@ -85,9 +107,7 @@ def open_client(port: int, sub: str):
 def test_drain_moves_clients_to_the_other_instance(tmp_path):
     with server_process("--drain-seconds", "1") as (proc_a, listen_a, admin_a), server_process() as (proc_b, listen_b, admin_b):
         port = free_port()
-        cfg = tmp_path / "haproxy.cfg"
-        cfg.write_text(CONFIG.format(port=port, a=listen_a[1], b=listen_b[1]))
-        lb = subprocess.Popen([HAPROXY, "-db", "-f", str(cfg)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        lb = start_haproxy(port, listen_a[1], listen_b[1])
         clients = []
         try:
             deadline = time.monotonic() + 10
