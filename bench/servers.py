@@ -15,6 +15,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import shlex
 import shutil
 import signal
 import socket
@@ -81,7 +82,11 @@ def free_port(consecutive: int = 1) -> int:
 
 
 def mailpush_command() -> list[str] | None:
-    """How to run ``mailpush`` from this venv, or None if it is not installed."""
+    """How to run ``mailpush``: the MAILPUSH_BENCH_COMMAND environment
+    variable if set (e.g. another version's venv, to compare two in one
+    run), else this venv's; None if it is not installed."""
+    if os.environ.get("MAILPUSH_BENCH_COMMAND"):
+        return shlex.split(os.environ["MAILPUSH_BENCH_COMMAND"])
     exe = Path(sys.executable).parent / "mailpush"
     if exe.exists():
         return [str(exe)]
