@@ -121,14 +121,16 @@ def one_round(n: int, out: Path, extra: list[str]) -> dict:
     result["idle_cpu_sys_s"] = idle_sys
     # Pings on.
     args = ["--ping-interval", f"{PING_INTERVAL_S:g}", "--pong-timeout", "10", *extra]
-    with Server(spec, logs / "capacity-mailpush-pings.log", args) as srv:
-        with LoadGen(HOST, srv.port, WS_PATH, SECRET, procs=procs_for(n, 2), subscribe=True) as lg:
-            opened = lg.open(n)
-            if opened["ok"] != n:
-                raise RuntimeError(f"opened {opened['ok']} of {n}: {opened['errors']}")
-            time.sleep(PING_INTERVAL_S * 2)  # into steady rounds
-            user, system, pings = window(srv, WINDOW_S)
-            timeouts = metrics_now(HOST, srv.aport).get("mailpush_pong_timeouts_total", 0.0)
+    with (
+        Server(spec, logs / "capacity-mailpush-pings.log", args) as srv,
+        LoadGen(HOST, srv.port, WS_PATH, SECRET, procs=procs_for(n, 2), subscribe=True) as lg,
+    ):
+        opened = lg.open(n)
+        if opened["ok"] != n:
+            raise RuntimeError(f"opened {opened['ok']} of {n}: {opened['errors']}")
+        time.sleep(PING_INTERVAL_S * 2)  # into steady rounds
+        user, system, pings = window(srv, WINDOW_S)
+        timeouts = metrics_now(HOST, srv.aport).get("mailpush_pong_timeouts_total", 0.0)
     if pings <= 0:
         raise RuntimeError("no pings counted in the window")
     result["pings"] = pings
