@@ -43,24 +43,28 @@ answers 503; a read is retried).
 
 from __future__ import annotations
 
-import secrets
 from collections.abc import Sequence
 
-import anyio
 import coredis
-import msgspec
 import trio
 
 from ..backoff import Backoff
 from ..config import Config
-from ..errors import BusUnavailable, ConfigError, PublishError, RespProtocolError
-from ..history import Position, Replay, Stored
-from ..items import parse_bus_item
-from ..log import LogLimiter, get_logger
-from ..packets import event_frame
-from .base import Bus, Event, Item, Read, Sink
+from ..errors import BusUnavailable, ConfigError, RespProtocolError
+from ..history import Replay
+from .base import Item, Read, Sink
+from .redis_common import (
+    CONNECT_TIMEOUT,
+    HEARTBEAT_INTERVAL,
+    HEARTBEAT_TIMEOUT,
+    LOST,
+    RECONNECT_FIRST,
+    RECONNECT_MAX,
+    RECV_SIZE,
+    RedisBase,
+    innermost,
+)
 from .redis_conn import Address, Subscription, chunks, describe, safe
-from .redis_functions import PUBLISH, READ, history_key, library, meta_key
 from .resp import PushParser
 
 __all__ = ["RedisBus", "CHANNEL_PREFIX", "CONTROL_CHANNEL", "HEARTBEAT_INTERVAL", "HEARTBEAT_TIMEOUT"]
@@ -71,40 +75,12 @@ CHANNEL_PREFIX = "mailpush:"
 # with no channel ends its message stream, and a server with no tab yet has
 # none. The heartbeats go here.
 CONTROL_CHANNEL = "mailpush.control"
-# Every process publishes a heartbeat this often (seconds)…
-HEARTBEAT_INTERVAL = 2.0
-# …and one that has heard none for this long ends its session and makes a
-# new one: a bus that stopped delivering is noticed within about 10 s.
-HEARTBEAT_TIMEOUT = 7.0
-# Reconnect backoff after the connection to Redis is lost: first wait, cap
-# (each wait jittered, see backoff.py).
-RECONNECT_FIRST = 0.1
-RECONNECT_MAX = 5.0
-# How long connecting (and AUTH, and loading the functions) may take.
-CONNECT_TIMEOUT = 5.0
-# Bytes per read of the subscription connection.
-RECV_SIZE = 256 * 1024
-# Errors of the publishing side that mean "Redis is not reachable now".
-_UNREACHABLE = (
-    coredis.exceptions.ConnectionError,
-    OSError,
-    RuntimeError,  # coredis's pool closed with the session meanwhile
-    TimeoutError,
-    trio.BrokenResourceError,
-    trio.ClosedResourceError,
-    anyio.ClosedResourceError,
-    anyio.BrokenResourceError,
-)
 
-_encode = msgspec.json.Encoder().encode
 _CONTROL = CONTROL_CHANNEL.encode()
+_PREFIX_LEN = len(CHANNEL_PREFIX)
 
 
-def _json(value: object) -> bytes:
-    return bytes(value) if isinstance(value, msgspec.Raw) else _encode(value)
-
-
-class RedisBus(Bus):
+class RedisBus(RedisBase):
     """The Redis bus (see the module docstring).
 
     Args:
@@ -116,28 +92,27 @@ class RedisBus(Bus):
       ConfigError: a URL that cannot be used.
     """
 
-    routes_by_subscription = True
-    may_lose = True
-
     def __init__(self, url: str, config: Config | None = None) -> None:
-        try:
-            self.client = coredis.Redis.from_url(url)
-            # TLS as the publishing side has it (ssl_ca_certs=…, ssl_cert_reqs=…
-            # and the other coredis URL options): one context for both.
-            pool_kwargs = getattr(self.client.connection_pool, "connection_kwargs", {})
-            self._address = Address.parse(url, pool_kwargs.get("ssl_context"))
-        except (ValueError, TypeError) as e:
-            raise ConfigError(f"bad --bus URL {safe(url)!r}: {e}") from None
-        config = config or Config()
-        self.url = url
-        self.log = get_logger()
-        self._library = library(config.history_size if config.history_ttl else 0, int(config.history_ttl * 1000))
+        super().__init__(url, config)
         self._channels: set[str] = set()  # what we want to be subscribed to
         self._sub: Subscription | None = None
         self.up = False
         self._heard = 0.0  # when the last heartbeat arrived (trio clock)
-        self._beat = ("hb " + secrets.token_hex(4)).encode()
-        self._bad_log = LogLimiter()
+        self._wake = trio.Event()  # cuts a reconnect wait short (a new master is known)
+        if url.startswith(("redis://", "rediss://", "unix://")):
+            try:
+                self.client = coredis.Redis.from_url(url)
+                # TLS as the publishing side has it (ssl_ca_certs=…, ssl_cert_reqs=…
+                # and the other coredis URL options): one context for both.
+                pool_kwargs = getattr(self.client.connection_pool, "connection_kwargs", {})
+                self._address = Address.parse(url, pool_kwargs.get("ssl_context"))
+            except (ValueError, TypeError) as e:
+                raise ConfigError(f"bad --bus URL {safe(url)!r}: {e}") from None
+        elif type(self) is RedisBus:
+            raise ConfigError(f"bad --bus URL {safe(url)!r}: the scheme must be redis://, rediss:// or unix://")
+
+    def _subscriber_of(self, channel: bytes) -> str:
+        return channel.decode("utf-8", "replace")[_PREFIX_LEN:]
 
     def heartbeat_lag(self) -> float:
         """Seconds since a heartbeat last arrived (0 while none was expected)."""
@@ -174,44 +149,34 @@ class RedisBus(Bus):
             lost: BaseException | None = None
             try:
                 await self._session(sink, connected)
-            except* (
-                coredis.exceptions.ConnectionError,
-                TimeoutError,
-                trio.TooSlowError,
-                OSError,
-                RespProtocolError,
-                BusUnavailable,
-                coredis.exceptions.ResponseError,
-                trio.BrokenResourceError,
-                trio.ClosedResourceError,
-                anyio.ClosedResourceError,
-                anyio.BrokenResourceError,
-            ) as group:
-                # (coredis may also fail on its own cleanup of a dead connection)
-                lost = group.exceptions[0]
-                while isinstance(lost, BaseExceptionGroup):
-                    lost = lost.exceptions[0]
+            except* LOST as group:
+                lost = innermost(group)
             self._sub = None
             self.up = False
             if not started:
                 raise ConfigError(f"cannot reach the Redis bus at {safe(self.url)}: {describe(lost)}")
             delay = backoff.next()
             self.log.error("bus_lost", url=safe(self.url), error=describe(lost), retry_in=round(delay, 3))
-            await trio.sleep(delay)
+            with trio.move_on_after(delay):
+                await self._wake.wait()
+            self._wake = trio.Event()
 
     async def _session(self, sink: Sink, connected) -> None:
         """One subscription connection to Redis: load the functions,
         subscribe to every wanted channel, then hand the messages to the
         sink until it fails (or the heartbeats stop)."""
+        with trio.fail_after(CONNECT_TIMEOUT):
+            await self._locate()
         async with self.client:  # the publishing side
             with trio.fail_after(CONNECT_TIMEOUT):
                 await self.client.function_load(self._library, replace=True)
                 stream = await self._address.connect()
             async with stream:
                 sub = Subscription(stream)
-                if self._address.password is not None:
-                    with trio.fail_after(CONNECT_TIMEOUT):
+                with trio.fail_after(CONNECT_TIMEOUT):
+                    if self._address.password is not None:
                         await sub.auth(self._address.username, self._address.password)
+                    await self._check(sub)
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._read, sub, sink)
                     # The control channel keeps the connection in subscribed
@@ -223,6 +188,24 @@ class RedisBus(Bus):
                     self._heard = trio.current_time()
                     nursery.start_soon(self._heartbeat)
                     connected()
+
+    async def _locate(self) -> None:
+        """Where this session goes (``client`` and ``_address``): the URL's
+        Redis; Sentinel asks the sentinels for the master."""
+
+    async def _check(self, sub: Subscription) -> None:
+        """A check of the subscription connection before it subscribes
+        (Sentinel: that it reached a master)."""
+
+    async def _restart(self, reason: str) -> None:
+        """End the current session (it is made again at once, and every
+        local tab is then brought up to date)."""
+        self._wake.set()
+        sub = self._sub
+        if sub is not None:
+            self.log.warning("bus_restart", url=safe(self.url), reason=reason)
+            sub.fail(ConnectionError(reason))
+            await sub.stream.aclose()
 
     async def _heartbeat(self) -> None:
         """Publish a heartbeat every HEARTBEAT_INTERVAL; end the session
@@ -278,27 +261,6 @@ class RedisBus(Bus):
         if batch:
             await sink(batch)
 
-    def _item(self, channel: bytes, data: bytes) -> Event | None:
-        """The event of one message, or None (dropped, counted and logged)
-        when it is not one: whatever the payload holds, nothing else
-        happens to the session or to the other messages."""
-        try:
-            sub = channel.decode("utf-8", "replace")[len(CHANNEL_PREFIX) :]
-            item = parse_bus_item(data)
-            if item[0] == sub:
-                return (*item, None)
-            reason = f"payload names subscriber {item[0][:100]!r}, not the channel's"
-        except PublishError as e:
-            reason = str(e)
-        except Exception as e:  # noqa: BLE001 - one bad message must not end the session
-            reason = f"unexpected {e!r}"[:300]
-        self.bad_items += 1
-        if n := self._bad_log.tick():
-            self.log.warning(
-                "bus_bad_payload", count=n, channel=channel.decode("utf-8", "replace")[:300], reason=reason
-            )
-        return None
-
     async def publish(self, items: Sequence[Item]) -> None:
         """``mailpush_publish`` each item (offset, history and PUBLISH in
         one step on the Redis side), in one pipeline.
@@ -310,15 +272,7 @@ class RedisBus(Bus):
         """
         if not self.up:
             raise BusUnavailable(f"not connected to the Redis bus at {safe(self.url)}; retry shortly")
-        try:
-            async with self.client.pipeline(transaction=False) as pipe:
-                for sub, event, data, state in items:
-                    args = [sub, event, _json(data), _json(state) if state is not None else b""]
-                    pipe.fcall(PUBLISH, [meta_key(sub), history_key(sub)], args)
-        except _UNREACHABLE as e:
-            raise BusUnavailable(f"publishing to the Redis bus at {safe(self.url)} failed: {describe(e)}") from None
-        except coredis.exceptions.ResponseError as e:
-            raise BusUnavailable(f"Redis refused the publish: {e}") from None
+        await self._fcall_publish(items)
 
     async def read(self, requests: Sequence[Read]) -> list[Replay]:
         """``mailpush_read`` each request in one pipeline, then a PING on
@@ -331,19 +285,9 @@ class RedisBus(Bus):
         sub = self._sub
         if sub is None or not self.up:
             raise BusUnavailable(f"not connected to the Redis bus at {safe(self.url)}")
-        try:
-            async with self.client.pipeline(transaction=False) as pipe:
-                pending = [
-                    pipe.fcall(READ, [meta_key(s), history_key(s)], [epoch or "", "" if at is None else str(at)])
-                    for s, epoch, at in requests
-                ]
-            results = [await p for p in pending]
-        except _UNREACHABLE as e:
-            raise BusUnavailable(f"reading the history from Redis failed: {describe(e)}") from None
-        except coredis.exceptions.ResponseError as e:
-            raise BusUnavailable(f"Redis refused the history read: {e}") from None
+        replays = await self._fcall_read(requests)
         await sub.request(b"PING", [])
-        return [_replay(request[0], result) for request, result in zip(requests, results, strict=True)]
+        return replays
 
     async def subscribe(self, subscribers: Sequence[str]) -> None:
         """SUBSCRIBE their channels; returns once Redis acknowledged each.
@@ -375,17 +319,3 @@ class RedisBus(Bus):
         if sub is not None:  # else: not connected, and not subscribed again on reconnect
             for chunk in chunks(channels):
                 await sub.request(b"UNSUBSCRIBE", chunk)
-
-
-def _replay(subscriber: str, result: list) -> Replay:
-    """A Replay from ``mailpush_read``'s answer (see redis_functions)."""
-    epoch, top, state, reason, entries = result
-    epoch = epoch.decode() if isinstance(epoch, bytes) else str(epoch)
-    position = Position(epoch, int(top), msgspec.Raw(state) if state else None)
-    if entries is None:
-        return Replay(position, None, reason.decode() if isinstance(reason, bytes) else str(reason))
-    events: list[Stored] = []
-    for i in range(0, len(entries), 3):
-        offset, event, data = int(entries[i]), entries[i + 1].decode(), entries[i + 2]
-        events.append((offset, event, event_frame(subscriber, event, msgspec.Raw(data), offset), 0.0))
-    return Replay(position, events)

@@ -26,6 +26,11 @@ SUBSCRIBE_ACK_TIMEOUT = 10.0
 CHANNELS_PER_COMMAND = 500
 
 
+# The pushes that acknowledge a command (one per channel, ``pong`` for PING);
+# the sharded ones are a Redis Cluster's.
+_ACKS = (b"subscribe", b"unsubscribe", b"pong", b"ssubscribe", b"sunsubscribe")
+
+
 class _Waiter:
     __slots__ = ("remaining", "done", "error")
 
@@ -53,6 +58,15 @@ class Subscription:
     async def auth(self, username: str | None, password: str) -> None:
         """AUTH before anything else (the reader is not running yet)."""
         args = (b"AUTH", username, password) if username else (b"AUTH", password)
+        await self.call(*args)
+
+    async def call(self, *args: str | bytes) -> object:
+        """One command and its reply, before the reader runs (AUTH, ROLE,
+        FUNCTION LOAD on one node).
+
+        Raises:
+          ConnectionError: the connection closed, or Redis answered an error.
+        """
         await self.stream.send_all(command(*args))
         parser, replies = PushParser(), list[object]()
         while not replies:
@@ -61,7 +75,9 @@ class Subscription:
                 raise ConnectionError("Redis closed the connection")
             replies = parser.feed(data)
         if isinstance(replies[0], RespError):
-            raise ConnectionError(f"Redis refused AUTH: {replies[0]}")
+            verb = args[0].decode() if isinstance(args[0], bytes) else args[0]
+            raise ConnectionError(f"Redis refused {verb}: {replies[0]}")
+        return replies[0]
 
     async def request(self, verb: bytes, channels: Sequence[str]) -> None:
         """Send ``verb channels…`` (or a bare PING); return once Redis
@@ -88,7 +104,7 @@ class Subscription:
 
     def reply(self, push) -> None:
         """A reply other than a message: acknowledgements and errors."""
-        if type(push) is list and push and push[0] in (b"subscribe", b"unsubscribe", b"pong"):
+        if type(push) is list and push and push[0] in _ACKS:
             if self._waiters:
                 head = self._waiters[0]
                 head.remaining -= 1

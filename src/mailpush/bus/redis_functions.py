@@ -21,7 +21,7 @@ the stream is trimmed to the history size on every publish.
 
 from __future__ import annotations
 
-__all__ = ["library", "PUBLISH", "READ", "meta_key", "history_key"]
+__all__ = ["library", "PUBLISH", "READ", "meta_key", "history_key", "cluster_channel"]
 
 PUBLISH = "mailpush_publish"
 READ = "mailpush_read"
@@ -37,14 +37,30 @@ def history_key(subscriber: str) -> str:
     return "mailpush:hist:{" + subscriber + "}"
 
 
-def library(size: int, ttl_ms: int) -> str:
+def cluster_channel(subscriber: str) -> str:
+    """The subscriber's channel on a Redis Cluster: hash-tagged like its
+    keys, so it lives in their slot (sharded pub/sub, SPUBLISH)."""
+    return "mailpush:{" + subscriber + "}"
+
+
+def library(size: int, ttl_ms: int, *, sharded: bool = False) -> str:
     """The library's source with the history's retention in it: the mail
     store's FCALL carries no retention arguments, and a function may only
     touch the keys it is given (so no settings key either). Every mailpush
     instance on one Redis should run with the same history options: the
-    last one to start loads its own."""
-    return _LIBRARY.replace("__SIZE__", str(int(size))).replace("__TTL_MS__", str(int(ttl_ms)))
+    last one to start loads its own.
 
+    ``sharded``: for a Redis Cluster, where ``mailpush_publish`` SPUBLISHes
+    on ``mailpush:{SUBSCRIBER}`` (:func:`cluster_channel`) instead of
+    PUBLISHing on ``mailpush:SUBSCRIBER``; the library is loaded on every
+    master."""
+    source = _LIBRARY.replace("__SIZE__", str(int(size))).replace("__TTL_MS__", str(int(ttl_ms)))
+    if sharded:
+        source = source.replace(_PUBLISH_LINE, "redis.call('SPUBLISH', 'mailpush:{' .. sub .. '}', payload)")
+    return source
+
+
+_PUBLISH_LINE = "redis.call('PUBLISH', 'mailpush:' .. sub, payload)"
 
 _LIBRARY = r"""#!lua name=mailpush
 

@@ -1,11 +1,14 @@
 """The Redis protocol (RESP2) for a subscribed connection, as plain bytes.
 
 A connection in subscribed mode receives pushes: arrays such as
-``["message", channel, payload]`` or ``["subscribe", channel, count]``.
+``["message", channel, payload]`` or ``["subscribe", channel, count]``, and
+on a Redis Cluster's sharded pub/sub ``["smessage", channel, payload]``,
+``["ssubscribe", channel, count]`` and ``["sunsubscribe", channel, count]``
+(the last also unasked, when the channel's slot left that node).
 :class:`PushParser` turns the bytes of one ``recv()`` into every complete
 push in them at once, so that thousands of messages a second cost one read
-and one parse loop, not an await each; ``message`` pushes, nearly all of
-the stream, take a fast path.
+and one parse loop, not an await each; ``message`` and ``smessage`` pushes,
+nearly all of the stream, take a fast path.
 
 The peer is not trusted: every length is checked against a bound before
 anything is allocated or waited for, nesting is limited, every bulk string
@@ -34,6 +37,8 @@ __all__ = [
 
 _MESSAGE = b"*3\r\n$7\r\nmessage\r\n"
 _MESSAGE_LEN = len(_MESSAGE)
+_SMESSAGE = b"*3\r\n$8\r\nsmessage\r\n"  # sharded pub/sub (Redis Cluster)
+_SMESSAGE_LEN = len(_SMESSAGE)
 # A bulk string longer than this is a broken stream, not an event: no
 # publish item can be longer than the largest publish body, and a channel
 # name is far shorter. (Redis itself would allow 512 MB.)
@@ -145,7 +150,8 @@ _INCOMPLETE = object()
 class PushParser:
     """Feed it bytes; get back the complete replies in them.
 
-    A ``message`` push comes back as the tuple ``(channel, payload)``;
+    A ``message`` or ``smessage`` push comes back as the tuple ``(channel,
+    payload)``;
     anything else as its value: a list for other pushes (``[b"subscribe",
     channel, count]``), bytes for a simple string, a :class:`RespError`.
 
@@ -199,9 +205,9 @@ class PushParser:
         need = 0  # where buf must reach for the reply at pos, once incomplete
         find, startswith = buf.find, buf.startswith
         while pos < n:
-            if startswith(_MESSAGE, pos):
-                # ["message", channel, payload]: two bulk strings
-                at = pos + _MESSAGE_LEN
+            if startswith(_MESSAGE, pos) or startswith(_SMESSAGE, pos):
+                # ["message" or "smessage", channel, payload]: two bulk strings
+                at = pos + (_MESSAGE_LEN if buf[pos + 8] == 109 else _SMESSAGE_LEN)  # m(essage) / s(message)
                 end = find(_CRLF, at, at + MAX_LINE)
                 if end < 0:
                     need = n + 1
