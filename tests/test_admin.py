@@ -161,6 +161,17 @@ def plain(items):
     return [(s, e, msgspec.json.decode(d) if isinstance(d, msgspec.Raw) else d) for s, e, d, _state in items]
 
 
+def test_ndjson_without_its_content_type_is_read_as_ndjson_whatever_its_first_item():
+    # Regression (found by fuzz/targets/fuzz_items.py): a first item with a
+    # field of the wrong type made the body "not valid JSON" instead of
+    # being read line by line.
+    body = b'{"event":"e","subscriber":1,"subscriber":"a"}\n{"subscriber":"a","event":"e"}'
+    assert [(i[0], i[1]) for i in parse_items(body, "")] == [("a", "e"), ("a", "e")]
+    assert parse_items(body, "") == parse_items(body, "application/x-ndjson")
+    with pytest.raises(PublishError, match="line 1"):
+        parse_items(b'{"event":"e","subscriber":1}\n{"subscriber":"a","event":"e"}', "")
+
+
 def test_parse_items_shapes():
     assert plain(parse_items(b' {"subscriber":"a","event":"b"} ')) == [("a", "b", {})]
     assert plain(parse_items(b'{"subscriber":"a","event":"b","data":null}\n{"subscriber":"c","event":"d","data":{"x":1}}')) == [("a", "b", {}), ("c", "d", {"x": 1})]
@@ -336,6 +347,33 @@ async def test_malformed_admin_requests_get_their_status_and_publish_nothing(sta
     assert bus.published == []
     ok, _ = await admin_exchange(server, b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
     assert ok == 200
+
+
+LF_POST = b"POST /v1/publish HTTP/1.1\nHost: 127.0.0.1\n"
+
+
+@pytest.mark.parametrize(
+    ("data", "status", "needle"),
+    [
+        (LF_POST + b"Content-Length: 30\r\nContent-Length: 30\r\n\r\n" + ITEM, 400, b"more than one Content-Length"),
+        (LF_POST + b"Content-Length: 30\nTransfer-Encoding: chunked\n\n1e\r\n" + ITEM + b"\r\n0\r\n\r\n", 400, b"both"),
+        (LF_POST + b"Content-Length: 30\n\n" + ITEM, 202, b"accepted"),
+        (b"GET /healthz HTTP/1.1\nHost: 127.0.0.1\n\n\r\nContent-Length: x\r\n\r\n", 200, b"ok"),
+    ],
+    ids=["duplicate-content-length", "length-and-chunked", "short-head-not-431", "bytes-after-the-head"],
+)
+async def test_heads_with_bare_lf_line_ends_follow_the_same_rules(start_server, data, status, needle):
+    # Regression (found by fuzz/targets/fuzz_admin_http.py): h11 takes bare
+    # LF for CRLF, but the duplicate-length check read only CRLF heads: a
+    # repeated Content-Length passed, a 15-byte head was 431, and bytes
+    # after the head raised ValueError out of the parser.
+    bus = FakeBus()
+    server = await start_server(bus)
+    for pieces in (1, 5):
+        got, text = await admin_exchange(server, data, pieces=pieces)
+        assert got == status, text[:300]
+        assert needle in text
+    assert server.stats.internal_errors == 0
 
 
 async def test_the_head_limit_holds_however_the_bytes_arrive(start_server):

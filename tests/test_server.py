@@ -127,6 +127,21 @@ async def test_bad_packets_get_error_packets_then_1008(start_server):
         assert "bad packets" in closed.value.reason.reason
 
 
+@pytest.mark.parametrize("text", ["[", "1e400", "[" * 1200, '{"type":"subscribe","events":[1e400'])
+async def test_a_packet_the_typed_decoder_refuses_early_is_an_error_packet(start_server, text):
+    # Regression (found by fuzz/targets/fuzz_packets.py): explaining the
+    # refusal decoded the text again and raised msgspec's own errors or
+    # RecursionError instead of an error packet.
+    server = await start_server()
+    async with trio_websocket.open_websocket_url(ws_url(server, tok=token("eve"))) as ws:
+        await ws.send_message(text)
+        err = json.loads(await ws.get_message())
+        assert err["type"] == "error" and err["code"] in ("bad_json", "bad_field")
+        await ws.send_message('{"type":"ping"}')
+        assert json.loads(await ws.get_message()) == {"type": "pong"}
+    assert server.stats.internal_errors == 0
+
+
 async def test_binary_message_is_an_error_packet(start_server):
     server = await start_server()
     async with trio_websocket.open_websocket_url(ws_url(server, tok=token("eve"))) as ws:

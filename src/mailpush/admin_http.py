@@ -49,7 +49,10 @@ NEED_DATA = "need-data"  # read more and feed it
 CONTINUE = "continue"  # send :meth:`AdminConnection.continue_bytes`, then read on
 CLOSED = "closed"  # the peer closed between requests
 
-_CONTENT_LENGTH = re.compile(rb"\r\ncontent-length[ \t]*:([^\r\n]*)")
+# h11 takes bare LF for CRLF (RFC 9112 §2.2 allows it), so the raw head is
+# read the same way: lines end at LF, the head at the first blank line.
+_CONTENT_LENGTH = re.compile(rb"\ncontent-length[ \t]*:([^\r\n]*)")
+_HEAD_END = re.compile(rb"\n\r?\n")
 
 
 class Request:
@@ -140,21 +143,25 @@ class AdminConnection:
                 raise RuntimeError("next() called before the previous request was answered")
 
     def _check_head(self, event: h11.Request) -> None:
-        head = bytes(self._head).lower()
+        head = bytes(self._head).lower().lstrip(b"\r\n")  # h11 skips blank lines before a request
         self._head = bytearray()
-        end = head.find(b"\r\n\r\n")
-        if end < 0 or end + 4 > self.max_head:
+        found = _HEAD_END.search(head)
+        if found is None or found.end() > self.max_head:
             # h11 bounds what it buffers while incomplete; a head that
             # arrived whole in one read is held to the same limit here.
             raise AdminHTTPError(431, f"request head larger than {self.max_head} bytes")
-        lengths = _CONTENT_LENGTH.findall(head, 0, end + 2)
+        end = found.end()
+        lengths = _CONTENT_LENGTH.findall(head, 0, end)
         if len(lengths) > 1 or any(b"," in v for v in lengths):
             raise AdminHTTPError(400, "more than one Content-Length")
         has_te = any(name == b"transfer-encoding" for name, _ in event.headers)
         if lengths and has_te:
             raise AdminHTTPError(400, "both Content-Length and Transfer-Encoding: send one of them")
         if lengths:
-            n = int(lengths[0].strip() or b"0")
+            try:
+                n = int(lengths[0].strip() or b"0")
+            except ValueError:
+                raise AdminHTTPError(400, "Content-Length is not a number") from None
             if n > self.max_body:
                 raise AdminHTTPError(413, f"body larger than {self.max_body} bytes: split the batch")
 

@@ -157,7 +157,11 @@ def parse_items(body: bytes, content_type: str = "") -> list[Item]:
         except RecursionError:
             raise PublishError(_TOO_DEEP) from None
         except msgspec.ValidationError:
+            # The typed decoder stops at the first bad field, before it has
+            # read the rest: several lines may still be NDJSON.
             decoded = None
+            if b"\n" in stripped and not _is_json(stripped):
+                ndjson = True
         except msgspec.DecodeError:
             decoded = None
             if b"\n" in stripped:
@@ -175,6 +179,23 @@ def parse_items(body: bytes, content_type: str = "") -> list[Item]:
     except msgspec.MsgspecError:
         items = None
     return items or _slow_ndjson(stripped)
+
+
+def _is_json(text: bytes) -> bool:
+    """``text`` is one JSON value (of any shape, however deep).
+
+    Raises:
+      PublishError: nested too deeply to tell.
+    """
+    try:
+        msgspec.json.decode(text)
+    except RecursionError:
+        raise PublishError(_TOO_DEEP) from None
+    except msgspec.DecodeError:
+        return False
+    except msgspec.ValidationError:
+        pass  # JSON, with a number out of range: the slow path says so
+    return True
 
 
 def parse_item_json(data: bytes) -> Item:

@@ -163,8 +163,15 @@ def parse_client_packet(text: bytes) -> Subscribe | Unsubscribe | Ping | Refresh
 
 
 def _explain(text: bytes) -> PacketError:
-    """What is wrong with a packet that is JSON but not a valid packet."""
-    obj = msgspec.json.decode(text)  # valid JSON: it passed the decoder's syntax checks
+    """What is wrong with a packet the typed decoder refused: it stops at
+    the first field of the wrong type, before it has read the rest, so the
+    text may not be JSON at all (or too deep, or a number out of range)."""
+    try:
+        obj = msgspec.json.decode(text)
+    except RecursionError:
+        return PacketError("bad_json", "packet nested too deeply")
+    except msgspec.MsgspecError as e:
+        return PacketError("bad_json", f"packet is not valid JSON: {e}")
     if type(obj) is not dict:
         return PacketError("bad_packet", "packet must be a JSON object with a 'type' field")
     kind = obj.get("type")
