@@ -36,11 +36,18 @@ def make_config(**overrides) -> Config:
     return Config(**base)
 
 
-@pytest.fixture
-async def start_server(nursery):
-    """``await start_server(**config)`` → a running Server on a FakeBus."""
+# Both ways a server can wait on its connections (--poller): every test of
+# an in-process server runs under each, so neither can rot.
+POLLERS = ["task", "shared"]
+
+
+@pytest.fixture(params=POLLERS)
+async def start_server(nursery, request):
+    """``await start_server(**config)`` → a running Server on a FakeBus,
+    once with each poller."""
 
     async def start(bus=None, **overrides) -> Server:
+        overrides.setdefault("poller", request.param)
         server = Server(make_config(**overrides), bus if bus is not None else FakeBus())
         await nursery.start(server.serve)
         return server

@@ -23,6 +23,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from conftest import SECRET
 
 KOSOKU = Path(sys.executable).parent / "kosoku"
@@ -59,14 +61,15 @@ def _wait_healthy(proc: subprocess.Popen, port: int, log: Path) -> None:
     raise RuntimeError("server did not become healthy")
 
 
-def test_kosoku_fuzzingclient_passes_all_cases(tmp_path) -> None:
+@pytest.mark.parametrize("poller", ["task", "shared"])
+def test_kosoku_fuzzingclient_passes_all_cases(tmp_path, poller) -> None:
     assert KOSOKU.exists(), f"kosoku is not installed next to {sys.executable} (pip install -e '.[test]')"
     port = _free_port()
     cmd = [
         sys.executable, "-m", "mailpush", "serve",
         "--listen", f"127.0.0.1:{port}", "--admin", "off", "--secret", SECRET,
         "--echo-path", "/echo", "--max-message-size", "16777216", "--send-queue-bytes", "67108864",
-        "--log-level", "warning", "--log-format", "json",
+        "--log-level", "warning", "--log-format", "json", "--poller", poller,
     ]  # fmt: skip
     log_path = tmp_path / "server.log"
     log = log_path.open("wb")

@@ -63,15 +63,19 @@ Start = Callable[["Context", socket.socket, object], Awaitable[None]]
 
 class Acceptor:
     """Accepts connections for ``ctx`` and starts ``start(ctx, sock, slot)``
-    for each in ``ctx.nursery``.
+    for each in ``ctx.nursery`` or, given ``handoff``, hands each to
+    ``handoff(sock, slot)`` (``--poller shared``: no task per connection).
 
     :attr:`paused` is True while the loop waits for a handshake slot (the
     server is saturated: /healthz says so).
     """
 
-    def __init__(self, ctx: Context, start: Start) -> None:
+    def __init__(
+        self, ctx: Context, start: Start, handoff: Callable[[socket.socket, object], None] | None = None
+    ) -> None:
         self.ctx = ctx
         self.start = start
+        self.handoff = handoff
         self.paused = False
         self._seq = 0
         self._rate: float | None = None  # upgrades/s, see _upgrade_rate
@@ -142,7 +146,10 @@ class Acceptor:
                         self.paused = False
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 ctx.sockets += 1
-                nursery.start_soon(self.start, ctx, sock, slot, name=_CONNECTION_TASK)
+                if self.handoff is not None:
+                    self.handoff(sock, slot)
+                else:
+                    nursery.start_soon(self.start, ctx, sock, slot, name=_CONNECTION_TASK)
 
     async def _wait_for_slot(self, listener: socket.socket, slot: int) -> None:
         """Wait for a handshake slot, shedding what cannot be served in time.

@@ -95,6 +95,11 @@ def _serve_options(p: argparse.ArgumentParser) -> None:
     opt("history-size", _D.history_size, "events kept per subscriber for tabs that reconnect; 0: no history", type=int)
     opt("history-ttl", _D.history_ttl, "seconds an event is kept in the history", type=float)
     opt("history-max-events", _D.history_max_events, "events kept in the history in all (the memory bound)", type=int)
+    opt(
+        "poller",
+        _D.poller,
+        "how idle connections wait: 'task' (a parked reader task each) or 'shared' (one epoll set, no task each)",
+    )
     opt("drain-seconds", _D.drain_seconds, "on SIGTERM/SIGINT, spread closes over this many seconds", type=float)
     opt("log-level", _D.log_level, "debug, info, warning or error")
     opt("log-format", _D.log_format, "auto (console on a terminal, else JSON), json or console")
@@ -206,6 +211,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
         ping_interval=args.ping_interval,
         pong_timeout=args.pong_timeout,
         drain_seconds=args.drain_seconds,
+        poller=args.poller,
         history_size=args.history_size,
         history_ttl=args.history_ttl,
         history_max_events=args.history_max_events,

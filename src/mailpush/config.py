@@ -7,6 +7,7 @@ tests build it directly. Each default says why it has that value.
 from __future__ import annotations
 
 import ipaddress
+import select
 
 import attrs
 
@@ -112,6 +113,10 @@ class Config:
     history_size: int = 100
     history_ttl: float = 600.0
     history_max_events: int = 1_000_000
+    # How idle connections wait: "task" (one parked reader task each, the
+    # default) or "shared" (one epoll set and one task for all of them, no
+    # task per connection: poller.py; Linux only).
+    poller: str = "task"
     # Drain: spread closes over this many seconds on SIGTERM/SIGINT.
     drain_seconds: float = 10.0
     log_level: str = "info"
@@ -137,6 +142,10 @@ class Config:
                 raise ConfigError(f"--{name.replace('_', '-')} must be a positive number of seconds")
         if self.ping_interval < 0:
             raise ConfigError("--ping-interval must be 0 (off) or a positive number of seconds")
+        if self.poller not in ("task", "shared"):
+            raise ConfigError(f"--poller must be 'task' or 'shared', not {self.poller!r}")
+        if self.poller == "shared" and not hasattr(select, "epoll"):
+            raise ConfigError("--poller shared needs Linux (epoll); use --poller task here")
         if not self.ws_path.startswith("/"):
             raise ConfigError("--ws-path must start with '/'")
         if self.admin_token is not None and len(self.admin_token) < MIN_ADMIN_TOKEN:

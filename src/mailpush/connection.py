@@ -179,6 +179,8 @@ class Connection:
         if self.state == CLOSED:
             return
         self.state = CLOSED
+        if (hook := self.ctx.on_close) is not None:
+            hook(self)
         _notify_closing(self.sock)
         self.sock.close()
 

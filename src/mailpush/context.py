@@ -68,6 +68,10 @@ class Context:
     per_subscriber: dict[str, int] = attrs.field(init=False, factory=dict)
     nursery: trio.Nursery | None = None  # where connection and writer tasks run
     wait_readable: Callable[[Any], Awaitable[None]] = trio.lowlevel.wait_readable
+    # Called by a connection that closes, before its descriptor is closed:
+    # with --poller shared, the poller takes it off its set and the books
+    # (in the default mode its reader task does that when it wakes).
+    on_close: Callable[[Any], None] | None = None
     draining: bool = False
     sockets: int = 0
     _slow_log: LogLimiter = attrs.field(init=False, factory=lambda: LogLimiter(SLOW_LOG_INTERVAL))

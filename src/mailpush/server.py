@@ -44,6 +44,7 @@ from .errors import ConfigError
 from .health import Health
 from .log import get_logger
 from .metrics import Stats
+from .poller import SharedPoller
 from .reader import serve_socket
 from .registry import Registry
 from .timers import Timers
@@ -88,10 +89,12 @@ class Server:
         ctx = Context(
             config, self.stats, self.registry, self.dispatcher, self.verifier, self.handshakes, self.log, self.health
         )
-        expire = functools.partial(expire_handshake, ctx)
+        # --poller shared: one epoll set and one task for every connection.
+        self.poller = SharedPoller(ctx) if config.poller == "shared" else None
+        expire = self.poller.expire if self.poller else functools.partial(expire_handshake, ctx)
         ctx.timers = Timers(config, self.stats, ctx.connections, expire, ctx.task_failed, self.log)
         self.ctx, self.timers = ctx, ctx.timers
-        self.acceptor = Acceptor(self.ctx, serve_socket)
+        self.acceptor = Acceptor(self.ctx, serve_socket, self.poller.add if self.poller else None)
         self.vitals = Health(self.ctx, self.acceptor, self.bus)
         self.listen_address: tuple[str, int] | None = None
         self.admin_address: tuple[str, int] | None = None
@@ -140,6 +143,8 @@ class Server:
                     await root.start(self.timers.run)
                     async with trio.open_nursery() as conns:
                         self.ctx.nursery = conns
+                        if self.poller is not None:
+                            await conns.start(self.poller.run)
                         conns.start_soon(self.acceptor.run, listener)
                         self.log.info(
                             "listening",

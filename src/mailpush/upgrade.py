@@ -29,7 +29,7 @@ from .sse import CLIENT_JS_PATH, SSE_PATH, client_js_response, open_sse
 if TYPE_CHECKING:
     from .context import Context
 
-__all__ = ["open_connection", "expire_handshake", "send_answer", "close_socket", "RESPONSE_500"]
+__all__ = ["open_connection", "answer_head", "expire_handshake", "send_answer", "close_socket", "RESPONSE_500"]
 
 _wait_readable = trio.lowlevel.wait_readable
 _notify_closing = trio.lowlevel.notify_closing
@@ -76,6 +76,37 @@ _REASONS = {
 }
 
 
+def answer_head(ctx: Context, sock: socket.socket, data: bytes) -> tuple[Connection | None, bytes, bool]:
+    """Read what ``sock`` has now (one ``recv``) after the ``data`` read
+    before, and answer the request once its head is complete. Synchronous:
+    the caller holds a handshake slot around it.
+
+    Returns ``(connection, rest, True)`` when done: the new connection
+    (which owns the socket from then on) and the bytes the client sent after
+    the head, or ``(None, b"", True)`` when refused or gone (the socket is
+    still the caller's to close); ``(None, data so far, False)`` when the
+    head is not complete yet.
+    """
+    try:
+        chunk = sock.recv(hs.MAX_HEAD_BYTES + 1 - len(data))
+    except BlockingIOError:
+        return None, data, False
+    except OSError:
+        return None, b"", True
+    if not chunk:  # closed before finishing: costs nothing lasting
+        return None, b"", True
+    data = chunk if not data else data + chunk
+    try:
+        end = hs.find_head_end(data, len(data))
+        if end < 0:
+            return None, data, False
+        conn = _upgrade(ctx, sock, hs.parse_request(data[:end]))
+    except HandshakeError as e:
+        _refuse(ctx, sock, e, _REASONS.get(e.status, str(e.status)))
+        return None, b"", True
+    return conn, (data[end:] if conn is not None else b""), True
+
+
 async def _handshake(ctx: Context, sock: socket.socket, slot: object) -> tuple[Connection | None, bytes]:
     """Read and answer the upgrade request.
 
@@ -94,40 +125,18 @@ async def _handshake(ctx: Context, sock: socket.socket, slot: object) -> tuple[C
     data = b""
     try:
         while True:
+            conn, data, done = answer_head(ctx, sock, data)
+            if done:
+                return conn, data
+            if held:
+                limiter.release_on_behalf_of(slot)
+                held = False
+            await _wait_readable(sock)
             try:
-                chunk = sock.recv(hs.MAX_HEAD_BYTES + 1 - len(data))
-            except BlockingIOError:
-                if held:
-                    limiter.release_on_behalf_of(slot)
-                    held = False
-                await _wait_readable(sock)
-                try:
-                    limiter.acquire_on_behalf_of_nowait(slot)
-                except trio.WouldBlock:
-                    await limiter.acquire_on_behalf_of(slot)
-                held = True
-                continue
-            except OSError:
-                return None, b""
-            if not chunk:  # closed before finishing: costs nothing lasting
-                return None, b""
-            data = chunk if not data else data + chunk
-            try:
-                end = hs.find_head_end(data, len(data))
-            except HandshakeError as e:
-                _refuse(ctx, sock, e, _REASONS[e.status])
-                return None, b""
-            if end >= 0:
-                break
-        try:
-            req = hs.parse_request(data[:end])
-            conn = _upgrade(ctx, sock, req)
-        except HandshakeError as e:
-            _refuse(ctx, sock, e, _REASONS.get(e.status, str(e.status)))
-            return None, b""
-        if conn is None:
-            return None, b""
-        return conn, data[end:]
+                limiter.acquire_on_behalf_of_nowait(slot)
+            except trio.WouldBlock:
+                await limiter.acquire_on_behalf_of(slot)
+            held = True
     finally:
         if held:
             limiter.release_on_behalf_of(slot)
