@@ -18,7 +18,7 @@ from scenarios import SCENARIOS
 from servers import SERVERS
 
 # Fixed colours per server so every plot reads the same way.
-COLORS = {"mailpush": "#d62728", "triows": "#1f77b4", "websockets": "#2ca02c", "floor": "#7f7f7f"}
+COLORS = {"mailpush": "#d62728", "mailpush_shared": "#ff7f0e", "triows": "#1f77b4", "websockets": "#2ca02c", "floor": "#7f7f7f"}
 
 # One line style per latency run of a server (bus x rate).
 LINESTYLES = ["-", "--", ":", "-."]

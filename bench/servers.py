@@ -128,6 +128,7 @@ class ServerSpec:
 # The registry of servers, in table order: mailpush first, the floor last.
 SERVERS: dict[str, ServerSpec] = {s.name: s for s in [
     ServerSpec("mailpush", "mailpush", "mailpush"),
+    ServerSpec("mailpush_shared", "mailpush --poller shared", "mailpush", extra_args=["--poller", "shared"]),
     ServerSpec("triows", "trio-websocket (task per connection)", "ref", "ref_triows"),
     ServerSpec("websockets", "websockets 17 asyncio, broadcast()", "ref", "ref_websockets"),
     ServerSpec("floor", "floor: parked Trio task + raw send()", "ref", "ref_floor"),
