@@ -25,7 +25,7 @@ the same steps from where its subscriber stood.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import TYPE_CHECKING
 
 import trio
@@ -130,11 +130,17 @@ class Recovery:
         position.offset = offset
         return True
 
-    def gap(self, reason: str) -> None:
+    def gap(self, reason: str, subscribers: Collection[str] | None = None) -> None:
         """The bus may have lost events (it reconnected after an outage):
-        every local tab is brought up to date from where it stood."""
-        get_logger().warning("bus_gap_recovery", reason=reason, subscribers=len(self.positions))
-        for sub, position in list(self.positions.items()):
+        every local tab (or those of ``subscribers``) is brought up to date
+        from where it stood."""
+        positions = self.positions
+        if subscribers is None:
+            affected = list(positions.items())
+        else:
+            affected = [(s, positions[s]) for s in subscribers if s in positions]
+        get_logger().warning("bus_gap_recovery", reason=reason, subscribers=len(affected))
+        for sub, position in affected:
             for conn in self.registry.get(sub) or ():
                 if conn not in self.resuming:  # one being answered is, from its own since, by a read still to come
                     self.start(conn, Since(position.epoch, position.offset), answered=True)

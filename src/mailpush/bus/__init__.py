@@ -2,7 +2,9 @@
 
 ``Bus`` is the interface; ``embedded`` is the in-process default (``make
 run`` needs nothing else), ``redis`` the real one between processes and
-machines (channel ``mailpush:SUBSCRIBER``; ``pip install 'mailpush[redis]'``),
+machines (channel ``mailpush:SUBSCRIBER``; ``pip install 'mailpush[redis]'``;
+``redis_cluster`` on a Redis Cluster with sharded pub/sub, channel
+``mailpush:{SUBSCRIBER}``),
 ``relay`` the embedded bus across ``--workers``; the recording stand-in of
 integration tests is :class:`mailpush.testing.FakeBus`. A bus delivers
 batches of publish items ``(subscriber, event, data)`` to one sink: the
@@ -25,16 +27,22 @@ def make_bus(config: Config) -> Bus:
     url = config.bus
     if url == "embedded":
         return EmbeddedBus(history_of(config))
-    if url.startswith(("redis://", "rediss://", "unix://")):
+    if url.startswith(("redis://", "rediss://", "unix://", "redis+cluster://")):
         try:
             from .redis import RedisBus
+            from .redis_cluster import ClusterBus
         except ImportError as e:
             raise ConfigError(
                 f"--bus {url.partition('://')[0]}://… needs the Redis extra ({e.name} is missing):"
                 " pip install 'mailpush[redis]'"
             ) from None
+        if url.startswith("redis+cluster://"):
+            return ClusterBus(url, config)
         return RedisBus(url, config)
-    raise ConfigError(f"unknown --bus {url!r}: use 'embedded' or a Redis URL such as redis://127.0.0.1:6379/0")
+    raise ConfigError(
+        f"unknown --bus {url!r}: use 'embedded' or a Redis URL such as redis://127.0.0.1:6379/0,"
+        " or redis+cluster://HOST:PORT,HOST:PORT/"
+    )
 
 
 def history_of(config: Config) -> History:

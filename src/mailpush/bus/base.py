@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import abc
-from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
+from collections.abc import Awaitable, Callable, Collection, Sequence
+from typing import Any, Protocol
 
 import trio
 
 from ..history import Position, Replay
 from ..items import Item
 
-__all__ = ["Bus", "Event", "Item", "Read", "Sink"]
+__all__ = ["Bus", "Event", "Item", "Read", "Sink", "GapHandler"]
 
 # What a bus hands the sink: (subscriber, event name, data, offset, epoch,
 # frame). ``offset`` and ``epoch`` are None for an event that bypassed the
@@ -24,6 +24,13 @@ Sink = Callable[[Sequence[Event]], Awaitable[None]]
 # One history read: (subscriber, epoch, offset): the events after
 # ``offset`` of that epoch; epoch None: the position alone.
 Read = tuple[str, "str | None", "int | None"]
+
+
+class GapHandler(Protocol):
+    """Called when events may have been lost: for every local subscriber,
+    or (``subscribers``) for those only (one shard of a Redis Cluster)."""
+
+    def __call__(self, reason: str, subscribers: Collection[str] | None = None) -> None: ...
 
 
 class Bus(abc.ABC):
@@ -49,7 +56,7 @@ class Bus(abc.ABC):
     # False while the bus is known to be unreachable (publishes get 503).
     up: bool = True
     # Set by the dispatcher: called with a reason when events may have been lost.
-    on_gap: Callable[[str], None] | None = None
+    on_gap: GapHandler | None = None
 
     @abc.abstractmethod
     async def run(self, sink: Sink, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:

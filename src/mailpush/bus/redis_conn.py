@@ -14,7 +14,16 @@ import trio
 from ..errors import BusUnavailable, RespError
 from .resp import PushParser, command
 
-__all__ = ["Subscription", "Address", "describe", "safe", "chunks", "SUBSCRIBE_ACK_TIMEOUT", "CHANNELS_PER_COMMAND"]
+__all__ = [
+    "Subscription",
+    "Address",
+    "MultiHostURL",
+    "describe",
+    "safe",
+    "chunks",
+    "SUBSCRIBE_ACK_TIMEOUT",
+    "CHANNELS_PER_COMMAND",
+]
 
 # How long to wait for Redis to acknowledge a command on the subscription
 # connection (the acknowledgement queues behind the messages already on
@@ -178,6 +187,43 @@ class Address:
         tls = trio.SSLStream(stream, self.tls, server_hostname=self.host)
         await tls.do_handshake()
         return tls
+
+
+class MultiHostURL:
+    """A --bus URL naming several hosts: ``SCHEME://[[USER]:PASSWORD@]HOST:PORT[,HOST:PORT…]/PATH``
+    (Redis Cluster's seed nodes, Sentinel's sentinels); IPv6 hosts in brackets.
+
+    Raises:
+      ValueError: from the constructor, for a URL that cannot be used.
+    """
+
+    def __init__(self, url: str, scheme: str, default_port: int) -> None:
+        parts = urlsplit(url)
+        if parts.scheme != scheme:
+            raise ValueError(f"the scheme must be {scheme}://")
+        userinfo, at, hostlist = parts.netloc.rpartition("@")
+        self.username: str | None = None
+        self.password: str | None = None
+        if at:
+            user, colon, password = userinfo.partition(":")
+            self.username = unquote(user) or None
+            self.password = unquote(password) if colon else None
+        self.hosts: list[tuple[str, int]] = []
+        for item in hostlist.split(","):
+            host, port = item, str(default_port)
+            if item.startswith("["):
+                host, _, rest = item[1:].partition("]")
+                if rest:
+                    if not rest.startswith(":"):
+                        raise ValueError(f"bad host {item!r}")
+                    port = rest[1:]
+            elif ":" in item:
+                host, _, port = item.rpartition(":")
+            if not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError(f"bad host {item!r}: use HOST:PORT")
+            self.hosts.append((host, int(port)))
+        self.path = [unquote(p) for p in parts.path.split("/") if p]
+        self.query = parts.query
 
 
 def chunks(channels: list[str]):

@@ -1,0 +1,393 @@
+"""One master of a Redis Cluster, seen from the cluster bus: its
+subscription connection (sharded pub/sub, read by mailpush's own RESP
+parser), the subscribers SSUBSCRIBEd on it, its control channel and
+heartbeat. The cluster bus (``redis_cluster.py``) keeps one per master and
+tells it what to subscribe.
+
+Sharded pub/sub differs from the plain kind in three ways this module
+handles: an SSUBSCRIBE of several channels must keep to one slot (so one
+command per slot, sent together in one write); a node refuses a channel
+whose slot it does not serve (``-MOVED``, matched to its command: replies
+come in command order); and a node drops subscriptions on its own when their
+slot leaves it (an ``sunsubscribe`` push no command asked for), which the
+bus answers by refreshing its slot map and subscribing the subscriber on its
+new node.
+"""
+
+from __future__ import annotations
+
+import traceback
+from collections.abc import Callable, Collection, Iterable, Sequence
+from typing import Any, Protocol
+
+import trio
+
+from ..backoff import Backoff
+from ..errors import BusUnavailable, RespError, RespProtocolError
+from ..log import LogLimiter
+from .base import Event, Sink
+from .redis_common import (
+    CONNECT_TIMEOUT,
+    HEARTBEAT_INTERVAL,
+    HEARTBEAT_TIMEOUT,
+    LOST,
+    RECONNECT_FIRST,
+    RECONNECT_MAX,
+    RECV_SIZE,
+    innermost,
+)
+from .redis_conn import SUBSCRIBE_ACK_TIMEOUT, Subscription, describe, safe
+from .resp import PushParser, command
+from .slots import Node
+
+
+class ShardOwner(Protocol):
+    """What a shard uses of the cluster bus (``redis_cluster.ClusterBus``)."""
+
+    url: str
+    username: str | None
+    password: str | None
+    library_source: str
+    beat: bytes
+    client: Any  # coredis.RedisCluster
+    log: Any
+
+    def item_of(self, channel: bytes, data: bytes) -> Event | None: ...
+    def subscriber_of(self, channel: bytes) -> str: ...
+    def channel(self, subscriber: str) -> str: ...
+    def slot_of(self, subscriber: str) -> int: ...
+    def assigned(self, node: Node) -> list[str]: ...
+    def control_for(self, node: Node) -> str: ...
+    def refresh(self) -> None: ...
+    def shard_changed(self) -> None: ...
+    def gap(self, reason: str, subscribers: Collection[str]) -> None: ...
+
+
+__all__ = ["Shard", "ShardOwner", "ShardSubscription", "COMMANDS_PER_WRITE"]
+
+# SSUBSCRIBE commands (one per slot) sent in one write: a thousand tabs
+# arriving at once cost one write and one wait.
+COMMANDS_PER_WRITE = 1000
+
+_SSUBSCRIBE, _SUNSUBSCRIBE, _PONG = b"ssubscribe", b"sunsubscribe", b"pong"
+
+
+class _Command:
+    """A command waiting for its answer: one ack per channel, in order."""
+
+    __slots__ = ("kind", "channels", "next", "done", "error")
+
+    def __init__(self, kind: bytes, channels: list[bytes]) -> None:
+        self.kind = kind
+        self.channels = channels
+        self.next = 0
+        self.done = trio.Event()
+        self.error: BaseException | None = None
+
+
+class ShardSubscription(Subscription):
+    """A subscription connection in sharded mode: every acknowledgement is
+    matched to the channel its command named, so an ``sunsubscribe`` that no
+    command asked for is told apart (``dropped(channel)``) and anything out
+    of order is a broken stream.
+
+    Raises:
+      RespProtocolError: from :meth:`reply`, for a reply that fits no
+        command (the session ends and is made again).
+    """
+
+    def __init__(self, stream: trio.abc.Stream, dropped: Callable[[bytes], None]) -> None:
+        super().__init__(stream)
+        self._dropped = dropped
+
+    async def request(self, verb: bytes, channels: Sequence[str]) -> None:
+        """PING (the barrier of a history read) or one command; as the base."""
+        (error,) = await self.request_many(verb, [list(channels)])
+        if error is not None:
+            raise BusUnavailable(f"Redis did not acknowledge {verb.decode()}: {error}")
+
+    async def request_many(self, verb: bytes, groups: Sequence[Sequence[str]]) -> list[RespError | None]:
+        """One ``verb`` command per group, all in one write; returns once
+        Redis answered each: None (acknowledged) or the error it answered
+        (``MOVED``, ``CLUSTERDOWN`` …), per group.
+
+        Raises:
+          BusUnavailable: the connection failed, or answered nothing for
+            SUBSCRIBE_ACK_TIMEOUT (it is then closed: the session ends).
+        """
+        if self._broken is not None:
+            raise BusUnavailable(f"the Redis subscription connection failed: {self._broken!r}")
+        kind = _PONG if verb == b"PING" else verb.lower()
+        waiters = [_Command(kind, [c.encode() for c in group] if kind != _PONG else [b""]) for group in groups]
+        data = b"".join(command(verb, *group) for group in groups)
+        async with self._send_lock:
+            self._waiters.extend(waiters)  # type: ignore[arg-type]  # the same interface as _Waiter
+            try:
+                await self.stream.send_all(data)
+            except BaseException as e:  # noqa: BLE001 - re-raised as BusUnavailable, or cancellation passes
+                # Nothing or part of it went out: the acknowledgements can no
+                # longer be matched. The session ends.
+                self.fail(e)
+                raise BusUnavailable(f"sending to Redis failed: {describe(e)}") from None
+        with trio.move_on_after(SUBSCRIBE_ACK_TIMEOUT):
+            for waiter in waiters:
+                await waiter.done.wait()
+        if not all(w.done.is_set() for w in waiters):
+            self.fail(TimeoutError(f"no acknowledgement of {verb.decode()} in {SUBSCRIBE_ACK_TIMEOUT:g} s"))
+            await self.stream.aclose()
+        out: list[RespError | None] = []
+        for waiter in waiters:
+            if isinstance(waiter.error, RespError):
+                out.append(waiter.error)
+            elif waiter.error is not None:
+                raise BusUnavailable(f"Redis did not acknowledge {verb.decode()}: {waiter.error}")
+            else:
+                out.append(None)
+        return out
+
+    def reply(self, push) -> None:
+        waiters = self._waiters
+        if type(push) is list and len(push) >= 2 and push[0] in (_SSUBSCRIBE, _SUNSUBSCRIBE, _PONG):
+            kind = push[0]
+            head: _Command | None = waiters[0] if waiters else None  # type: ignore[assignment]
+            if head is not None and head.kind == kind and (kind == _PONG or head.channels[head.next] == push[1]):
+                head.next += 1
+                if head.next >= len(head.channels):
+                    waiters.popleft()
+                    head.done.set()
+                return
+            if kind == _SUNSUBSCRIBE and isinstance(push[1], bytes):
+                self._dropped(push[1])  # its slot left this node
+                return
+            raise RespProtocolError(f"a {kind.decode()} reply no command asked for")
+        if isinstance(push, RespError):
+            if not waiters:
+                raise RespProtocolError(f"an error no command asked for: {push}")
+            waiter = waiters.popleft()  # one error answers the whole command
+            waiter.error = push
+            waiter.done.set()
+        # anything else needs no answer
+
+
+def _is_redirect(error: RespError) -> bool:
+    """The node does not serve that slot (now): refresh the map."""
+    return str(error).startswith(("MOVED", "ASK", "CLUSTERDOWN", "TRYAGAIN"))
+
+
+class Shard:
+    """One master: sessions of its subscription connection, one after
+    another, until the cluster bus stops it (the node serves no slot any
+    more).
+
+    ``sub`` is set while a session is up and every subscriber it was given
+    is subscribed; ``subscribed`` holds the subscribers acknowledged on it.
+    """
+
+    def __init__(self, bus: ShardOwner, node: Node) -> None:
+        self.bus = bus
+        self.node = node
+        self.name = f"{node[0]}:{node[1]}"
+        self.sub: ShardSubscription | None = None
+        self.subscribed: set[str] = set()
+        self.control = ""  # its control channel (a slot it serves)
+        self.heard = 0.0
+        self.scope = trio.CancelScope()
+        self._error_log = LogLimiter()
+
+    async def run(self, sink: Sink, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """The shard's task: one session after another, until cancelled
+        (``scope``). ``task_status.started()`` once the first is up.
+
+        Error handling: a failure of the connection (network, a timeout, a
+        stream the parser refuses, an SSUBSCRIBE refused, the heartbeat
+        silent) ends the session: its subscribers count as unsubscribed,
+        the bus refreshes its slot map (the node may have failed over),
+        and a new session is made with backoff; the subscribers it
+        subscribes are then brought up to date (``on_gap``). A failure of
+        the first session before ``started()`` propagates (the server does
+        not start). Anything else (a bug) is logged with its traceback and
+        handled the same way: one shard's trouble never ends the process
+        or the other shards' sessions.
+        """
+        backoff = Backoff(RECONNECT_FIRST, RECONNECT_MAX)
+        started = False
+
+        def up() -> None:
+            nonlocal started
+            backoff.reset()
+            if not started:
+                started = True
+                task_status.started()
+
+        with self.scope:
+            while True:
+                lost: BaseException | None = None
+                try:
+                    await self._session(sink, up)
+                except* LOST as group:
+                    lost = innermost(group)
+                except* Exception as group:  # the isolation boundary, see above
+                    if not started:
+                        raise
+                    lost = innermost(group)
+                    if n := self._error_log.tick():
+                        trace = "".join(traceback.format_exception(lost))[-4000:]
+                        self.bus.log.error("bus_shard_failed", node=self.name, count=n, error=repr(lost), trace=trace)
+                self.sub = None
+                self.subscribed.clear()
+                self.bus.shard_changed()
+                if not started:
+                    raise ConnectionError(f"{self.name}: {describe(lost)}")
+                delay = backoff.next()
+                self.bus.log.error(
+                    "bus_lost", url=safe(self.bus.url), node=self.name, error=describe(lost), retry_in=round(delay, 3)
+                )
+                self.bus.refresh()
+                await trio.sleep(delay)
+
+    async def _session(self, sink: Sink, up: Callable[[], None]) -> None:
+        """Connect, load the functions on this node, subscribe the control
+        channel and the subscribers whose slots it serves, then read until
+        the connection fails or the heartbeats stop."""
+        bus = self.bus
+        with trio.fail_after(CONNECT_TIMEOUT):
+            stream: trio.abc.Stream = await trio.open_tcp_stream(*self.node)
+        async with stream:
+            sub = ShardSubscription(stream, self._dropped)
+            with trio.fail_after(CONNECT_TIMEOUT):
+                if bus.password is not None:
+                    await sub.auth(bus.username, bus.password)
+                # A master restarted empty or a replica just promoted may lack them.
+                await sub.call(b"FUNCTION", b"LOAD", b"REPLACE", bus.library_source)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._read, sub, sink)
+                control = bus.control_for(self.node)
+                (error,) = await sub.request_many(b"SSUBSCRIBE", [[control]])
+                if error is not None:
+                    raise BusUnavailable(f"{self.name} refused SSUBSCRIBE: {error}")
+                self.control, self.heard = control, trio.current_time()
+                done = await self.ssubscribe(sub, bus.assigned(self.node))
+                self.sub = sub
+                nursery.start_soon(self._heartbeat)
+                up()
+                bus.shard_changed()
+                if done:
+                    bus.log.warning("bus_reconnected", url=safe(bus.url), node=self.name, subscribers=len(done))
+                    bus.gap(f"shard {self.name} reconnected", done)
+
+    async def ssubscribe(self, sub: ShardSubscription, subscribers: Iterable[str]) -> list[str]:
+        """SSUBSCRIBE these subscribers here, one command per slot; returns
+        those acknowledged. One the node refuses (its slot moved) makes the
+        bus refresh its map, and is subscribed where the new map says.
+
+        Raises:
+          BusUnavailable: the connection failed.
+        """
+        by_slot: dict[int, list[str]] = {}
+        slot_of = self.bus.slot_of
+        for s in subscribers:
+            by_slot.setdefault(slot_of(s), []).append(s)
+        groups = list(by_slot.values())
+        done: list[str] = []
+        for i in range(0, len(groups), COMMANDS_PER_WRITE):
+            part = groups[i : i + COMMANDS_PER_WRITE]
+            channels = [[self.bus.channel(s) for s in group] for group in part]
+            errors = await sub.request_many(b"SSUBSCRIBE", channels)
+            for group, error in zip(part, errors, strict=True):
+                if error is None:
+                    self.subscribed.update(group)
+                    done.extend(group)
+                else:
+                    if not _is_redirect(error) and (n := self._error_log.tick()):
+                        self.bus.log.warning("bus_subscribe_refused", node=self.name, error=str(error), count=n)
+                    self.bus.refresh()
+        return done
+
+    async def sunsubscribe(self, sub: ShardSubscription, subscribers: Iterable[str]) -> None:
+        """SUNSUBSCRIBE these subscribers here (a refusal means they are not
+        subscribed here anyway)."""
+        by_slot: dict[int, list[str]] = {}
+        for s in subscribers:
+            self.subscribed.discard(s)
+            by_slot.setdefault(self.bus.slot_of(s), []).append(s)
+        groups = [[self.bus.channel(s) for s in group] for group in by_slot.values()]
+        for i in range(0, len(groups), COMMANDS_PER_WRITE):
+            await sub.request_many(b"SUNSUBSCRIBE", groups[i : i + COMMANDS_PER_WRITE])
+
+    async def retag(self, sub: ShardSubscription) -> None:
+        """Move the control channel to a slot this node serves (after a
+        resharding took the old one away)."""
+        control = self.bus.control_for(self.node)
+        if control != self.control:
+            (error,) = await sub.request_many(b"SSUBSCRIBE", [[control]])
+            if error is None:
+                old, self.control = self.control, control
+                if old:
+                    await sub.request_many(b"SUNSUBSCRIBE", [[old]])
+
+    def _dropped(self, channel: bytes) -> None:
+        """The node dropped a subscription itself: its slot moved."""
+        if channel == self.control.encode():
+            self.control = ""  # the heartbeat pauses until retag()
+        else:
+            self.subscribed.discard(self.bus.subscriber_of(channel))
+        self.bus.refresh()
+
+    async def _heartbeat(self) -> None:
+        """SPUBLISH a heartbeat on the control channel every
+        HEARTBEAT_INTERVAL; end the session when none has been heard for
+        HEARTBEAT_TIMEOUT.
+
+        Raises:
+          TimeoutError: the node stopped delivering (or the publish failed,
+            its own error): the session ends and is made again.
+        """
+        while True:
+            if self.control:
+                with trio.fail_after(HEARTBEAT_TIMEOUT):
+                    await self.bus.client.spublish(self.control, self.bus.beat)
+            else:
+                self.heard = trio.current_time()  # between a resharding and retag()
+            await trio.sleep(HEARTBEAT_INTERVAL)
+            silent = trio.current_time() - self.heard
+            if silent > HEARTBEAT_TIMEOUT:
+                raise TimeoutError(f"no heartbeat through {self.name} for {silent:.1f} s: it stopped delivering")
+
+    async def _read(self, sub: ShardSubscription, sink: Sink) -> None:
+        """Every push of a read is parsed at once; the messages among them
+        go to the sink as one batch (as the standalone bus's reader).
+
+        Error handling: a stream the parser refuses, or a reply that fits
+        no command, ends the session; so does the peer closing it. Either
+        way waiting requests fail with the cause.
+        """
+        receive, parser = sub.stream.receive_some, PushParser()
+        try:
+            while data := await receive(RECV_SIZE):
+                try:
+                    pushes = parser.feed(data)
+                except RespProtocolError as e:
+                    await self._handle(e.replies, sub, sink)
+                    raise
+                await self._handle(pushes, sub, sink)
+            raise ConnectionError(f"{self.name} closed the connection")
+        except BaseException as e:
+            sub.fail(e)
+            raise
+
+    async def _handle(self, pushes: list, sub: ShardSubscription, sink: Sink) -> None:
+        item_of = self.bus.item_of
+        control = self.control.encode()
+        batch = []
+        for push in pushes:
+            if type(push) is tuple:  # (channel, payload)
+                if push[0] != control:
+                    item = item_of(*push)
+                    if item is not None:
+                        batch.append(item)
+                else:
+                    self.heard = trio.current_time()
+            else:
+                sub.reply(push)
+        if batch:
+            await sink(batch)
