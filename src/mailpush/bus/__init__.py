@@ -4,7 +4,8 @@
 run`` needs nothing else), ``redis`` the real one between processes and
 machines (channel ``mailpush:SUBSCRIBER``; ``pip install 'mailpush[redis]'``;
 ``redis_cluster`` on a Redis Cluster with sharded pub/sub, channel
-``mailpush:{SUBSCRIBER}``),
+``mailpush:{SUBSCRIBER}``; ``sentinel`` following the master that Redis
+Sentinel names),
 ``relay`` the embedded bus across ``--workers``; the recording stand-in of
 integration tests is :class:`mailpush.testing.FakeBus`. A bus delivers
 batches of publish items ``(subscriber, event, data)`` to one sink: the
@@ -27,10 +28,11 @@ def make_bus(config: Config) -> Bus:
     url = config.bus
     if url == "embedded":
         return EmbeddedBus(history_of(config))
-    if url.startswith(("redis://", "rediss://", "unix://", "redis+cluster://")):
+    if url.startswith(("redis://", "rediss://", "unix://", "redis+cluster://", "redis+sentinel://")):
         try:
             from .redis import RedisBus
             from .redis_cluster import ClusterBus
+            from .sentinel import SentinelBus
         except ImportError as e:
             raise ConfigError(
                 f"--bus {url.partition('://')[0]}://… needs the Redis extra ({e.name} is missing):"
@@ -38,10 +40,12 @@ def make_bus(config: Config) -> Bus:
             ) from None
         if url.startswith("redis+cluster://"):
             return ClusterBus(url, config)
+        if url.startswith("redis+sentinel://"):
+            return SentinelBus(url, config)
         return RedisBus(url, config)
     raise ConfigError(
         f"unknown --bus {url!r}: use 'embedded' or a Redis URL such as redis://127.0.0.1:6379/0,"
-        " or redis+cluster://HOST:PORT,HOST:PORT/"
+        " redis+cluster://HOST:PORT,HOST:PORT/ or redis+sentinel://HOST:PORT,HOST:PORT/MASTER"
     )
 
 
