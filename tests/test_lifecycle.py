@@ -429,3 +429,29 @@ def test_sighup_is_ignored_with_a_log_line():
         assert urllib.request.urlopen(f"http://{admin[0]}:{admin[1]}/healthz", timeout=5).status == 200
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(10) == 0
+
+
+async def test_protocol_violations_leave_no_cyclic_garbage(start_server):
+    # Regression (found by the soak's RSS slope): the ProtocolError kept by
+    # on_data held its frame through its traceback and the frame held it, a
+    # cycle of ~16 objects per violation that only a full collection frees;
+    # with a few hundred thousand long-lived objects those come rarely, so
+    # the garbage piled up as an RSS slope.
+    import gc
+
+    server = await start_server()
+    clients = await upgraded_clients(server, 20, "pv")
+    gc.collect()
+    gc.disable()
+    try:
+        send_on_all(clients, bytes([0x81, 2]) + b"hi")  # an unmasked client frame: 1002
+        for c in clients:
+            assert await c.eof(5)
+        with trio.fail_after(5):
+            while server.connections:
+                await trio.sleep(0.01)
+        found = gc.collect()
+    finally:
+        gc.enable()
+    assert server.stats.closes[1002] == 20
+    assert found < 20, f"{found} unreachable objects after 20 protocol violations"
