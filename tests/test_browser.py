@@ -40,9 +40,12 @@ def publish(admin: tuple[str, int], item: dict) -> None:
 
 def test_demo_page_in_chromium_receives_its_event_and_only_its_own(tmp_path) -> None:
     require_chromium()
-    with server_process("--demo") as (_proc, _listen, admin), chromium(tmp_path) as devtools:
+    with server_process("--demo") as (_proc, listen, admin), chromium(tmp_path) as devtools:
         with open_tab(devtools, f"http://{admin[0]}:{admin[1]}/") as tab:
             tab.wait_for("document.readyState === 'complete' && !!document.getElementById('connect')", "the demo page to load")
+            # The page runs the browser client from the push port, not code of its own.
+            client_url = tab.evaluate("document.getElementById('clienturl').textContent")
+            assert client_url == f"http://127.0.0.1:{listen[1]}/v1/client.js"
             tab.evaluate("document.getElementById('subscriber').value = 'alice@example.com'; document.getElementById('filter').value = '*'; document.getElementById('connect').click(); true")
             status = tab.wait_for(
                 "(s => s.startsWith('subscribed') ? s : '')(document.getElementById('status').textContent)",
