@@ -13,6 +13,9 @@ settle and measures:
   (``/proc/meminfo`` Slab) and of the TCP buffer pages (``/proc/net/sockstat``
   "TCP: mem") over the ``2 x connections`` loopback sockets (the clients'
   ends are TCP sockets alike, so half of it is the server's);
+- RSS per idle SSE connection (``GET /v1/events``, the fallback), opened
+  by this process with plain sockets on a fresh server, to set beside a
+  WebSocket's;
 - CPU per keepalive ping: the server's user and system CPU time
   (``/proc/PID/stat``) over ``WINDOW_S`` of idling, divided by the pings it
   sent then (``mailpush_pings_total``); the pongs' reading is included.
@@ -30,6 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import socket
 import statistics
 import sys
 import time
@@ -37,6 +41,7 @@ from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
+sys.path.insert(0, str(BENCH.parent / "src"))
 
 from loadgen import LoadGen, procs_for  # noqa: E402
 from probes import metrics_now  # noqa: E402
@@ -51,6 +56,9 @@ ROUNDS = 3
 PING_INTERVAL_S = 2.0
 # How long each CPU window lasts.
 WINDOW_S = 20.0
+# Idle SSE streams opened by this process itself (one file each, under its
+# 20,000-file limit with the load generator's workers apart).
+SSE_CONNECTIONS = 10_000
 # RSS is read once it changes by less than this fraction per step.
 SETTLE_MAX_S = 20.0
 _TICK = os.sysconf("SC_CLK_TCK")
@@ -98,6 +106,34 @@ def window(srv: Server, seconds: float) -> tuple[float, float, float]:
     return u1 - u0, s1 - s0, p1 - p0
 
 
+def sse_rss_per_conn(n: int, out: Path, extra: list[str]) -> float:
+    """RSS per idle SSE connection: ``n`` streams held open by this process."""
+    from mailpush.auth import mint
+
+    socks = []
+    with Server(
+        SERVERS["mailpush"], out / "logs" / "capacity-mailpush-sse.log", ["--ping-interval", "0", *extra]
+    ) as srv:
+        rss0 = settle_rss(srv, SETTLE_MAX_S)
+        try:
+            for i in range(n):
+                s = socket.create_connection((HOST, srv.port), timeout=10)
+                socks.append(s)
+                token = mint(SECRET, f"sse{i}", 3600)
+                s.sendall(f"GET /v1/events?token={token} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+                got = b""
+                while b'"subscribed"' not in got:
+                    chunk = s.recv(4096)
+                    if not chunk:
+                        raise RuntimeError(f"SSE stream {i} closed: {got[:200]!r}")
+                    got += chunk
+            rss1 = settle_rss(srv, SETTLE_MAX_S)
+        finally:
+            for s in socks:
+                s.close()
+    return (rss1 - rss0) / n
+
+
 def one_round(n: int, out: Path, extra: list[str]) -> dict:
     spec = SERVERS["mailpush"]
     logs = out / "logs"
@@ -138,6 +174,7 @@ def one_round(n: int, out: Path, extra: list[str]) -> dict:
     result["ping_cpu_user_us"] = max(0.0, user - idle_user) / pings * 1e6
     result["ping_cpu_sys_us"] = max(0.0, system - idle_sys) / pings * 1e6
     result["ping_cpu_us"] = result["ping_cpu_user_us"] + result["ping_cpu_sys_us"]
+    result["sse_rss_kib_per_conn"] = sse_rss_per_conn(min(n, SSE_CONNECTIONS), out, extra)
     return result
 
 
@@ -166,6 +203,7 @@ def main() -> int:
     print(f"\n{args.connections:,} idle subscribed connections, {args.rounds} rounds (median, min-max):")
     rows = [
         ("RSS per connection (KiB)", "rss_kib_per_conn"),
+        ("RSS per idle SSE connection (KiB)", "sse_rss_kib_per_conn"),
         ("kernel slab per socket (KiB)", "kernel_slab_kib_per_socket"),
         ("kernel TCP buffers per socket (KiB)", "kernel_tcp_buffers_kib_per_socket"),
         ("server CPU per keepalive ping, user (µs)", "ping_cpu_user_us"),
