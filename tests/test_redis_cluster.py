@@ -122,13 +122,32 @@ class Cluster:
         d.mkdir(exist_ok=True)
         return d
 
+    def add_replica(self, of: int) -> int:
+        """A fourth node, a replica of node ``of``; returns its index."""
+        self.nodes.append(_two_free_ports())
+        self.procs.append(None)
+        i = len(self.nodes) - 1
+        self.start(i)
+        master_id = self.cli(of, "cluster", "myid").strip()
+        self.cli(i, "cluster", "meet", "127.0.0.1", str(self.nodes[of][0]), str(self.nodes[of][1]))
+        deadline = time.monotonic() + 15
+        while "OK" not in self.cli(i, "cluster", "replicate", master_id):  # once it knows the master
+            assert time.monotonic() < deadline, "the new node did not join"
+            time.sleep(0.05)
+        while "master_link_status:up" not in self.cli(i, "info", "replication") or not all(
+            f":{self.nodes[i][0]}@" in self.cli(m, "cluster", "replicas", master_id) for m in range(3)
+        ):  # (every master must know it as node of's replica to vote for it)
+            assert time.monotonic() < deadline, "the replica did not sync"
+            time.sleep(0.05)
+        return i
+
     def start(self, i: int) -> None:
         port, bus_port = self.nodes[i]
         self.procs[i] = subprocess.Popen(
             [REDIS, "--port", str(port), "--cluster-port", str(bus_port), "--bind", "127.0.0.1",
              "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf", "--cluster-node-timeout", "5000",
              "--cluster-require-full-coverage", "no", "--dir", str(self.dir(i)), "--save", "",
-             "--appendonly", "yes", "--appendfsync", "always"],
+             "--appendonly", "yes", "--appendfsync", "always", "--repl-diskless-sync-delay", "0"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
         deadline = time.monotonic() + 10
@@ -186,7 +205,7 @@ class Cluster:
         return set(self.cli(i, "pubsub", "shardchannels").split())
 
     def close(self) -> None:
-        for i in range(3):
+        for i in range(len(self.nodes)):
             self.stop(i)
 
 
@@ -409,6 +428,35 @@ async def test_a_slot_moved_to_another_master_takes_its_subscriber_along(cluster
         cluster.cli(i, "cluster", "setslot", str(slot), "node", src_id)
     for w, _ in tabs.values():
         await w.aclose()
+
+
+async def test_a_replica_taking_over_its_master_takes_the_shard_along(cluster_server, cluster, people):
+    """(Last in this module: it changes the cluster's layout.) A failover
+    of node 1 to a replica: the old master drops its shard channels, the
+    bus finds the new master in the refreshed map and subscribes there; the
+    tabs of that shard are caught up, the others notice nothing."""
+    server = cluster_server
+    everyone = [name for group in people for name in group]
+    for name in everyone:
+        await fcall(cluster, name, "before", {})
+    tabs = await open_tabs(server, everyone)
+    replica = await trio.to_thread.run_sync(cluster.add_replica, 1)
+    assert cluster.cli(replica, "cluster", "failover").strip() == "OK"
+    channels = {f"mailpush:{{{n}}}" for n in people[1]}
+    with trio.fail_after(20):
+        while not channels <= cluster.shard_channels(replica):
+            await trio.sleep(0.05)
+    assert not channels & cluster.shard_channels(1)
+    for name in everyone:
+        await fcall(cluster, name, "after", {})
+        got = await recv(tabs[name][0])
+        assert (got["type"], got["event"], got["offset"]) == ("event", "after", tabs[name][1]["offset"] + 1), got
+    with trio.fail_after(10):
+        while not server.bus.up:
+            await trio.sleep(0.05)
+    for ws, _ in tabs.values():
+        await nothing(ws, 0.05)
+        await ws.aclose()
 
 
 def test_an_unreachable_cluster_at_startup_is_a_clear_error():
