@@ -4,20 +4,21 @@ parser), the subscribers SSUBSCRIBEd on it, its control channel and
 heartbeat. The cluster bus (``redis_cluster.py``) keeps one per master and
 tells it what to subscribe.
 
-Sharded pub/sub differs from the plain kind in three ways this module
-handles: an SSUBSCRIBE of several channels must keep to one slot (so one
-command per slot, sent together in one write); a node refuses a channel
-whose slot it does not serve (``-MOVED``, matched to its command: replies
-come in command order); and a node drops subscriptions on its own when their
-slot leaves it (an ``sunsubscribe`` push no command asked for), which the
-bus answers by refreshing its slot map and subscribing the subscriber on its
-new node.
+Sharded pub/sub differs from the plain kind in three ways: an SSUBSCRIBE
+of several channels must keep to one slot (so one command per slot, sent
+together in one write); a node refuses a channel whose slot it does not
+serve (``-MOVED``, matched to its command: replies come in command order);
+and a node drops subscriptions on its own when their slot leaves it (an
+``sunsubscribe`` push no command asked for), which the bus answers by
+refreshing its slot map and subscribing the subscriber on its new node.
+The connection's side of this is
+:class:`~mailpush.bus.redis_conn.ShardSubscription`.
 """
 
 from __future__ import annotations
 
 import traceback
-from collections.abc import Callable, Collection, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable
 from typing import Any, Protocol
 
 import trio
@@ -36,8 +37,8 @@ from .redis_common import (
     RECV_SIZE,
     innermost,
 )
-from .redis_conn import SUBSCRIBE_ACK_TIMEOUT, Subscription, describe, safe
-from .resp import PushParser, command
+from .redis_conn import ShardSubscription, describe, safe
+from .resp import PushParser
 from .slots import Node
 
 
@@ -63,110 +64,11 @@ class ShardOwner(Protocol):
     def gap(self, reason: str, subscribers: Collection[str]) -> None: ...
 
 
-__all__ = ["Shard", "ShardOwner", "ShardSubscription", "COMMANDS_PER_WRITE"]
+__all__ = ["Shard", "ShardOwner", "COMMANDS_PER_WRITE"]
 
 # SSUBSCRIBE commands (one per slot) sent in one write: a thousand tabs
 # arriving at once cost one write and one wait.
 COMMANDS_PER_WRITE = 1000
-
-_SSUBSCRIBE, _SUNSUBSCRIBE, _PONG = b"ssubscribe", b"sunsubscribe", b"pong"
-
-
-class _Command:
-    """A command waiting for its answer: one ack per channel, in order."""
-
-    __slots__ = ("kind", "channels", "next", "done", "error")
-
-    def __init__(self, kind: bytes, channels: list[bytes]) -> None:
-        self.kind = kind
-        self.channels = channels
-        self.next = 0
-        self.done = trio.Event()
-        self.error: BaseException | None = None
-
-
-class ShardSubscription(Subscription):
-    """A subscription connection in sharded mode: every acknowledgement is
-    matched to the channel its command named, so an ``sunsubscribe`` that no
-    command asked for is told apart (``dropped(channel)``) and anything out
-    of order is a broken stream.
-
-    Raises:
-      RespProtocolError: from :meth:`reply`, for a reply that fits no
-        command (the session ends and is made again).
-    """
-
-    def __init__(self, stream: trio.abc.Stream, dropped: Callable[[bytes], None]) -> None:
-        super().__init__(stream)
-        self._dropped = dropped
-
-    async def request(self, verb: bytes, channels: Sequence[str]) -> None:
-        """PING (the barrier of a history read) or one command; as the base."""
-        (error,) = await self.request_many(verb, [list(channels)])
-        if error is not None:
-            raise BusUnavailable(f"Redis did not acknowledge {verb.decode()}: {error}")
-
-    async def request_many(self, verb: bytes, groups: Sequence[Sequence[str]]) -> list[RespError | None]:
-        """One ``verb`` command per group, all in one write; returns once
-        Redis answered each: None (acknowledged) or the error it answered
-        (``MOVED``, ``CLUSTERDOWN`` …), per group.
-
-        Raises:
-          BusUnavailable: the connection failed, or answered nothing for
-            SUBSCRIBE_ACK_TIMEOUT (it is then closed: the session ends).
-        """
-        if self._broken is not None:
-            raise BusUnavailable(f"the Redis subscription connection failed: {self._broken!r}")
-        kind = _PONG if verb == b"PING" else verb.lower()
-        waiters = [_Command(kind, [c.encode() for c in group] if kind != _PONG else [b""]) for group in groups]
-        data = b"".join(command(verb, *group) for group in groups)
-        async with self._send_lock:
-            self._waiters.extend(waiters)  # type: ignore[arg-type]  # the same interface as _Waiter
-            try:
-                await self.stream.send_all(data)
-            except BaseException as e:  # noqa: BLE001 - re-raised as BusUnavailable, or cancellation passes
-                # Nothing or part of it went out: the acknowledgements can no
-                # longer be matched. The session ends.
-                self.fail(e)
-                raise BusUnavailable(f"sending to Redis failed: {describe(e)}") from None
-        with trio.move_on_after(SUBSCRIBE_ACK_TIMEOUT):
-            for waiter in waiters:
-                await waiter.done.wait()
-        if not all(w.done.is_set() for w in waiters):
-            self.fail(TimeoutError(f"no acknowledgement of {verb.decode()} in {SUBSCRIBE_ACK_TIMEOUT:g} s"))
-            await self.stream.aclose()
-        out: list[RespError | None] = []
-        for waiter in waiters:
-            if isinstance(waiter.error, RespError):
-                out.append(waiter.error)
-            elif waiter.error is not None:
-                raise BusUnavailable(f"Redis did not acknowledge {verb.decode()}: {waiter.error}")
-            else:
-                out.append(None)
-        return out
-
-    def reply(self, push) -> None:
-        waiters = self._waiters
-        if type(push) is list and len(push) >= 2 and push[0] in (_SSUBSCRIBE, _SUNSUBSCRIBE, _PONG):
-            kind = push[0]
-            head: _Command | None = waiters[0] if waiters else None  # type: ignore[assignment]
-            if head is not None and head.kind == kind and (kind == _PONG or head.channels[head.next] == push[1]):
-                head.next += 1
-                if head.next >= len(head.channels):
-                    waiters.popleft()
-                    head.done.set()
-                return
-            if kind == _SUNSUBSCRIBE and isinstance(push[1], bytes):
-                self._dropped(push[1])  # its slot left this node
-                return
-            raise RespProtocolError(f"a {kind.decode()} reply no command asked for")
-        if isinstance(push, RespError):
-            if not waiters:
-                raise RespProtocolError(f"an error no command asked for: {push}")
-            waiter = waiters.popleft()  # one error answers the whole command
-            waiter.error = push
-            waiter.done.set()
-        # anything else needs no answer
 
 
 def _is_redirect(error: RespError) -> bool:
@@ -219,31 +121,47 @@ class Shard:
                 started = True
                 task_status.started()
 
-        with self.scope:
-            while True:
-                lost: BaseException | None = None
-                try:
-                    await self._session(sink, up)
-                except* LOST as group:
-                    lost = innermost(group)
-                except* Exception as group:  # the isolation boundary, see above
-                    if not started:
-                        raise
-                    lost = innermost(group)
-                    if n := self._error_log.tick():
-                        trace = "".join(traceback.format_exception(lost))[-4000:]
-                        self.bus.log.error("bus_shard_failed", node=self.name, count=n, error=repr(lost), trace=trace)
-                self.sub = None
-                self.subscribed.clear()
-                self.bus.shard_changed()
-                if not started:
-                    raise ConnectionError(f"{self.name}: {describe(lost)}")
-                delay = backoff.next()
-                self.bus.log.error(
-                    "bus_lost", url=safe(self.bus.url), node=self.name, error=describe(lost), retry_in=round(delay, 3)
-                )
-                self.bus.refresh()
-                await trio.sleep(delay)
+        try:
+            with self.scope:
+                while True:
+                    lost: BaseException | None = None
+                    try:
+                        await self._session(sink, up)
+                    except* LOST as group:
+                        lost = innermost(group)
+                    except* Exception as group:  # the isolation boundary, see above
+                        if not started:
+                            raise
+                        lost = self._bug(innermost(group))
+                    await trio.sleep(self._ended(lost, started, backoff))
+        finally:
+            self.sub = None  # stopped: nothing may use its connection any more
+            self.subscribed.clear()
+
+    def _bug(self, error: BaseException) -> BaseException:
+        if n := self._error_log.tick():
+            trace = "".join(traceback.format_exception(error))[-4000:]
+            self.bus.log.error("bus_shard_failed", node=self.name, count=n, error=repr(error), trace=trace)
+        return error
+
+    def _ended(self, lost: BaseException | None, started: bool, backoff: Backoff) -> float:
+        """A session ended: its subscriptions are gone; the map is asked for
+        again. Returns the wait before the next session.
+
+        Raises:
+          ConnectionError: the first session failed (the bus does not start).
+        """
+        self.sub = None
+        self.subscribed.clear()
+        self.bus.shard_changed()
+        if not started:
+            raise ConnectionError(f"{self.name}: {describe(lost)}")
+        delay = backoff.next()
+        self.bus.log.error(
+            "bus_lost", url=safe(self.bus.url), node=self.name, error=describe(lost), retry_in=round(delay, 3)
+        )
+        self.bus.refresh()
+        return delay
 
     async def _session(self, sink: Sink, up: Callable[[], None]) -> None:
         """Connect, load the functions on this node, subscribe the control

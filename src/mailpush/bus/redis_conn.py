@@ -1,21 +1,22 @@
 """The Redis bus's connections: the subscription connection (commands out,
-acknowledgements matched, read by mailpush's own RESP parser) and where it
-goes (the --bus URL)."""
+acknowledgements matched, read by mailpush's own RESP parser), its sharded
+kind for a Redis Cluster, and where it goes (the --bus URL)."""
 
 from __future__ import annotations
 
 import ssl
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from urllib.parse import unquote, urlsplit
 
 import trio
 
-from ..errors import BusUnavailable, RespError
+from ..errors import BusUnavailable, RespError, RespProtocolError
 from .resp import PushParser, command
 
 __all__ = [
     "Subscription",
+    "ShardSubscription",
     "Address",
     "MultiHostURL",
     "describe",
@@ -133,6 +134,110 @@ class Subscription:
             waiter = self._waiters.popleft()
             waiter.error = error
             waiter.done.set()
+
+
+_SSUBSCRIBE, _SUNSUBSCRIBE, _PONG = b"ssubscribe", b"sunsubscribe", b"pong"
+
+
+class _Command:
+    """A command waiting for its answer: one ack per channel, in order."""
+
+    __slots__ = ("kind", "channels", "next", "done", "error")
+
+    def __init__(self, kind: bytes, channels: list[bytes]) -> None:
+        self.kind = kind
+        self.channels = channels
+        self.next = 0
+        self.done = trio.Event()
+        self.error: BaseException | None = None
+
+
+class ShardSubscription(Subscription):
+    """A subscription connection in sharded mode: every acknowledgement is
+    matched to the channel its command named, so an ``sunsubscribe`` that no
+    command asked for is told apart (``dropped(channel)``) and anything out
+    of order is a broken stream.
+
+    Raises:
+      RespProtocolError: from :meth:`reply`, for a reply that fits no
+        command (the session ends and is made again).
+    """
+
+    def __init__(self, stream: trio.abc.Stream, dropped: Callable[[bytes], None]) -> None:
+        super().__init__(stream)
+        self._dropped = dropped
+
+    async def request(self, verb: bytes, channels: Sequence[str]) -> None:
+        """PING (the barrier of a history read) or one command; as the base."""
+        (error,) = await self.request_many(verb, [list(channels)])
+        if error is not None:
+            raise BusUnavailable(f"Redis did not acknowledge {verb.decode()}: {error}")
+
+    async def request_many(self, verb: bytes, groups: Sequence[Sequence[str]]) -> list[RespError | None]:
+        """One ``verb`` command per group, all in one write; returns once
+        Redis answered each: None (acknowledged) or the error it answered
+        (``MOVED``, ``CLUSTERDOWN`` …), per group.
+
+        Raises:
+          BusUnavailable: the connection failed, or answered nothing for
+            SUBSCRIBE_ACK_TIMEOUT (it is then closed: the session ends).
+        """
+        if self._broken is not None:
+            raise BusUnavailable(f"the Redis subscription connection failed: {self._broken!r}")
+        kind = _PONG if verb == b"PING" else verb.lower()
+        waiters = [_Command(kind, [c.encode() for c in group] if kind != _PONG else [b""]) for group in groups]
+        data = b"".join(command(verb, *group) for group in groups)
+        async with self._send_lock:
+            self._waiters.extend(waiters)  # type: ignore[arg-type]  # the same interface as _Waiter
+            try:
+                await self.stream.send_all(data)
+            except BaseException as e:
+                # Nothing or part of it went out (cancelled, or the connection
+                # failed): the acknowledgements can no longer be matched, so
+                # the connection is closed and the session ends.
+                self.fail(e)
+                await trio.aclose_forcefully(self.stream)
+                if not isinstance(e, Exception):
+                    raise
+                raise BusUnavailable(f"sending to Redis failed: {describe(e)}") from None
+        with trio.move_on_after(SUBSCRIBE_ACK_TIMEOUT):
+            for waiter in waiters:
+                await waiter.done.wait()
+        if not all(w.done.is_set() for w in waiters):
+            self.fail(TimeoutError(f"no acknowledgement of {verb.decode()} in {SUBSCRIBE_ACK_TIMEOUT:g} s"))
+            await self.stream.aclose()
+        out: list[RespError | None] = []
+        for waiter in waiters:
+            if isinstance(waiter.error, RespError):
+                out.append(waiter.error)
+            elif waiter.error is not None:
+                raise BusUnavailable(f"Redis did not acknowledge {verb.decode()}: {waiter.error}")
+            else:
+                out.append(None)
+        return out
+
+    def reply(self, push) -> None:
+        waiters = self._waiters
+        if type(push) is list and len(push) >= 2 and push[0] in (_SSUBSCRIBE, _SUNSUBSCRIBE, _PONG):
+            kind = push[0]
+            head: _Command | None = waiters[0] if waiters else None  # type: ignore[assignment]
+            if head is not None and head.kind == kind and (kind == _PONG or head.channels[head.next] == push[1]):
+                head.next += 1
+                if head.next >= len(head.channels):
+                    waiters.popleft()
+                    head.done.set()
+                return
+            if kind == _SUNSUBSCRIBE and isinstance(push[1], bytes):
+                self._dropped(push[1])  # its slot left this node
+                return
+            raise RespProtocolError(f"a {kind.decode()} reply no command asked for")
+        if isinstance(push, RespError):
+            if not waiters:
+                raise RespProtocolError(f"an error no command asked for: {push}")
+            waiter = waiters.popleft()  # one error answers the whole command
+            waiter.error = push
+            waiter.done.set()
+        # anything else needs no answer
 
 
 def describe(error: BaseException | None) -> str:
