@@ -52,7 +52,9 @@ def _serve_options(p: argparse.ArgumentParser) -> None:
     opt(
         "bus",
         _D.bus,
-        "message bus: 'embedded' (in-process) or a Redis URL, redis://HOST:PORT/DB (channels mailpush:SUBSCRIBER)",
+        "message bus: 'embedded' (in-process) or a Redis URL: redis://HOST:PORT/DB (channels mailpush:SUBSCRIBER),"
+        " redis+cluster://HOST:PORT,HOST:PORT/ (sharded, channels mailpush:{SUBSCRIBER}) or"
+        " redis+sentinel://HOST:PORT,HOST:PORT/MASTER[/DB]",
     )
     opt("secret", None, "HS256 secret for tokens, at least 32 bytes")
     opt("secret-file", None, "file whose first line is the secret")
