@@ -38,7 +38,14 @@ subscriber than its channel, is dropped on its own, counted
 (``mailpush_bus_bad_items``) and logged at most once a second; the messages
 around it are delivered. A publish or a history read while Redis is
 unreachable raises :class:`~mailpush.errors.BusUnavailable` (the admin API
-answers 503; a read is retried).
+answers 503; a read is retried). A node that lost the functions (restarted
+empty) gets them again on the next session, or at once when a publish is
+refused with "Function not found".
+
+``sentinel.py`` runs this bus on whichever master Redis Sentinel names (it
+fills in :meth:`RedisBus._locate` and :meth:`RedisBus._check`);
+``redis_cluster.py`` is the Redis Cluster bus; what they share is in
+``redis_common.py``.
 """
 
 from __future__ import annotations
@@ -108,7 +115,7 @@ class RedisBus(RedisBase):
                 self._address = Address.parse(url, pool_kwargs.get("ssl_context"))
             except (ValueError, TypeError) as e:
                 raise ConfigError(f"bad --bus URL {safe(url)!r}: {e}") from None
-        elif type(self) is RedisBus:
+        elif type(self) is RedisBus:  # (a subclass, Sentinel, finds its Redis per session)
             raise ConfigError(f"bad --bus URL {safe(url)!r}: the scheme must be redis://, rediss:// or unix://")
 
     def _subscriber_of(self, channel: bytes) -> str:
