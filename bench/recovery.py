@@ -39,16 +39,21 @@ growth of the same publishes with ``--history-size 0``), and RSS per idle
 subscribed connection at IDLE_CONNECTIONS with history on and off in the
 same run (target MEMORY_BUDGET_KB).
 
-The publish-to-receive latency through the Redis history (issue target:
-p99 < 20 ms at 10,000 events/s over 5,000 connections) is the latency
-scenario, whose publishes go through ``mailpush_publish`` (the admin API's
-FCALL pipeline)::
+``latency``: publish-to-receive latency through the Redis history (issue
+target: p99 < 20 ms at 10,000 events/s over 5,000 connections). The
+latency scenario measures it already (its publishes go through the admin
+API, which pipelines ``FCALL mailpush_publish``): this runs that
+scenario's own Redis-bus run (``_latency_one``, the full profile's sizes)
+once a round, for a median, with Redis's CPU beside mailpush's and how
+busy the machine was before each round. The whole scenario, every bus and
+rate, is::
 
     .venv/bin/python bench/run.py --only latency --servers mailpush --out bench/results/recovery_latency
 
 This one::
 
-    .venv/bin/python bench/recovery.py [--only faults,resume,memory] [--rounds 3] [--tabs 1000] [--resume-tabs 15000]
+    .venv/bin/python bench/recovery.py [--only faults,resume,memory,latency] [--rounds 3]
+                                       [--tabs 1000] [--resume-tabs 15000]
 
 prints the tables and writes bench/results/recovery.json (servers' logs in
 bench/results/logs/recovery-*.log). Needs redis-server and haproxy (``make
@@ -81,7 +86,8 @@ sys.path.insert(0, str(BENCH))
 
 from loadgen import LoadGen, procs_for  # noqa: E402
 from recovery_clients import Tabs  # noqa: E402
-from scenarios import settle_rss  # noqa: E402
+from scenarios import PROFILES, Context, settle_rss  # noqa: E402
+from scenarios._latency import LATENCY_P99_MS, LATENCY_RATE, _bus_args, _latency_one  # noqa: E402
 from servers import HOST, SECRET, SERVERS, Server, ServerError, free_port, stop_all  # noqa: E402
 
 # -- faults ----------------------------------------------------------------------
@@ -501,6 +507,7 @@ def count(report: dict, expected: list[int]) -> dict:
 
 def fault_round(kind: str, tabs_n: int, log_dir: Path) -> dict:
     """One round of ``kind`` (kill, drain, workers): see the module docstring."""
+    busy = busy_cores(1.0)
     with contextlib.ExitStack() as stack:
         servers: list[Server] = []
         redis = None
@@ -574,6 +581,7 @@ def fault_round(kind: str, tabs_n: int, log_dir: Path) -> dict:
             "last_resumed_after_fault_s": max(back, default=None),
             "resumed_p50_s": _pct(back, 0.5),
             "drain_exit_code": exit_code,
+            "busy_cores_before": busy,
             "server_cpu_s": mp_cpu.seconds(),
             "redis_cpu_s": redis_cpu.seconds(),
             "server_cpu_us_per_event": mp_cpu.seconds() / delivered * 1e6 if delivered else None,
@@ -593,6 +601,7 @@ def fault_round(kind: str, tabs_n: int, log_dir: Path) -> dict:
 
 
 def resume_round(tabs_n: int, log_dir: Path) -> dict:
+    busy = busy_cores(1.0)
     with contextlib.ExitStack() as stack:
         redis, rport = stack.enter_context(redis_server())
         bus = ["--bus", f"redis://{HOST}:{rport}/0"]
@@ -637,6 +646,7 @@ def resume_round(tabs_n: int, log_dir: Path) -> dict:
         "tabs": tabs_n,
         "open_s": open_s,
         "tabs_complete": have,
+        "busy_cores_before": busy,
         "all_recovered_s": max(done, default=None),
         "wall_s": all_s,
         "recovered_p50_s": _pct(done, 0.5),
@@ -732,6 +742,72 @@ def idle_round(history: bool, log_dir: Path) -> dict:
         "rss_kib": rss,
         "kb_per_connection": (rss - base) * 1.024 / n,
     }
+
+
+# -- latency ------------------------------------------------------------------------------------------
+
+
+def busy_cores(seconds: float = 2.0) -> float:
+    """Cores in use machine-wide over ``seconds`` (as run.py samples before a run)."""
+
+    def sample():
+        with open("/proc/stat") as f:
+            vals = [int(v) for v in f.readline().split()[1:]]
+        return sum(vals) - vals[3] - vals[4], sum(vals)
+
+    b0, t0 = sample()
+    time.sleep(seconds)
+    b1, t1 = sample()
+    return (b1 - b0) / (t1 - t0) * os.cpu_count() if t1 > t0 else 0.0
+
+
+def redis_children() -> list[int]:
+    """This process's redis-server children (the latency scenario starts one)."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+                with open(f"/proc/{entry}/comm") as f:
+                    comm = f.read().strip()
+            except OSError:
+                continue
+            if int(fields[1]) == os.getpid() and comm.startswith("redis-server"):
+                out.append(int(entry))
+    return out
+
+
+def latency_round(out_dir: Path) -> dict:
+    """The latency scenario's Redis-bus run at LATENCY_RATE, full profile."""
+    busy = busy_cores()
+    ctx = Context(PROFILES["full"], out_dir, log=lambda _: None)
+    with _bus_args("redis") as args:
+        if args is None:
+            raise ServerError("redis-server is not installed")
+        with CpuWatch(redis_children) as redis_cpu:
+            r = _latency_one(ctx, SERVERS["mailpush"], "redis", args, LATENCY_RATE)
+    r.pop("cdf_ms", None)
+    r["redis_cpu_us_per_event"] = redis_cpu.seconds() / r["published"] * 1e6 if r["published"] else None
+    r["busy_cores_before"] = busy
+    return r
+
+
+def latency_table(rounds: list[dict]) -> list[str]:
+    rows = ["| figure | median [min–max] over rounds |", "|---|---|"]
+    for label, key, spec in [
+        ("connections", "connections", ",.0f"),
+        ("events/s achieved", "achieved_rate", ",.0f"),
+        ("p50 publish→receive (ms)", "p50_ms", ",.2f"),
+        ("p99 publish→receive (ms)", "p99_ms", ",.2f"),
+        ("p99.9 publish→receive (ms)", "p999_ms", ",.2f"),
+        ("lost", "lost", ",.0f"),
+        ("mailpush CPU µs / event", "server_cpu_us_per_event", ",.1f"),
+        ("Redis CPU µs / event", "redis_cpu_us_per_event", ",.1f"),
+        ("cores busy with other work before the round", "busy_cores_before", ",.2f"),
+    ]:
+        rows.append(f"| {label} | {fmt(med(rounds, key), spec)} |")
+    return rows
 
 
 # -- the report -------------------------------------------------------------------------------------
@@ -867,26 +943,116 @@ def memory_tables(history: dict, idle: dict) -> list[str]:
     return rows
 
 
+def verdicts(results: dict) -> list[str]:
+    """The issue's targets next to this file's numbers."""
+    rows = ["| target | measured | met |", "|---|---|---|"]
+
+    def row(target: str, measured: str, met: bool) -> None:
+        rows.append(f"| {target} | {measured} | {'yes' if met else '**no**'} |")
+
+    names = {
+        "kill": "instance SIGKILL behind HAProxy, Redis",
+        "drain": "drain (SIGTERM) behind HAProxy, Redis",
+        "workers": "worker SIGKILL, --workers 2, embedded bus",
+    }
+    for kind, rounds in results.get("faults", {}).items():
+        missing, dups = total(rounds, "messages_missing"), total(rounds, "messages_duplicated")
+        resyncs = total(rounds, "resyncs")
+        row(
+            f"{names.get(kind, kind)}: 0 missed and 0 duplicated events per tab",
+            f"{missing} missed, {dups} duplicated, {resyncs} resyncs over {len(rounds)} × {rounds[0]['tabs']:,} tabs "
+            f"({total(rounds, 'messages_expected'):,} events)",
+            missing == dups == resyncs == 0,
+        )
+    if results.get("resume"):
+        rounds = results["resume"]
+        m = med(rounds, "all_recovered_s")
+        row(
+            f"{rounds[0]['tabs']:,} tabs of as many subscribers resuming at once after an instance kill: "
+            f"all recovered within {RESUME_TARGET_S:g} s",
+            f"{fmt(m)} s (median [min–max] of {len(rounds)})",
+            m[0] is not None and m[0] <= RESUME_TARGET_S,
+        )
+    if results.get("memory"):
+        idle = results["memory"]["idle"]["on"]
+        m = med(idle, "kb_per_connection")
+        row(
+            f"RSS per idle subscribed connection, history on, no events ≤ {MEMORY_BUDGET_KB} KB",
+            f"{fmt(m)} KB (history off: {fmt(med(results['memory']['idle']['off'], 'kb_per_connection'))} KB)",
+            m[0] <= MEMORY_BUDGET_KB,
+        )
+    if results.get("latency"):
+        rounds = results["latency"]
+        m = med(rounds, "p99_ms")
+        rate = med(rounds, "achieved_rate")
+        row(
+            f"Redis bus with history, {LATENCY_RATE:,} events/s over 5,000 connections: p99 publish→receive "
+            f"< {LATENCY_P99_MS:g} ms",
+            f"{fmt(m)} ms at {fmt(rate, ',.0f')} events/s achieved",
+            m[0] < LATENCY_P99_MS and rate[0] >= 0.98 * LATENCY_RATE,
+        )
+    return rows
+
+
+def markdown(results: dict) -> str:
+    """The RESULTS.md section: the commands, the tables, the targets."""
+    out = ["## Recovery under faults (issue 11, never lose a letter)", ""]
+    out.append(
+        "Measured by `bench/recovery.py` (not part of `make bench`), rendered by "
+        "`.venv/bin/python bench/recovery.py --markdown` from `results/recovery.json`. Runs:"
+    )
+    out.append("")
+    for part, run in results.get("runs", {}).items():
+        out.append(
+            f"- {part}: `{run['command']}` ({run['date']}, {run['rounds']} rounds; "
+            f"{run['busy_cores_before']:.2f} cores busy with other work before it)"
+        )
+    out += ["", "### Targets", ""] + verdicts(results)
+    if results.get("faults"):
+        out += ["", f"### Faults under load ({RATE:,} events/s, per tab counts)", ""] + faults_table(results["faults"])
+    if results.get("resume"):
+        out += ["", "### A resume storm", ""] + resume_table(results["resume"])
+        calls = results["resume"][0]["redis_calls"]
+        n = results["resume"][0]["tabs"]
+        out += [
+            "",
+            "Redis commands during the storm, per resuming subscriber (first round): "
+            + ", ".join(f"{k.upper()} {v / n:.3g}" for k, v in calls.items())
+            + ".",
+        ]
+    if results.get("memory"):
+        out += ["", "### Memory", ""] + memory_tables(results["memory"]["history"], results["memory"]["idle"])
+    if results.get("latency"):
+        out += ["", "### Publish-to-receive latency through the Redis history", ""] + latency_table(results["latency"])
+    return "\n".join(out)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--only", default="faults,resume,memory")
+    ap.add_argument("--only", default="faults,resume,memory,latency")
     ap.add_argument("--faults", default="kill,drain,workers", help="which faults")
     ap.add_argument("--rounds", type=int, default=ROUNDS)
     ap.add_argument("--tabs", type=int, default=TABS)
     ap.add_argument("--resume-tabs", type=int, default=RESUME_TABS)
     ap.add_argument("--out", type=Path, default=BENCH / "results" / "recovery.json")
+    ap.add_argument("--markdown", action="store_true", help="print the RESULTS.md section from --out and exit")
     args = ap.parse_args()
     only = args.only.split(",")
     log_dir = args.out.parent / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
-    results: dict = {
-        "command": " ".join([os.path.relpath(sys.executable), *sys.argv]),
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "rounds": args.rounds,
-    }
-    if args.out.exists():  # keep the parts not run this time
-        old = json.loads(args.out.read_text())
-        results = {**{k: v for k, v in old.items() if k in ("faults", "resume", "memory")}, **results}
+    results: dict = json.loads(args.out.read_text()) if args.out.exists() else {}  # the parts not run now stay
+    if args.markdown:
+        print(markdown(results))
+        return 0
+    command = " ".join([os.path.relpath(sys.executable), *sys.argv])
+    runs = results.setdefault("runs", {})
+    for part in only:
+        runs[part] = {
+            "command": command,
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "rounds": args.rounds,
+            "busy_cores_before": busy_cores(),
+        }
     ok = True
     try:
         if "faults" in only:
@@ -943,6 +1109,19 @@ def main() -> int:
                     print(f"idle history {key}: {idle[key][-1]['kb_per_connection']:.2f} KB/conn", flush=True)
             results["memory"] = {"history": history, "idle": idle}
             print("\n".join(memory_tables(history, idle)))
+        if "latency" in only:
+            rounds = []
+            for i in range(args.rounds):
+                r = latency_round(args.out.parent)
+                rounds.append(r)
+                print(
+                    f"latency round {i + 1}: p99 {r['p99_ms']:.2f} ms at {r['achieved_rate']:,.0f}/s, "
+                    f"lost {r['lost']}, {r['busy_cores_before']:.2f} cores busy before",
+                    flush=True,
+                )
+            results["latency"] = rounds
+            ok &= statistics.median(r["p99_ms"] for r in rounds) < LATENCY_P99_MS
+            print("\n".join(latency_table(rounds)))
     finally:
         stop_all()
         args.out.parent.mkdir(parents=True, exist_ok=True)
