@@ -150,3 +150,26 @@ async def test_a_paused_redis_is_noticed_by_the_heartbeat_and_recovered(start_se
         with trio.fail_after(20):
             while (await ahttp(server.admin_address, "GET", "/healthz"))[0] != 200:
                 await trio.sleep(0.2)
+
+
+async def test_a_publish_to_a_paused_redis_is_503_within_the_publish_timeout(start_server, redis, monkeypatch):
+    # Regression: with Redis paused (connections up, nothing answered) a
+    # publish waited on coredis with no bound, holding the admin request
+    # until the client gave up.
+    from mailpush import admin
+
+    monkeypatch.setattr(admin, "PUBLISH_TIMEOUT", 1.0)
+    server = await start_server(bus_for(redis))
+    body = json.dumps({"subscriber": "eve", "event": "new_letter"}).encode()
+    assert (await ahttp(server.admin_address, "POST", "/v1/publish", body))[0] == 202
+    redis.proc.send_signal(signal.SIGSTOP)
+    try:
+        t0 = trio.current_time()
+        status, answer, headers = await ahttp(server.admin_address, "POST", "/v1/publish", body)
+        took = trio.current_time() - t0
+    finally:
+        redis.proc.send_signal(signal.SIGCONT)
+    assert status == 503 and headers.get("Retry-After") == "1", answer
+    assert b"did not answer within 1 s" in answer
+    assert took < 4
+    assert (await ahttp(server.admin_address, "GET", "/healthz"))[0] in (200, 503)

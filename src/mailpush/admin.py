@@ -69,6 +69,10 @@ REQUEST_TIMEOUT = 30.0
 # scraper and a probe or two need a few; the bound keeps a local flood of
 # connections from taking the process's file descriptors.
 MAX_CLIENTS = 128
+# A publish the bus has not taken within this long is answered 503: a
+# Redis that stopped answering (paused, partitioned) while its connection
+# looks up would otherwise hold the request until the heartbeat notices.
+PUBLISH_TIMEOUT = 5.0
 # Bytes per read of an admin connection.
 RECV_SIZE = 65_536
 # Longest token the demo page may ask for (a day).
@@ -214,7 +218,7 @@ async def _answer(server: Server, request: Request) -> tuple[int, str, bytes, tu
         return e.status, _JSON, _error_body(e.message), e.headers
     except BusUnavailable as e:
         get_logger().warning("publish_unavailable", reason=str(e))
-        return 503, _JSON, _error_body(f"the bus is unavailable, nothing was published: {e}"), (("Retry-After", "1"),)
+        return 503, _JSON, _error_body(f"the bus is unavailable: {e}"), (("Retry-After", "1"),)
     except Exception:  # noqa: BLE001 - the isolation boundary, see above
         if n := _log_limit.tick():
             get_logger().exception("admin_request_failed", method=request.method, path=request.path[:200], count=n)
@@ -238,7 +242,12 @@ async def _route(server: Server, request: Request) -> tuple[int, str, bytes, tup
         except PublishError as e:
             server.log.warning("publish_refused", reason=str(e))
             raise AdminHTTPError(400, str(e)) from None
-        await server.bus.publish(items)
+        with trio.move_on_after(PUBLISH_TIMEOUT) as waited:
+            await server.bus.publish(items)
+        if waited.cancelled_caught:
+            raise BusUnavailable(
+                f"the bus did not answer within {PUBLISH_TIMEOUT:g} s; the items may or may not have been published"
+            )
         server.stats.published += len(items)
         return 202, _JSON, _encode({"accepted": len(items)}) + b"\n", ()
     if path == "/metrics":
