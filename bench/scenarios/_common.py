@@ -115,7 +115,7 @@ PROFILES = {
     # avalanche (18,000 clients, limit 15,000), burst (15,000), slow
     # consumers (9,000 + 1,000 stalled) and drain (15,000 over 10 s).
     # About 9 minutes on 2 cores.
-    "full": Profile("full", (1_000, 5_000, 10_000, 15_000), (20_000, 30_000), 9_000, 5, 9_000, 20,
+    "full": Profile("full", (1_000, 5_000, 10_000, 15_000), (20_000, 36_000), 9_000, 5, 9_000, 20,
                     5_000, (1_000, 10_000), 20.0, 1.0, 5.0),
     # `make bench-quick`: the same shapes at 2,000 connections; 3 s of
     # 10,000 events/s (30,000 samples); a 3 s drain. About 1.5 minutes.
@@ -163,6 +163,15 @@ class Scenario:
     # {server: result} -> [{"issue", "target", "measured", "met"}]: the
     # issues' targets this scenario measures, for its section and the summary.
     verdicts: Callable[[dict], list[dict]] | None = None
+    # run.py --repeat N: the N results of one server -> one result of the
+    # same shape (medians, with the spread in "repeat_metrics");
+    # combine_runs unless the scenario knows better.
+    combine: Callable[[list[dict]], dict] | None = None
+
+    def combined(self, results: list[dict]) -> dict:
+        if len(results) == 1:
+            return results[0]
+        return (self.combine or combine_runs)(results)
 
     def report(self, results: dict) -> list[str]:
         """The table, then the issues' targets next to what was measured."""
@@ -233,6 +242,81 @@ def _label(name: str) -> str:
 def _median_or_none(values):
     vals = [v for v in values if v is not None]
     return statistics.median(vals) if vals else None
+
+
+def _per_op_us(parts: list[dict], seconds_key: str, count_key: str) -> float | None:
+    """µs per operation over several measured phases (runs, rounds): their
+    summed seconds over their summed operations. Used for user and system
+    time, which tick every 10 ms: a sum over phases is what makes them
+    precise enough, where a median of per-phase values would not be."""
+    count = sum(p[count_key] or 0 for p in parts)
+    return sum(p[seconds_key] for p in parts) / count * 1e6 if count else None
+
+
+def _is_num(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def combine_runs(runs: list[dict], primary: str | None = None, sums: tuple[str, ...] = (),
+                 min_of: tuple[str, ...] = ()) -> dict:
+    """One result from the same scenario run on one server N times (run.py
+    ``--repeat``): every top-level number becomes the median of the runs
+    (its median, min, max and values in ``repeat_metrics``), except counts
+    of problems in ``sums`` (summed: a delivery missing in any run shows)
+    and ``min_of`` (the worst run). With ``primary`` = ``rate_median``,
+    ``rate_min``/``rate_max`` become the lowest and highest of the runs'
+    medians (``range_of`` = "runs"). Everything else (rounds, points, client
+    stats) is the median run's (by ``primary``, index in ``repeat_base``);
+    ``repeat_runs`` keeps every run's whole result."""
+    if len(runs) == 1:
+        return runs[0]
+    order = list(range(len(runs)))
+    if primary:
+        order.sort(key=lambda i: runs[i].get(primary) if _is_num(runs[i].get(primary)) else float("-inf"))
+    base = order[(len(runs) - 1) // 2]
+    out = dict(runs[base])
+    metrics = {}
+    for key in runs[base]:
+        vals = [r.get(key) for r in runs]
+        nums = [v for v in vals if _is_num(v)]
+        if not nums or any(v is not None and not _is_num(v) for v in vals):
+            continue
+        if key in sums:
+            out[key] = sum(nums)
+        elif key in min_of:
+            out[key] = min(nums)
+        else:
+            out[key] = statistics.median(nums)
+            metrics[key] = {"median": out[key], "min": min(nums), "max": max(nums), "values": vals}
+    if primary == "rate_median" and "rate_median" in metrics:
+        out["rate_min"], out["rate_max"] = metrics["rate_median"]["min"], metrics["rate_median"]["max"]
+        out["range_of"] = "runs"
+    out.update(repeats=len(runs), repeat_base=base, repeat_metrics=metrics, repeat_runs=runs)
+    return out
+
+
+def _repeats(ok: dict) -> int:
+    return max((r.get("repeats", 1) for r in ok.values()), default=1)
+
+
+def _range_head(ok: dict) -> str:
+    """The min–max column's title: of the rounds (or runs) of one run, or,
+    with --repeat, of the repeated runs' medians."""
+    n = _repeats(ok)
+    return f"min–max of {n} runs" if n > 1 else "min–max"
+
+
+def _spread(r: dict, key: str, spec: str = ".1f") -> str:
+    """A median, and with --repeat its min–max over the runs."""
+    m = r.get("repeat_metrics", {}).get(key)
+    if not m:
+        return _fmt(r.get(key), spec)
+    return f"{_fmt(r.get(key), spec)} ({_fmt(m['min'], spec)}–{_fmt(m['max'], spec)})"
+
+
+def _cpu_fmt(r: dict, user_key: str, sys_key: str) -> str:
+    """Server CPU per operation, user / system µs."""
+    return f"{_spread(r, user_key)} / {_spread(r, sys_key)}"
 
 
 # -- verdict helpers ----------------------------------------------------------------------
