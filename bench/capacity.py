@@ -25,7 +25,8 @@ Repeated ``--rounds`` times; medians with min-max.
 
     .venv/bin/python bench/capacity.py [--connections 15000] [--rounds 3] [--out bench/results]
 
-Prints a table and writes ``<out>/capacity.json``.
+Prints a table and writes ``<out>/capacity.json`` (``--name`` to change it;
+``--server-args '--poller shared'`` measures the shared poller).
 """
 
 from __future__ import annotations
@@ -184,6 +185,7 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=ROUNDS)
     ap.add_argument("--out", type=Path, default=BENCH / "results")
     ap.add_argument("--server-args", default="", help="extra mailpush serve options, e.g. '--poller shared'")
+    ap.add_argument("--name", default="capacity", help="the JSON's name in --out: NAME.json")
     args = ap.parse_args()
     extra = args.server_args.split()
     rounds = []
@@ -215,7 +217,7 @@ def main() -> int:
         s = summary[key]
         print(f"| {label} | {s['median']:.2f} | {s['min']:.2f}–{s['max']:.2f} |")
     args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / "capacity.json"
+    path = args.out / f"{args.name}.json"
     path.write_text(
         json.dumps(
             {
