@@ -39,6 +39,11 @@ growth of the same publishes with ``--history-size 0``), and RSS per idle
 subscribed connection at IDLE_CONNECTIONS with history on and off in the
 same run (target MEMORY_BUDGET_KB).
 
+``publish``: what the history costs a publish on the Redis bus: the bus's
+own ``publish()`` (a pipeline of ``FCALL mailpush_publish``, what the admin
+API runs) against a pipeline of plain PUBLISHes of the same events: time
+per request of PUBLISH_ITEMS, the publisher's CPU and Redis's per event.
+
 ``latency``: publish-to-receive latency through the Redis history (issue
 target: p99 < 20 ms at 10,000 events/s over 5,000 connections). The
 latency scenario measures it already (its publishes go through the admin
@@ -52,7 +57,7 @@ rate, is::
 
 This one::
 
-    .venv/bin/python bench/recovery.py [--only faults,resume,memory,latency] [--rounds 3]
+    .venv/bin/python bench/recovery.py [--only faults,resume,memory,publish,latency] [--rounds 3]
                                        [--tabs 1000] [--resume-tabs 15000]
 
 prints the tables and writes bench/results/recovery.json (servers' logs in
@@ -245,6 +250,18 @@ def worker_pid(srv: Server, index: int) -> int:
         if b"--worker-index" in argv and argv[argv.index(b"--worker-index") + 1] == str(index).encode():
             return pid
     raise ServerError(f"no worker {index} among {srv.pids()}")
+
+
+def healthy(host: str, port: int) -> bool:
+    """An admin API's /healthz answers 200."""
+    conn = http.client.HTTPConnection(host, port, timeout=2)
+    try:
+        conn.request("GET", "/healthz")
+        return conn.getresponse().status == 200
+    except (OSError, http.client.HTTPException):
+        return False
+    finally:
+        conn.close()
 
 
 def gauge(host: str, port: int, name: str) -> float:
@@ -515,10 +532,11 @@ def fault_round(kind: str, tabs_n: int, log_dir: Path) -> dict:
             srv = stack.enter_context(mailpush(log_dir, "workers", ["--workers", "2"]))
             servers.append(srv)
             deadline = time.monotonic() + 30
-            while srv.admin("GET", "/healthz")[0] != 200:  # the group's: every worker listens
-                if time.monotonic() > deadline:
-                    raise ServerError("the workers did not all come up")
-                time.sleep(0.05)
+            for i in range(2):  # each worker listens (the group's /healthz says only that they run)
+                while not healthy(HOST, srv.aport + 1 + i):
+                    if time.monotonic() > deadline:
+                        raise ServerError(f"worker {i} did not come up")
+                    time.sleep(0.05)
             targets = [(HOST, srv.port)]
             publisher = AdminPublisher(srv.aport)  # the supervisor's: into the relay
         else:
@@ -793,6 +811,88 @@ def latency_round(out_dir: Path) -> dict:
     return r
 
 
+# Publishing with history: requests of this many items, this many times.
+PUBLISH_ITEMS = 50
+PUBLISH_REQUESTS = 400
+
+
+def publish_cost_round() -> dict:
+    """What the history costs a publish on the Redis bus: the bus's own
+    ``publish()`` (one pipeline of ``FCALL mailpush_publish``, what the admin
+    API does) against a pipeline of plain PUBLISHes of the same events, in
+    this process, to a Redis of its own: time per request, this process's
+    CPU and Redis's per event."""
+    import trio
+
+    sys.path.insert(0, str(BENCH.parent / "src"))
+    from mailpush import Config
+    from mailpush.bus.redis import RedisBus
+
+    with redis_server() as (redis, port):
+        url = f"redis://{HOST}:{port}/0"
+        out = {}
+
+        async def main() -> None:
+            bus = RedisBus(url, Config(bus=url, secret=SECRET))
+
+            async def sink(batch) -> None:
+                pass
+
+            items = [(f"user{i}@example.com", "new_letter", {"t": 1234567890123}, None) for i in range(PUBLISH_ITEMS)]
+            plain = [
+                (f"mailpush:{s}", json.dumps({"subscriber": s, "event": e, "data": d}).encode()) for s, e, d, _ in items
+            ]
+
+            async def fcall() -> None:
+                await bus.publish(items)
+
+            async def publish() -> None:
+                async with bus.client.pipeline(transaction=False) as pipe:
+                    for channel, payload in plain:
+                        pipe.publish(channel, payload)
+
+            async with trio.open_nursery() as nursery:
+                await nursery.start(bus.run, sink)
+                for name, fn in (("fcall", fcall), ("publish", publish)):
+                    for _ in range(20):  # warm up
+                        await fn()
+                    times = []
+                    cpu0, r0 = time.process_time(), cpu_s(redis.pid)
+                    for _ in range(PUBLISH_REQUESTS):
+                        t = time.perf_counter()
+                        await fn()
+                        times.append(time.perf_counter() - t)
+                    events = PUBLISH_REQUESTS * PUBLISH_ITEMS
+                    out[name] = {
+                        "request_ms_p50": statistics.median(times) * 1e3,
+                        "request_ms_p99": _pct(times, 0.99) * 1e3,
+                        "client_cpu_us_per_event": (time.process_time() - cpu0) / events * 1e6,
+                        "redis_cpu_us_per_event": (cpu_s(redis.pid) - r0) / events * 1e6,
+                    }
+                nursery.cancel_scope.cancel()
+
+        trio.run(main)
+    return out
+
+
+def publish_table(rounds: list[dict]) -> list[str]:
+    rows = [
+        f"| {PUBLISH_ITEMS} events per request, through the Redis bus's publish() | time per request p50 / p99 (ms)"
+        " | publisher CPU µs / event | Redis CPU µs / event |",
+        "|---|---|---|---|",
+    ]
+    for name, label in (
+        ("fcall", "FCALL mailpush_publish (history, what mailpush does)"),
+        ("publish", "plain PUBLISH (no history, no offset)"),
+    ):
+        rs = [r[name] for r in rounds]
+        rows.append(
+            f"| {label} | {fmt(med(rs, 'request_ms_p50'))} / {fmt(med(rs, 'request_ms_p99'))} | "
+            f"{fmt(med(rs, 'client_cpu_us_per_event'), ',.1f')} | {fmt(med(rs, 'redis_cpu_us_per_event'), ',.1f')} |"
+        )
+    return rows
+
+
 def latency_table(rounds: list[dict]) -> list[str]:
     rows = ["| figure | median [min–max] over rounds |", "|---|---|"]
     for label, key, spec in [
@@ -1003,9 +1103,11 @@ def markdown(results: dict) -> str:
     )
     out.append("")
     for part, run in results.get("runs", {}).items():
+        busy = run.get("busy_cores_before")
+        busy = "–" if busy is None else f"{busy:.2f}"
         out.append(
             f"- {part}: `{run['command']}` ({run['date']}, {run['rounds']} rounds; "
-            f"{run['busy_cores_before']:.2f} cores busy with other work before it)"
+            f"{busy} cores busy with other work before it)"
         )
     out += ["", "### Targets", ""] + verdicts(results)
     if results.get("faults"):
@@ -1024,12 +1126,14 @@ def markdown(results: dict) -> str:
         out += ["", "### Memory", ""] + memory_tables(results["memory"]["history"], results["memory"]["idle"])
     if results.get("latency"):
         out += ["", "### Publish-to-receive latency through the Redis history", ""] + latency_table(results["latency"])
+    if results.get("publish"):
+        out += ["", "### What the history costs a publish on the Redis bus", ""] + publish_table(results["publish"])
     return "\n".join(out)
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--only", default="faults,resume,memory,latency")
+    ap.add_argument("--only", default="faults,resume,memory,publish,latency")
     ap.add_argument("--faults", default="kill,drain,workers", help="which faults")
     ap.add_argument("--rounds", type=int, default=ROUNDS)
     ap.add_argument("--tabs", type=int, default=TABS)
@@ -1046,18 +1150,22 @@ def main() -> int:
         return 0
     command = " ".join([os.path.relpath(sys.executable), *sys.argv])
     runs = results.setdefault("runs", {})
-    for part in only:
-        runs[part] = {
+
+    def began() -> dict:
+        """What to record of a part once it is done: the command, when, how busy the machine was."""
+        return {
             "command": command,
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
             "rounds": args.rounds,
             "busy_cores_before": busy_cores(),
         }
+
     ok = True
     try:
         if "faults" in only:
-            results["faults"] = {}
+            results.setdefault("faults", {})
             for kind in args.faults.split(","):
+                meta = began()
                 rounds = []
                 for i in range(args.rounds):
                     r = fault_round(kind, args.tabs, log_dir)
@@ -1071,8 +1179,10 @@ def main() -> int:
                     )
                     ok &= r["messages_missing"] == 0 and r["messages_duplicated"] == 0 and r["resyncs"] == 0
                 results["faults"][kind] = rounds
+                runs[f"faults {kind}"] = meta
             print("\n".join(faults_table(results["faults"])))
         if "resume" in only:
+            meta = began()
             rounds = []
             for i in range(args.rounds):
                 r = resume_round(args.resume_tabs, log_dir)
@@ -1086,8 +1196,10 @@ def main() -> int:
                 )
                 ok &= r["tabs_complete"] == r["tabs"] and (r["all_recovered_s"] or 1e9) <= RESUME_TARGET_S
             results["resume"] = rounds
+            runs["resume"] = meta
             print("\n".join(resume_table(rounds)))
         if "memory" in only:
+            meta = began()
             history = {}
             for subscribers, each in HISTORY_SHAPES:
                 pairs = []
@@ -1108,8 +1220,16 @@ def main() -> int:
                     idle[key].append(idle_round(key == "on", log_dir))
                     print(f"idle history {key}: {idle[key][-1]['kb_per_connection']:.2f} KB/conn", flush=True)
             results["memory"] = {"history": history, "idle": idle}
+            runs["memory"] = meta
             print("\n".join(memory_tables(history, idle)))
+        if "publish" in only:
+            meta = began()
+            rounds = [publish_cost_round() for _ in range(args.rounds)]
+            results["publish"] = rounds
+            runs["publish"] = meta
+            print("\n".join(publish_table(rounds)))
         if "latency" in only:
+            meta = began()
             rounds = []
             for i in range(args.rounds):
                 r = latency_round(args.out.parent)
@@ -1120,6 +1240,7 @@ def main() -> int:
                     flush=True,
                 )
             results["latency"] = rounds
+            runs["latency"] = meta
             ok &= statistics.median(r["p99_ms"] for r in rounds) < LATENCY_P99_MS
             print("\n".join(latency_table(rounds)))
     finally:
