@@ -4,7 +4,7 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 
-.PHONY: run test lint bench bench-quick soak fuzz system-deps node-deps venv clean
+.PHONY: run test lint bench bench-quick bench-deps soak fuzz system-deps node-deps venv clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -71,6 +71,14 @@ bench: $(STAMP)
 
 bench-quick: $(STAMP)
 	$(BIN)/python bench/run.py --quick
+
+# The bench's optional peers, installed ahead of a run: the Python ones
+# come with the venv's [bench] extra; the Node.js one (ws, pinned by
+# bench/node's lock file) is installed here. bench/run.py runs the same
+# npm ci itself when bench/node/node_modules is missing, and reports a peer
+# it cannot run as skipped.
+bench-deps: $(STAMP)
+	cd bench/node && npm ci --no-audit --no-fund --loglevel=error
 
 # Coverage-guided fuzzing of every parser, FUZZ_SECONDS per target.
 FUZZ_SECONDS ?= 60

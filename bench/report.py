@@ -18,7 +18,8 @@ from scenarios import SCENARIOS
 from servers import SERVERS
 
 # Fixed colours per server so every plot reads the same way.
-COLORS = {"mailpush": "#d62728", "mailpush_shared": "#ff7f0e", "triows": "#1f77b4", "websockets": "#2ca02c", "floor": "#7f7f7f"}
+COLORS = {"mailpush": "#d62728", "mailpush_shared": "#ff7f0e", "triows": "#1f77b4", "websockets": "#2ca02c",
+          "picows": "#9467bd", "node_ws": "#8c564b", "socketify": "#17becf", "floor": "#7f7f7f"}
 
 # One line style per latency run of a server (bus x rate).
 LINESTYLES = ["-", "--", ":", "-."]
@@ -106,7 +107,8 @@ def plots(out: Path, data: dict) -> list[tuple[str, Path]]:
         ax.set_xticks(range(len(names)), [_label(n).replace(" (", "\n(").replace(", ", ",\n") for n in names],
                       fontsize=8)
         n = next(iter(ok.values()))["n"]
-        ax.set(ylabel=ylabel, title=f"{title}, {n:,} connections (median, min–max)")
+        spread = "min–max of the runs" if any(r.get("repeats", 1) > 1 for r in ok.values()) else "min–max"
+        ax.set(ylabel=ylabel, title=f"{title}, {n:,} connections (median, {spread})")
         ax.grid(axis="y", alpha=0.3)
         written.append(_save(plt, fig, out / f"{key}.png", title))
 
@@ -282,6 +284,41 @@ def summary(data: dict) -> list[str]:
     return rows
 
 
+def cpu_summary(data: dict) -> list[str]:
+    """Server CPU per operation, user and system time apart, per server:
+    over loopback most of a delivery is the kernel's, so rates hide what a
+    server's own code costs; its user time shows it."""
+    cols = [("upgrade", "µs/upgrade", "server_user_us_per_upgrade", "server_sys_us_per_upgrade",
+             "server_cpu_us_per_upgrade"),
+            ("fanout", "µs/delivery, fan-out", "server_user_us_per_delivery", "server_sys_us_per_delivery",
+             "server_cpu_us_per_delivery"),
+            ("broadcast", "µs/delivery, broadcast", "server_user_us_per_delivery", "server_sys_us_per_delivery",
+             "server_cpu_us_per_delivery")]
+    res = {key: _ok(data.get(key, {}).get("results", {})) for key, *_ in cols}
+    cols = [c for c in cols if res[c[0]]]
+    names = [n for n in SERVERS if any(n in res[c[0]] for c in cols)]
+    if not names:
+        return []
+    head = ["server"] + [f"{what}: user / sys (total)" for _, what, *_ in cols]
+    rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+
+    def f(v):
+        return "–" if v is None else f"{v:.1f}"
+
+    for name in names:
+        cells = [_label(name)]
+        for key, _, u, sy, tot in cols:
+            r = res[key].get(name)
+            cells.append(f"{f(r.get(u))} / {f(r.get(sy))} ({f(r.get(tot))})" if r else "–")
+        rows.append("| " + " | ".join(cells) + " |")
+    return rows
+
+
+def _script(name: str) -> str:
+    spec = SERVERS[name]
+    return f"{spec.script}.mjs" if spec.runtime == "node" else f"{spec.script}.py"
+
+
 def write(out: Path, md_path: Path, meta: dict) -> Path:
     """Render ``md_path`` (and the plots into ``out``) from ``out``'s JSON."""
     data = _load(out)
@@ -307,12 +344,26 @@ def write(out: Path, md_path: Path, meta: dict) -> Path:
         "",
     ]
     lines += [f"- {k}: {v}" for k, v in meta["machine"].items()]
+    pin = meta.get("pin")
+    lines.append("- CPU placement: " + (
+        f"servers pinned to CPU {', '.join(map(str, pin['server_cpus']))}, the load generator and the bench "
+        f"process to CPU {', '.join(map(str, pin['loadgen_cpus']))} (`--pin`)" if pin else
+        "not pinned (`--pin` not given): the scheduler placed servers and load generator"))
+    if meta.get("repeat", 1) > 1:
+        lines.append(f"- repetitions: every scenario {meta['repeat']} times per server, the servers in a rotated "
+                     "order each time; tables show the median of the runs and their min–max")
     table = summary(data)
+    cpu = cpu_summary(data)
     targets = verdicts(data)
-    if table or targets:
+    if table or targets or cpu:
         head = ["## Summary", ""]
         if table:
             head += table + ["", "Memory: lower is better; rates: higher is better. Details, method and plots below.", ""]
+        if cpu:
+            head += ["### Server CPU per operation", ""] + cpu + [
+                "", "µs of the server's CPU per operation, user and system time apart (from /proc/PID/stat, "
+                "summed over all rounds of a run), and the total (scheduler time, median of the rounds). "
+                "Over loopback a delivery is mostly kernel time; the user time is the server's own code.", ""]
         if targets:
             head += ["### Targets of the issues, as measured in this run", ""]
             if meta.get("profile") != "full":
@@ -330,7 +381,7 @@ def write(out: Path, md_path: Path, meta: dict) -> Path:
         "each connection upgrades with its own HS256 token, sends `{\"type\":\"subscribe\"}` "
         "and counts as open once the answer arrives.",
         "- Servers, each in a fresh process per scenario: "
-        + "; ".join(f"**{_label(n)}**" + (f" ({SERVERS[n].script}.py)" if SERVERS[n].script else
+        + "; ".join(f"**{_label(n)}**" + (f" ({_script(n)})" if SERVERS[n].script else
                                             " (`mailpush serve`, embedded bus, JWT auth)")
                     for n in SERVERS) + ".",
         "- Ratios: `× mailpush` is the server's value divided by mailpush's, `× floor` divided "

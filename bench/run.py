@@ -4,11 +4,17 @@
     .venv/bin/python bench/run.py --quick    # 2,000 connections: ~1.5 min -> bench/results/quick/
     .venv/bin/python bench/run.py --tiny --out DIR   # 50 connections: the smoke test
 
-Options: ``--only memory,fanout`` (scenarios), ``--servers mailpush,floor``.
+Options: ``--only memory,fanout`` (scenarios), ``--servers mailpush,floor``;
+``--repeat N`` runs every scenario N times on each server (the servers in a
+rotated order each time) and reports the median of the runs with their
+min–max; ``--pin`` pins every server to CPU 0 and the load generator (this
+process and its worker processes) to CPU 1, so that the scheduler's choice
+of cores does not decide a ratio.
 Each scenario prints its table as it finishes and writes ``<out>/<name>.json``;
 at the end report.py renders RESULTS.md and the plots from those files.
 Exit status 1 if any server failed a scenario (a skipped server, e.g.
-mailpush before it exists, is not a failure).
+mailpush before it exists, or a peer whose library is not installed, is not
+a failure).
 
 Resource handling: every server is its own process group, stopped when its
 scenario ends and again (all of them) on exit, Ctrl-C or SIGTERM; the load
@@ -35,7 +41,7 @@ from pathlib import Path
 import report
 from loadgen import MAX_SOCKETS_PER_PROC
 from scenarios import PROFILES, SCENARIOS, Context
-from servers import BENCH, ROOT, SERVERS, Server, stop_all
+from servers import BENCH, ROOT, SERVERS, Server, node_versions, stop_all
 
 # Where each profile writes when --out is not given. The full run's files
 # are the ones README links to; quick runs go aside so they never overwrite
@@ -53,11 +59,17 @@ BUSY_SAMPLE_S = 2.0
 BUSY_WARN = 0.2
 
 # Packages whose versions go into the report.
-PACKAGES = ["trio", "trio-websocket", "wsproto", "websockets", "pyjwt", "msgspec", "h11", "matplotlib", "mailpush"]
+PACKAGES = ["trio", "trio-websocket", "wsproto", "websockets", "picows", "aiofastnet", "uvloop", "socketify",
+            "pyjwt", "msgspec", "h11", "matplotlib", "mailpush"]
+
+# --pin: the server's CPU, and the load generator's (this process, whose
+# forked worker processes inherit it).
+PIN_SERVER_CPU = 0
+PIN_LOADGEN_CPU = 1
 
 
-def machine_facts() -> dict:
-    facts = {"CPUs (nproc)": len(os.sched_getaffinity(0))}
+def machine_facts(nproc: int) -> dict:
+    facts = {"CPUs (nproc)": nproc}
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -82,6 +94,9 @@ def machine_facts() -> dict:
         except metadata.PackageNotFoundError:
             pass
     facts["packages"] = ", ".join(versions)
+    node = node_versions()
+    if node:
+        facts["Node.js (bench/node)"] = ", ".join(f"{k} {v}" for k, v in node.items())
     try:
         rev = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
                              capture_output=True, text=True, timeout=10).stdout.strip()
@@ -123,7 +138,13 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, help="directory for JSON, plots, logs (and RESULTS.md)")
     ap.add_argument("--only", default="", help=f"comma-separated scenarios of {','.join(SCENARIOS)}")
     ap.add_argument("--servers", default="", help=f"comma-separated servers of {','.join(SERVERS)}")
+    ap.add_argument("--repeat", type=int, default=1, metavar="N",
+                    help="run each scenario N times per server; report the median and min–max")
+    ap.add_argument("--pin", action="store_true",
+                    help=f"pin servers to CPU {PIN_SERVER_CPU}, the load generator to CPU {PIN_LOADGEN_CPU}")
     a = ap.parse_args(argv)
+    if a.repeat < 1:
+        ap.error("--repeat must be at least 1")
 
     profile = PROFILES["quick" if a.quick else "tiny" if a.tiny else "full"]
     if a.out is None and profile.name not in DEFAULT_OUT:
@@ -139,6 +160,16 @@ def main(argv=None) -> int:
     for s in servers:
         if s not in SERVERS:
             ap.error(f"unknown server {s!r}")
+
+    nproc = len(os.sched_getaffinity(0))
+    pin = None
+    if a.pin:
+        if not {PIN_SERVER_CPU, PIN_LOADGEN_CPU} <= os.sched_getaffinity(0):
+            ap.error(f"--pin needs CPUs {PIN_SERVER_CPU} and {PIN_LOADGEN_CPU}; "
+                     f"this process may use {sorted(os.sched_getaffinity(0))}")
+        os.sched_setaffinity(0, {PIN_LOADGEN_CPU})  # before any worker or thread starts: they inherit it
+        Server.cpus = {PIN_SERVER_CPU}
+        pin = {"server_cpus": [PIN_SERVER_CPU], "loadgen_cpus": [PIN_LOADGEN_CPU]}
 
     out.mkdir(parents=True, exist_ok=True)
     for old in [*out.glob("*.json"), *out.glob("*.png"), *out.glob("logs/*.log")]:  # only this run's
@@ -158,38 +189,62 @@ def main(argv=None) -> int:
                      "(other processes share these 2 cores; absolute numbers are lower than on a quiet machine)")
         print(f"warning: {notes[-1]}")
     print(f"profile {profile.name}: {asdict(profile)}")
+    if a.repeat > 1:
+        print(f"every scenario {a.repeat} times per server, medians")
+    if pin:
+        print(f"pinned: servers on CPU {PIN_SERVER_CPU}, load generator on CPU {PIN_LOADGEN_CPU}")
     print(f"writing to {out}")
     try:
         for name in only:
             sc = SCENARIOS[name]
             t0 = time.monotonic()
             print(f"\n== {sc.title} ({name})", flush=True)
-            results = {}
+            results, runs, orders = {}, {}, []
             for server in servers:
                 if server not in sc.servers:
                     continue
-                spec = SERVERS[server]
-                why = spec.unavailable()
+                why = SERVERS[server].unavailable()
                 if why:
                     print(f"  {server}: skipped, {why}")
                     results[server] = {"skipped": why}
-                    continue
-                try:
-                    results[server] = sc.fn(ctx, spec)
-                except KeyboardInterrupt:
-                    raise
-                except Exception as e:  # record, report, go on with the next server
-                    failed = True
-                    tb = traceback.format_exc()
-                    print(f"  {server}: FAILED {type(e).__name__}: {e}\n{tb}", flush=True)
-                    results[server] = {"error": f"{type(e).__name__}: {e}", "traceback": tb}
-                    notes.append(f"{name} / {server}: {type(e).__name__}: {str(e).splitlines()[0][:300]}")
-                finally:
-                    stop_all()
+                else:
+                    results[server] = None  # table order; filled in below
+                    runs[server] = []
+            active = list(runs)
+            for k in range(a.repeat):
+                # Each repetition starts one server later: no server always
+                # runs first (on a machine still quiet) or last.
+                order = active[k % len(active):] + active[:k % len(active)] if active else []
+                orders.append(order)
+                if a.repeat > 1:
+                    print(f"  -- run {k + 1}/{a.repeat}: {', '.join(order)}", flush=True)
+                for server in order:
+                    if results[server] is not None:  # failed or skipped itself in an earlier run
+                        continue
+                    try:
+                        r = sc.fn(ctx, SERVERS[server])
+                        if "skipped" in r:
+                            results[server] = r
+                        else:
+                            runs[server].append(r)
+                    except KeyboardInterrupt:
+                        raise
+                    except Exception as e:  # record, report, go on with the next server
+                        failed = True
+                        tb = traceback.format_exc()
+                        print(f"  {server}: FAILED {type(e).__name__}: {e}\n{tb}", flush=True)
+                        results[server] = {"error": f"{type(e).__name__}: {e}", "traceback": tb}
+                        notes.append(f"{name} / {server}: {type(e).__name__}: {str(e).splitlines()[0][:300]}")
+                    finally:
+                        stop_all()
+            for server in active:
+                if results[server] is None:
+                    results[server] = sc.combined(runs[server])
             print("\n".join(sc.report(results)), flush=True)
             (out / f"{name}.json").write_text(json.dumps({
                 "scenario": name, "title": sc.title, "profile": asdict(profile),
-                "seconds": time.monotonic() - t0, "results": results}, indent=1))
+                "seconds": time.monotonic() - t0, "repeat": a.repeat, "orders": orders,
+                "pin": pin, "results": results}, indent=1))
     finally:
         stop_all()
     seconds = time.monotonic() - began
@@ -198,13 +253,13 @@ def main(argv=None) -> int:
     if seconds > budget:
         notes.append(f"this run took {seconds / 60:.1f} min, over its {budget / 60:.0f} min budget")
     procs = max(profile.client_procs, 1)
-    facts = machine_facts()
+    facts = machine_facts(nproc)
     facts["load before the run"] = f"{busy_before:.2f} cores busy (sampled {BUSY_SAMPLE_S:g} s)"
     with open("/proc/loadavg") as f:
         facts["load average at the end (1/5/15 min)"] = " ".join(f.read().split()[:3])
     meta = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "profile": profile.name, "seconds": seconds, "command": command, "make": make,
-            "machine": facts, "notes": notes,
+            "machine": facts, "notes": notes, "repeat": a.repeat, "pin": pin,
             "client": {"procs_note": f"{procs}+ worker processes (one more per "
                                      f"{MAX_SOCKETS_PER_PROC:,} sockets)"}}
     (out / "meta.json").write_text(json.dumps(meta, indent=1))

@@ -8,6 +8,19 @@ mailpush runs in its real configuration (``mailpush serve``, embedded bus,
 JWT auth, warning-level logs) and is triggered through its admin publish
 API, one item per subscriber. The reference servers accept any token and are
 triggered by ``POST /fanout`` on their admin port (see refhttp.py).
+
+Some reference servers need a library the bench does not require (picows,
+socketify from the ``[bench]`` extra; Node.js and its ``ws`` package from
+bench/node): :meth:`ServerSpec.unavailable` says why one cannot run, and
+run.py then reports it as skipped with that reason instead of failing. The
+Node.js package is installed here, with ``npm ci`` in bench/node, the first
+time a run needs it and finds no node_modules.
+
+CPU time of a server is read two ways: :meth:`Server.cpu_s`, the precise
+total (scheduler nanoseconds), and :meth:`Server.cpu_times`, user and system
+time apart (clock ticks of /proc/PID/stat); a scenario reads both before and
+after each measured phase. ``Server.cpus`` (run.py ``--pin``) starts every
+server pinned to those CPUs.
 """
 
 from __future__ import annotations
@@ -23,6 +36,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
+from functools import cache
 from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
@@ -58,6 +72,17 @@ STOP_SLACK_S = 1.5
 
 # A trigger (fan-out POST, publish batch) must be answered within this.
 TRIGGER_TIMEOUT_S = 60.0
+
+# /proc/PID/stat counts utime and stime in these ticks per second.
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+# The Node.js reference server's package (ws, pinned by its lock file), and
+# how long `npm ci` may take there (one small package; seconds normally).
+NODE_DIR = BENCH / "node"
+NPM_CI_TIMEOUT_S = 300.0
+# Checking that a reference server's Python modules import (a subprocess of
+# this venv's interpreter, so a broken extension cannot crash the bench).
+IMPORT_CHECK_TIMEOUT_S = 60.0
 
 
 def free_port(consecutive: int = 1) -> int:
@@ -103,13 +128,75 @@ def mailpush_available() -> str | None:
     return None
 
 
+@cache
+def python_modules_available(modules: tuple[str, ...]) -> str | None:
+    """None if this venv's interpreter imports every module, else why not
+    (checked once per run, in a subprocess)."""
+    try:
+        p = subprocess.run([sys.executable, "-c", "import " + ", ".join(modules)], capture_output=True,
+                           text=True, timeout=IMPORT_CHECK_TIMEOUT_S, cwd=BENCH)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return f"could not check for {', '.join(modules)}: {e}"
+    if p.returncode == 0:
+        return None
+    last = (p.stderr.strip().splitlines() or ["exit status " + str(p.returncode)])[-1]
+    return f"{last[:200]} (pip install -e '.[bench]')"
+
+
+def node_command() -> str | None:
+    return shutil.which("node")
+
+
+@cache
+def node_available() -> str | None:
+    """None if the Node.js reference server can run: ``node`` on PATH and
+    bench/node's packages installed, with ``npm ci`` now if they are missing
+    (once per run); else why not."""
+    if node_command() is None:
+        return "node is not installed (Debian: apt-get install nodejs npm)"
+    if (NODE_DIR / "node_modules" / "ws" / "package.json").exists():
+        return None
+    npm = shutil.which("npm")
+    if npm is None:
+        return f"{NODE_DIR.relative_to(ROOT)}/node_modules is missing and npm is not installed"
+    print(f"  installing {NODE_DIR.relative_to(ROOT)}'s packages: npm ci", flush=True)
+    try:
+        p = subprocess.run([npm, "ci", "--no-audit", "--no-fund", "--loglevel=error"], cwd=NODE_DIR,
+                           capture_output=True, text=True, timeout=NPM_CI_TIMEOUT_S, stdin=subprocess.DEVNULL)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return f"npm ci in {NODE_DIR.relative_to(ROOT)} failed: {e}"
+    if p.returncode != 0:
+        last = ((p.stderr or p.stdout).strip().splitlines() or ["?"])[-1]
+        return f"npm ci in {NODE_DIR.relative_to(ROOT)} exited with {p.returncode}: {last[:200]}"
+    return None
+
+
+def node_versions() -> dict[str, str]:
+    """Node.js's and ws's versions, for the report (empty if not installed)."""
+    out = {}
+    node = node_command()
+    if node:
+        try:
+            out["Node.js"] = subprocess.run([node, "--version"], capture_output=True, text=True,
+                                            timeout=10).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            pass
+    try:
+        out["ws"] = json.loads((NODE_DIR / "node_modules" / "ws" / "package.json").read_text())["version"]
+    except (OSError, ValueError, KeyError):
+        pass
+    return out
+
+
 @dataclass
 class ServerSpec:
     name: str                 # short key used in results
     label: str                # what the tables call it
     kind: str                 # "mailpush" or "ref"
-    script: str = ""          # bench/<script>.py for reference servers
+    script: str = ""          # bench/<script>.py (.mjs for Node.js) for reference servers
     extra_args: list[str] = field(default_factory=list)
+    runtime: str = "python"   # reference servers: "python" (this venv) or "node"
+    needs: tuple[str, ...] = ()  # Python modules a reference server imports beyond the bench's own
 
     def argv(self, port: int, aport: int) -> list[str]:
         if self.kind == "mailpush":
@@ -118,19 +205,35 @@ class ServerSpec:
                           "--secret", SECRET, "--log-level", "warning",
                           "--max-connections", str(MAILPUSH_MAX_CONNECTIONS),
                           "--drain-seconds", str(MAILPUSH_DRAIN_S)] + self.extra_args
-        return [sys.executable, str(BENCH / f"{self.script}.py"),
-                "--listen", f"{HOST}:{port}", "--admin", f"{HOST}:{aport}"] + self.extra_args
+        if self.runtime == "node":
+            cmd = [node_command() or "node", str(BENCH / f"{self.script}.mjs")]
+        else:
+            cmd = [sys.executable, str(BENCH / f"{self.script}.py")]
+        return cmd + ["--listen", f"{HOST}:{port}", "--admin", f"{HOST}:{aport}"] + self.extra_args
 
     def unavailable(self) -> str | None:
-        return mailpush_available() if self.kind == "mailpush" else None
+        """None if this server can run here, else why not (run.py reports
+        it as skipped with this reason)."""
+        if self.kind == "mailpush":
+            return mailpush_available()
+        if self.runtime == "node":
+            return node_available()
+        if self.needs:
+            return python_modules_available(self.needs)
+        return None
 
 
 # The registry of servers, in table order: mailpush first, the floor last.
+# picows, node_ws and socketify are the peers of DESIGN.md's table, each
+# optional (skipped with the reason when its library is missing).
 SERVERS: dict[str, ServerSpec] = {s.name: s for s in [
     ServerSpec("mailpush", "mailpush", "mailpush"),
     ServerSpec("mailpush_shared", "mailpush --poller shared", "mailpush", extra_args=["--poller", "shared"]),
     ServerSpec("triows", "trio-websocket (task per connection)", "ref", "ref_triows"),
     ServerSpec("websockets", "websockets 17 asyncio, broadcast()", "ref", "ref_websockets"),
+    ServerSpec("picows", "picows + uvloop", "ref", "ref_picows", needs=("picows", "uvloop")),
+    ServerSpec("node_ws", "Node.js + ws 8", "ref", "ref_node_ws", runtime="node"),
+    ServerSpec("socketify", "socketify (uWebSockets), publish()", "ref", "ref_socketify", needs=("socketify",)),
     ServerSpec("floor", "floor: parked Trio task + raw send()", "ref", "ref_floor"),
 ]}
 
@@ -149,6 +252,10 @@ class Server:
 
     live: set["Server"] = set()
     notes: set[str] = set()  # odd behaviour seen while stopping, for the report
+    # CPUs every server is started on (run.py --pin), None: wherever the
+    # scheduler puts it. Set before exec (taskset), so every thread and
+    # child the server starts inherits it.
+    cpus: set[int] | None = None
 
     def __init__(self, spec: ServerSpec, log_path: Path, extra_args: list[str] | None = None):
         self.spec = spec
@@ -177,11 +284,19 @@ class Server:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "ab")
         argv = self.spec.argv(self.port, self.aport) + self.extra_args
+        preexec = None
+        if Server.cpus is not None:
+            taskset = shutil.which("taskset")
+            if taskset:
+                argv = [taskset, "-c", ",".join(map(str, sorted(Server.cpus)))] + argv
+            else:  # affinity set in the child between fork and exec
+                cpus = set(Server.cpus)
+                preexec = lambda: os.sched_setaffinity(0, cpus)  # noqa: E731
         log.write(f"$ {' '.join(argv)}\n".encode())
         log.flush()
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                                     start_new_session=True, cwd=ROOT, env=env)
+                                     start_new_session=True, cwd=ROOT, env=env, preexec_fn=preexec)
         log.close()
         Server.live.add(self)
         deadline = time.monotonic() + READY_TIMEOUT_S
@@ -193,11 +308,17 @@ class Server:
             try:
                 status, _ = _request(port, "GET", "/healthz", timeout=1.0)
                 if status == 200:
+                    self._check_affinity()
                     return
             except OSError:
                 pass
             time.sleep(0.05)
         raise ServerError(f"{self.spec.name} not ready in {READY_TIMEOUT_S:.0f} s; log: {self.log_tail()}")
+
+    def _check_affinity(self):
+        if Server.cpus is not None and self.affinity() != sorted(Server.cpus):
+            Server.notes.add(f"{self.spec.name} ({self.log_path.stem}) ran on CPUs {self.affinity()}, "
+                             f"not the {sorted(Server.cpus)} it was pinned to")
 
     def stop(self):
         """SIGTERM; if the process is still there after its grace period, a
@@ -326,6 +447,34 @@ class Server:
                     pass
         return total / 1e9
 
+    def cpu_times(self) -> tuple[float, float]:
+        """User and system CPU time of the process tree in seconds: utime
+        and stime of /proc/PID/stat (all threads of each process), in clock
+        ticks, so a difference is exact only to ~10 ms: take it over a whole
+        measured phase, not a millisecond."""
+        user = system = 0
+        for pid in self.pids():
+            try:
+                with open(f"/proc/{pid}/stat") as f:
+                    fields = f.read().rpartition(")")[2].split()
+                user += int(fields[11])  # field 14 of stat(5); fields[0] is field 3
+                system += int(fields[12])
+            except (OSError, IndexError, ValueError):
+                pass
+        return user / CLK_TCK, system / CLK_TCK
+
+    def cpu_sample(self) -> tuple[float, float, float]:
+        """``(total, user, system)`` seconds now; subtract two with
+        :func:`cpu_delta`."""
+        return (self.cpu_s(), *self.cpu_times())
+
+    def affinity(self) -> list[int] | None:
+        """The CPUs the server process may run on (what --pin set)."""
+        try:
+            return sorted(os.sched_getaffinity(self.proc.pid)) if self.proc else None
+        except OSError:
+            return None
+
     # -- triggers ------------------------------------------------------------------
 
     def admin(self, method: str, path: str, body: bytes = b"",
@@ -362,6 +511,12 @@ class Server:
         if self.spec.kind == "mailpush":
             return self.admin("POST", "/v1/publish", body)
         return self.admin("POST", "/fanout")
+
+
+def cpu_delta(before: tuple[float, float, float], after: tuple[float, float, float]) -> dict:
+    """Server CPU seconds between two :meth:`Server.cpu_sample` readings:
+    ``{"cpu_s", "user_s", "sys_s"}``."""
+    return {"cpu_s": after[0] - before[0], "user_s": after[1] - before[1], "sys_s": after[2] - before[2]}
 
 
 def _request(port: int, method: str, path: str, body: bytes = b"",

@@ -22,7 +22,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 RUN = ROOT / "bench" / "run.py"
 
-# The tiny run takes ~30 s on the 2-core dev machines (19 server starts, a
+# The tiny run takes ~35 s on the 2-core dev machines (~40 server starts, a
 # 1 s drain, ~10 slow-consumer rounds); 150 s means something hangs, and
 # the run's own deadlines should fire first.
 TIMEOUT_S = 150
@@ -32,6 +32,9 @@ TINY_N = 50
 
 SCENARIOS = ("memory", "upgrade", "fanout", "broadcast", "latency", "avalanche", "burst", "slow_consumers", "drain")
 REFERENCE_SERVERS = ("triows", "websockets", "floor")
+# DESIGN.md's peers: run when their library is installed, else reported as
+# skipped with the reason, never a failure.
+OPTIONAL_PEERS = ("picows", "node_ws", "socketify")
 # The tiny profile's resource-control sizes (bench/scenarios.py PROFILES).
 TINY_AVALANCHE_CLIENTS, TINY_AVALANCHE_LIMIT = 60, 50
 TINY_FAST, TINY_STALLED = 45, 5
@@ -51,11 +54,19 @@ def test_bench_tiny(tmp_path: Path) -> None:
     assert proc.returncode == 0, f"run.py failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
 
     mailpush_ready = (ROOT / "src" / "mailpush" / "server.py").exists()
-    servers = REFERENCE_SERVERS + (("mailpush",) if mailpush_ready else ())
-
     memory = _results(tmp_path, "memory")
     upgrade = _results(tmp_path, "upgrade")
     fanout = _results(tmp_path, "fanout")
+    broadcast = _results(tmp_path, "broadcast")
+    peers = []
+    for name in OPTIONAL_PEERS:
+        for scenario in (memory, upgrade, fanout, broadcast):
+            assert "error" not in scenario[name], (name, scenario[name])
+        if "skipped" in memory[name]:
+            assert memory[name]["skipped"], name  # with its reason
+        else:
+            peers.append(name)
+    servers = REFERENCE_SERVERS + tuple(peers) + (("mailpush",) if mailpush_ready else ())
     for name in servers:
         m = memory[name]
         assert "error" not in m and "skipped" not in m, (name, m)
@@ -66,12 +77,15 @@ def test_bench_tiny(tmp_path: Path) -> None:
         u = upgrade[name]
         assert u["ok_min"] == TINY_N and u["failed"] == 0, (name, u)
         assert u["rate_median"] > 0
+        assert u["server_user_us_per_upgrade"] is not None and u["server_sys_us_per_upgrade"] is not None
 
         f = fanout[name]
         assert f["missing"] == 0, (name, f)
         assert all(r["delivered"] == r["expected"] == TINY_N for r in f["rounds"]), (name, f["rounds"])
         assert f["rate_median"] > 0
         assert not f["client_stats"]["errors"], (name, f["client_stats"])
+        assert all(r["server_user_s"] >= 0 and r["server_sys_s"] >= 0 for r in f["rounds"]), name
+        assert f["server_user_us_per_delivery"] is not None, name
 
     latency = _results(tmp_path, "latency")
     for name in ("floor",) + (("mailpush",) if mailpush_ready else ()):
@@ -82,8 +96,7 @@ def test_bench_tiny(tmp_path: Path) -> None:
             assert b["lost"] == 0 and b["samples"] > 0, (name, b)
             assert 0 < b["p50_ms"] <= b["p99_ms"] <= b["max_ms"], (name, b)
 
-    broadcast = _results(tmp_path, "broadcast")
-    for name in ("floor",) + (("mailpush",) if mailpush_ready else ()):
+    for name in ("floor",) + tuple(peers) + (("mailpush",) if mailpush_ready else ()):
         b = broadcast[name]
         assert "error" not in b and "skipped" not in b, (name, b)
         assert b["missing"] == 0 and b["every_connection_served"], (name, b["rounds"])

@@ -104,6 +104,9 @@ class Profile:
     drain_seconds: float = 10.0
     # Pause between fan-out rounds of the slow-consumer scenario.
     slow_gap_s: float = 0.1
+    # Pause before and between fan-out and broadcast rounds (FANOUT_GAP_S;
+    # the smoke test's 50 connections are settled far sooner).
+    fanout_gap_s: float = FANOUT_GAP_S
 
 
 PROFILES = {
@@ -134,7 +137,7 @@ PROFILES = {
                     avalanche_clients=60, avalanche_limit=50, avalanche_timeout_s=5.0,
                     burst_n=50, slow_fast=45, slow_stalled=5, slow_frame_bytes=4_000,
                     slow_queue_bytes=4_096, slow_baseline_rounds=2, slow_max_rounds=40,
-                    drain_n=50, drain_seconds=1.0, slow_gap_s=0.02),
+                    drain_n=50, drain_seconds=1.0, slow_gap_s=0.02, fanout_gap_s=0.05),
 }
 
 
@@ -283,6 +286,8 @@ def combine_runs(runs: list[dict], primary: str | None = None, sums: tuple[str, 
             continue
         if key in sums:
             out[key] = sum(nums)
+        elif len(set(nums)) == 1:  # the same in every run (a size): kept as it is
+            out[key] = nums[0]
         elif key in min_of:
             out[key] = min(nums)
         else:
