@@ -334,10 +334,11 @@ ITEM = b'{"subscriber":"a","event":"e"}'
         (b"GET /healthz HTTP/1.1\r\n\r\n", 400, b"Host"),
         (b"GARBAGE\r\n\r\n", 400, b""),
         (POST + b"Content-Length: 30\r\n\r\n" + ITEM[:10], 400, b"complete"),
+        (b"CONNECT / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n", 405, b"CONNECT"),
     ],
     ids=["bad-chunk-size", "signed-chunk-size", "plus-chunk-size", "endless-chunk-line", "duplicate-content-length",
          "listed-content-length", "conflicting-content-length", "length-and-chunked", "negative-length", "huge-head",
-         "nul-in-header", "no-host", "garbage", "closed-mid-body"],
+         "nul-in-header", "no-host", "garbage", "closed-mid-body", "connect"],
 )
 async def test_malformed_admin_requests_get_their_status_and_publish_nothing(start_server, data, status, needle):
     bus = FakeBus()

@@ -129,6 +129,9 @@ class AdminConnection:
                     return CONTINUE
                 return NEED_DATA
             if type(event) is h11.Request:
+                if event.method == b"CONNECT":
+                    # A 2xx to CONNECT would switch h11 to a tunnel.
+                    raise AdminHTTPError(405, "CONNECT is not supported here", (("Allow", "GET, HEAD, POST"),))
                 self._check_head(event)
                 self._request = event
             elif type(event) is h11.Data:
