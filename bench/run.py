@@ -68,7 +68,9 @@ PIN_SERVER_CPU = 0
 PIN_LOADGEN_CPU = 1
 
 
-def machine_facts(nproc: int) -> dict:
+def machine_facts(nproc: int | None = None) -> dict:
+    """Facts about the machine for the report; ``nproc`` defaults to the CPUs this process may use."""
+    nproc = len(os.sched_getaffinity(0)) if nproc is None else nproc
     facts = {"CPUs (nproc)": nproc}
     try:
         with open("/proc/cpuinfo") as f:
