@@ -107,7 +107,7 @@ class Config:
     pong_timeout: float = 20.0
     # Event history, for tabs that reconnect: events kept per subscriber,
     # for how long (seconds), and in all at most (the memory bound: about
-    # 150 bytes each plus the event's data). 100 events and ten minutes
+    # 230 bytes each plus its frame, bench/recovery.py). 100 events and ten minutes
     # cover a network blip, a drain and a deploy; 0 turns history off
     # (a resuming tab then always gets a resync).
     history_size: int = 100
