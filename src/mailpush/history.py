@@ -109,12 +109,20 @@ class History:
         self.top += 1
         return self.top
 
-    def append(self, subscriber: str, offset: int, event: str, frame: bytes, state: Any = None) -> None:
+    def append(
+        self, subscriber: str, offset: int, event: str, frame: bytes, state: Any = None, now: float | None = None
+    ) -> None:
         """Keep ``frame`` as the subscriber's event at ``offset`` (from
-        :meth:`next_offset`), and ``state`` as its latest state if given."""
+        :meth:`next_offset`), and ``state`` as its latest state if given.
+
+        ``now`` (the clock, read once by the caller for a batch) also says
+        the caller expires old streams itself, once per batch
+        (:func:`record` does); without it each append does."""
         if not self.size:
             return  # history off: offsets only
-        now = self.clock()
+        batch = now is not None
+        if now is None:
+            now = self.clock()
         stream = self._streams.pop(subscriber, None)
         if stream is None:
             stream = _Stream(max(self._dropped.pop(subscriber, 0), self._floor))
@@ -127,7 +135,8 @@ class History:
         while len(entries) > self.size:
             stream.floor = entries.popleft()[0]
             self.events -= 1
-        self.expire(now)
+        if not batch:
+            self.expire(now)
         while self.events > self.max_events and self._streams:
             self._drop(next(iter(self._streams)))
 
@@ -193,9 +202,12 @@ def record(history: History, items: Sequence[tuple[str, str, Any, Any]]) -> list
     subscriber's new state. Returns them as bus events."""
     out = []
     epoch = history.epoch
+    now = history.clock()
+    append = history.append
     for sub, event, data, state in items:
         offset = history.next_offset()
         frame = event_frame(sub, event, data, offset)
-        history.append(sub, offset, event, frame, state)
+        append(sub, offset, event, frame, state, now)
         out.append((sub, event, data, offset, epoch, frame))
+    history.expire(now)
     return out
