@@ -229,6 +229,7 @@ class ServerSpec:
 SERVERS: dict[str, ServerSpec] = {s.name: s for s in [
     ServerSpec("mailpush", "mailpush", "mailpush"),
     ServerSpec("mailpush_shared", "mailpush --poller shared", "mailpush", extra_args=["--poller", "shared"]),
+    ServerSpec("mailpush_w2", "mailpush --workers 2", "mailpush", extra_args=["--workers", "2"]),
     ServerSpec("triows", "trio-websocket (task per connection)", "ref", "ref_triows"),
     ServerSpec("websockets", "websockets 17 asyncio, broadcast()", "ref", "ref_websockets"),
     ServerSpec("picows", "picows + uvloop", "ref", "ref_picows", needs=("picows", "uvloop")),

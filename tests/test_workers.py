@@ -227,3 +227,30 @@ def _listening(proc, n: int):
             workers[rec["worker"]] = (rec["listen"], rec["admin"], rec["pid"])
     threading.Thread(target=_drain, args=(proc.stderr, lines), daemon=True).start()
     return workers, lines
+
+
+def test_workers_stay_up_past_the_supervisors_idle_thread_timeout():
+    # Regression (found by the bench's --workers 2 fan-out): the workers were
+    # started through trio.lowlevel.open_process, which forks in a worker
+    # thread; their PR_SET_PDEATHSIG fired when Trio retired that idle
+    # thread (after 10 s), so every worker was drained and restarted every
+    # ~10 s, its tabs dropped with 1012.
+    proc = start_workers(admin="127.0.0.1:0", drain="1")
+    try:
+        workers, lines = _listening(proc, 2)
+        port = workers[0][0].rsplit(":", 1)[1]
+        ws = connect(f"ws://127.0.0.1:{port}/v1/ws?token={token('steady')}", open_timeout=5)
+        ws.send('{"type":"subscribe"}')
+        assert json.loads(ws.recv(timeout=5))["type"] == "subscribed"
+        time.sleep(13)  # past Trio's 10 s thread idle timeout
+        assert not any(b'"worker_died"' in line for line in lines), [line for line in lines if b"worker_died" in line]
+        assert all(_alive(int(w[2])) for w in workers.values())
+        ws.send('{"type":"ping"}')
+        assert json.loads(ws.recv(timeout=5)) == {"type": "pong"}  # the same connection, never drained
+        ws.close()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(15) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(5)

@@ -26,6 +26,7 @@ import ctypes
 import os
 import signal
 import socket
+import subprocess
 import sys
 from collections.abc import Sequence
 
@@ -138,7 +139,7 @@ class _Supervisor:
         self.stopping = False
         self.restarts = 0
         self.exit_codes: dict[int, int] = {}
-        self.procs: dict[int, trio.Process] = {}
+        self.procs: dict[int, subprocess.Popen] = {}
         self.group: Group | None = None
 
     async def run(self) -> int:
@@ -208,9 +209,12 @@ class _Supervisor:
             parent, child = socket.socketpair()
             cmd = self._command(index) + ["--relay-fd", str(child.fileno())]
             try:
-                proc = await trio.lowlevel.open_process(
-                    cmd, pass_fds=(child.fileno(),), env=env, start_new_session=True
-                )
+                # Started from this (the main) thread, not through
+                # trio.lowlevel.open_process: that forks in a worker thread,
+                # and the worker's PR_SET_PDEATHSIG fires when the thread
+                # that forked it exits (Trio retires idle threads after 10
+                # s), so every worker was drained and restarted every ~10 s.
+                proc = subprocess.Popen(cmd, pass_fds=(child.fileno(),), env=env, start_new_session=True)
             finally:
                 child.close()
             self.procs[index] = proc
@@ -221,7 +225,7 @@ class _Supervisor:
             async with trio.open_nursery() as nursery:
                 if self.relay is not None:
                     nursery.start_soon(self.relay.serve, index, stream)
-                code = await proc.wait()
+                code = await _exited(proc)
                 nursery.cancel_scope.cancel()
             await stream.aclose()
             if self.stopping:
@@ -240,6 +244,17 @@ class _Supervisor:
                 restarts=self.restarts,
             )
             await trio.sleep(delay)
+
+
+async def _exited(proc: subprocess.Popen) -> int:
+    """Wait for ``proc`` to exit, without a thread: its pidfd turns
+    readable when it does. Returns its exit code."""
+    pidfd = os.pidfd_open(proc.pid)
+    try:
+        await trio.lowlevel.wait_readable(pidfd)
+    finally:
+        os.close(pidfd)
+    return proc.wait()
 
 
 async def _ignore(batch: object) -> None:
