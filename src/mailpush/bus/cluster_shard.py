@@ -24,7 +24,7 @@ from typing import Any, Protocol
 import trio
 
 from ..backoff import Backoff
-from ..errors import BusUnavailable, RespError, RespProtocolError
+from ..errors import BusUnavailable, RespError
 from ..log import LogLimiter
 from .base import Event, Sink
 from .redis_common import (
@@ -34,11 +34,10 @@ from .redis_common import (
     LOST,
     RECONNECT_FIRST,
     RECONNECT_MAX,
-    RECV_SIZE,
     innermost,
+    read_pushes,
 )
 from .redis_conn import ShardSubscription, describe, safe
-from .resp import PushParser
 from .slots import Node
 
 
@@ -272,40 +271,10 @@ class Shard:
                 raise TimeoutError(f"no heartbeat through {self.name} for {silent:.1f} s: it stopped delivering")
 
     async def _read(self, sub: ShardSubscription, sink: Sink) -> None:
-        """Every push of a read is parsed at once; the messages among them
-        go to the sink as one batch (as the standalone bus's reader).
+        """The subscription connection's reader, as the standalone bus's
+        (:func:`~mailpush.bus.redis_common.read_pushes`); the control
+        channel is read anew for each batch (a resharding retags it)."""
+        await read_pushes(sub, sink, self.bus.item_of, lambda: self.control.encode(), self._hear, self.name)
 
-        Error handling: a stream the parser refuses, or a reply that fits
-        no command, ends the session; so does the peer closing it. Either
-        way waiting requests fail with the cause.
-        """
-        receive, parser = sub.stream.receive_some, PushParser()
-        try:
-            while data := await receive(RECV_SIZE):
-                try:
-                    pushes = parser.feed(data)
-                except RespProtocolError as e:
-                    await self._handle(e.replies, sub, sink)
-                    raise
-                await self._handle(pushes, sub, sink)
-            raise ConnectionError(f"{self.name} closed the connection")
-        except BaseException as e:
-            sub.fail(e)
-            raise
-
-    async def _handle(self, pushes: list, sub: ShardSubscription, sink: Sink) -> None:
-        item_of = self.bus.item_of
-        control = self.control.encode()
-        batch = []
-        for push in pushes:
-            if type(push) is tuple:  # (channel, payload)
-                if push[0] != control:
-                    item = item_of(*push)
-                    if item is not None:
-                        batch.append(item)
-                else:
-                    self.heard = trio.current_time()
-            else:
-                sub.reply(push)
-        if batch:
-            await sink(batch)
+    def _hear(self) -> None:
+        self.heard = trio.current_time()

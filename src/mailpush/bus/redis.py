@@ -57,7 +57,7 @@ import trio
 
 from ..backoff import Backoff
 from ..config import Config
-from ..errors import BusUnavailable, ConfigError, RespProtocolError
+from ..errors import BusUnavailable, ConfigError
 from ..history import Replay
 from .base import Item, Read, Sink
 from .redis_common import (
@@ -67,12 +67,11 @@ from .redis_common import (
     LOST,
     RECONNECT_FIRST,
     RECONNECT_MAX,
-    RECV_SIZE,
     RedisBase,
     innermost,
+    read_pushes,
 )
 from .redis_conn import Address, Subscription, chunks, describe, safe
-from .resp import PushParser
 
 __all__ = ["RedisBus", "CHANNEL_PREFIX", "CONTROL_CHANNEL", "HEARTBEAT_INTERVAL", "HEARTBEAT_TIMEOUT"]
 
@@ -231,42 +230,11 @@ class RedisBus(RedisBase):
                 raise TimeoutError(f"no heartbeat through Redis for {silent:.1f} s: it stopped delivering")
 
     async def _read(self, sub: Subscription, sink: Sink) -> None:
-        """Every push of a read is parsed at once; the messages among them
-        go to the sink as one batch.
+        """The subscription connection's reader (see :func:`read_pushes`)."""
+        await read_pushes(sub, sink, self._item, lambda: _CONTROL, self._hear, "Redis")
 
-        Error handling: a stream the parser refuses ends the session (the
-        replies complete before the fault are handled first); so does the
-        peer closing it. Either way waiting requests fail with the cause.
-        """
-        receive, parser = sub.stream.receive_some, PushParser()
-        try:
-            while data := await receive(RECV_SIZE):
-                try:
-                    pushes = parser.feed(data)
-                except RespProtocolError as e:
-                    await self._handle(e.replies, sub, sink)
-                    raise
-                await self._handle(pushes, sub, sink)
-            raise ConnectionError("Redis closed the connection")
-        except BaseException as e:
-            sub.fail(e)
-            raise
-
-    async def _handle(self, pushes: list, sub: Subscription, sink: Sink) -> None:
-        item_of = self._item
-        batch = []
-        for push in pushes:
-            if type(push) is tuple:  # (channel, payload)
-                if push[0] != _CONTROL:
-                    item = item_of(*push)
-                    if item is not None:
-                        batch.append(item)
-                else:
-                    self._heard = trio.current_time()
-            else:
-                sub.reply(push)
-        if batch:
-            await sink(batch)
+    def _hear(self) -> None:
+        self._heard = trio.current_time()
 
     async def publish(self, items: Sequence[Item]) -> None:
         """``mailpush_publish`` each item (offset, history and PUBLISH in

@@ -7,8 +7,8 @@ Functions with coredis."""
 from __future__ import annotations
 
 import secrets
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
 
 import anyio
 import coredis
@@ -21,9 +21,10 @@ from ..history import Position, Replay, Stored
 from ..items import Item, parse_bus_item
 from ..log import LogLimiter, get_logger
 from ..packets import event_frame
-from .base import Bus, Event, Read
+from .base import Bus, Event, Read, Sink
 from .redis_conn import describe, safe
 from .redis_functions import PUBLISH, READ, history_key, library, meta_key
+from .resp import PushParser
 
 __all__ = [
     "RedisBase",
@@ -36,6 +37,7 @@ __all__ = [
     "LOST",
     "UNREACHABLE",
     "innermost",
+    "read_pushes",
 ]
 
 # Every process publishes a heartbeat this often (seconds)…
@@ -218,3 +220,73 @@ def _replay(subscriber: str, result: list) -> Replay:
         offset, event, data = int(entries[i]), entries[i + 1].decode(), entries[i + 2]
         events.append((offset, event, event_frame(subscriber, event, msgspec.Raw(data), offset), 0.0))
     return Replay(position, events)
+
+
+class _Reading(Protocol):
+    """A subscription connection as its reader sees it (the standalone
+    bus's and a cluster shard's)."""
+
+    stream: trio.abc.Stream
+
+    def reply(self, push: Any) -> None: ...
+
+    def fail(self, error: BaseException) -> None: ...
+
+
+async def read_pushes(
+    sub: _Reading,
+    sink: Sink,
+    item_of: Callable[[bytes, bytes], Event | None],
+    control: Callable[[], bytes],
+    heard: Callable[[], None],
+    peer: str,
+) -> None:
+    """The reader of a subscription connection: every push of a read is
+    parsed at once, and the messages among them go to ``sink`` as one batch.
+
+    Args:
+      item_of: the event of one (channel, payload) message, or None (dropped).
+      control: the control channel now; a message on it is a heartbeat,
+        reported through ``heard``.
+      peer: who the connection is to, for the error when it closes.
+
+    Error handling: a stream the parser refuses ends the session (the
+    replies complete before the fault are handled first); so does the peer
+    closing it. Either way waiting requests fail with the cause.
+    """
+    receive, parser = sub.stream.receive_some, PushParser()
+    try:
+        while data := await receive(RECV_SIZE):
+            try:
+                pushes = parser.feed(data)
+            except RespProtocolError as e:
+                await _handle(e.replies, sub, sink, item_of, control(), heard)
+                raise
+            await _handle(pushes, sub, sink, item_of, control(), heard)
+        raise ConnectionError(f"{peer} closed the connection")
+    except BaseException as e:
+        sub.fail(e)
+        raise
+
+
+async def _handle(
+    pushes: list,
+    sub: _Reading,
+    sink: Sink,
+    item_of: Callable[[bytes, bytes], Event | None],
+    control: bytes,
+    heard: Callable[[], None],
+) -> None:
+    batch = []
+    for push in pushes:
+        if type(push) is tuple:  # (channel, payload)
+            if push[0] != control:
+                item = item_of(*push)
+                if item is not None:
+                    batch.append(item)
+            else:
+                heard()
+        else:
+            sub.reply(push)
+    if batch:
+        await sink(batch)
