@@ -466,3 +466,29 @@ def test_an_unreachable_cluster_at_startup_is_a_clear_error():
     port = free_port()
     err = startup_error(f"redis+cluster://127.0.0.1:{port}/")
     assert f"cannot reach the Redis bus at redis+cluster://127.0.0.1:{port}/" in err
+
+
+async def test_the_per_subscriber_cap_holds_across_instances_on_a_cluster(cluster, people, nursery):
+    """The counts live in each subscriber's slot (``mailpush:conns:{S}``),
+    on whichever master owns it: one subscriber per shard, two instances."""
+    servers = []
+    for _ in range(2):
+        server = Server(make_config(max_connections_per_subscriber=1), ClusterBus(cluster.url, Config(bus=cluster.url, secret="s" * 32)))
+        await nursery.start(server.serve)
+        servers.append(server)
+    a, b = servers
+    for group in people:
+        tok = token(group[0])
+        async with trio_websocket.open_websocket_url(ws_url(a, tok=tok)) as first:
+            await first.send_message('{"type":"subscribe"}')
+            assert (await recv(first))["type"] == "subscribed"
+            with trio.fail_after(5):
+                while a.ctx.shared_cap.pending:
+                    await trio.sleep(0.02)
+            async with trio_websocket.open_websocket_url(ws_url(b, tok=tok)) as second:
+                with trio.fail_after(5), pytest.raises(trio_websocket.ConnectionClosed) as e:
+                    await second.get_message()
+                assert e.value.reason.code == 4008
+            await first.send_message('{"type":"ping"}')
+            assert (await recv(first)) == {"type": "pong"}
+    assert b.stats.closes[4008] == len(people)

@@ -76,7 +76,8 @@ def _serve_options(p: argparse.ArgumentParser) -> None:
     opt(
         "max-connections-per-subscriber",
         _D.max_connections_per_subscriber,
-        "open connections of one subscriber per process; beyond it 429 (close 4008 for mailpush.v1 clients); 0: no cap",
+        "open connections of one subscriber, per process and, on a Redis bus, across every instance on it;"
+        " beyond it 429 (close 4008 for mailpush.v1 clients, and for a tab over the shared count); 0: no cap",
         type=int,
     )
     opt(

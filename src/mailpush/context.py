@@ -66,6 +66,8 @@ class Context:
     connections: set[Channel] = attrs.field(init=False, factory=set)
     # Open connections per subscriber, kept only with a per-subscriber cap.
     per_subscriber: dict[str, int] = attrs.field(init=False, factory=dict)
+    # The cap across instances (a SharedCap), on a bus that shares counts.
+    shared_cap: Any = None
     nursery: trio.Nursery | None = None  # where connection and writer tasks run
     wait_readable: Callable[[Any], Awaitable[None]] = trio.lowlevel.wait_readable
     # Called by a connection that closes, before its descriptor is closed:
@@ -103,6 +105,8 @@ class Context:
         self.connections.add(conn)
         if self.config.max_connections_per_subscriber:
             self.per_subscriber[conn.subscriber] = self.per_subscriber.get(conn.subscriber, 0) + 1
+            if self.shared_cap is not None:
+                self.shared_cap.opened(conn)
         self.stats.upgrades += 1
         self.log.debug("connected", subscriber=conn.subscriber)
 
@@ -113,6 +117,8 @@ class Context:
             left = self.per_subscriber.pop(conn.subscriber, 1) - 1
             if left:
                 self.per_subscriber[conn.subscriber] = left
+            if self.shared_cap is not None:
+                self.shared_cap.closed(conn.subscriber)
         self.dispatcher.unsubscribed(conn)
         if self.registry.remove(conn):
             self.dispatcher.changed(conn.subscriber)

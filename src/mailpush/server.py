@@ -8,6 +8,8 @@ Nursery tree::
     Server.serve
     ├── bus-client task          Bus.run → Dispatcher.deliver      (bus/, dispatch.py)
     ├── subscription flusher     Dispatcher.run_subscriptions      (dispatch.py)
+    ├── shared cap (Redis, with  SharedCap.run: each subscriber's   (shared_cap.py)
+    │   a per-subscriber cap)    connections counted across instances
     ├── admin HTTP server        admin.serve_admin                 (admin.py)
     ├── timers                   Timers.run: handshake and close   (timers.py)
     │                            deadlines, keepalive
@@ -47,6 +49,7 @@ from .metrics import Stats
 from .poller import SharedPoller
 from .reader import serve_socket
 from .registry import Registry
+from .shared_cap import SharedCap
 from .timers import Timers
 from .upgrade import expire_handshake
 
@@ -94,6 +97,8 @@ class Server:
         expire = self.poller.expire if self.poller else functools.partial(expire_handshake, ctx)
         ctx.timers = Timers(config, self.stats, ctx.connections, expire, ctx.task_failed, self.log)
         self.ctx, self.timers = ctx, ctx.timers
+        if config.max_connections_per_subscriber and self.bus.shares_connections:
+            ctx.shared_cap = SharedCap(ctx, self.bus)
         self.acceptor = Acceptor(self.ctx, serve_socket, self.poller.add if self.poller else None)
         self.vitals = Health(self.ctx, self.acceptor, self.bus)
         self.listen_address: tuple[str, int] | None = None
@@ -138,6 +143,8 @@ class Server:
                     await root.start(self.bus.run, self.dispatcher.deliver)
                     await root.start(self.dispatcher.run_subscriptions)
                     await root.start(self.dispatcher.recovery.run)
+                    if self.ctx.shared_cap is not None:
+                        await root.start(self.ctx.shared_cap.run)
                     if self.config.admin is not None:
                         self.admin_address = await root.start(serve_admin, self, self.config.admin)
                     await root.start(self.timers.run)

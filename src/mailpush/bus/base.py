@@ -57,6 +57,9 @@ class Bus(abc.ABC):
     up: bool = True
     # Set by the dispatcher: called with a reason when events may have been lost.
     on_gap: GapHandler | None = None
+    # True when instances on this bus can count each subscriber's
+    # connections together (:meth:`count_connections`).
+    shares_connections: bool = False
 
     @abc.abstractmethod
     async def run(self, sink: Sink, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -100,6 +103,20 @@ class Bus(abc.ABC):
 
     async def unsubscribe(self, subscribers: Sequence[str]) -> None:  # noqa: B027 - optional
         """Stop receiving events for these subscribers."""
+
+    async def count_connections(
+        self, instance: str, counts: Sequence[tuple[str, int, int]], cap: int, lease_ms: int
+    ) -> list[int]:
+        """The per-subscriber cap across the instances on this bus (only if
+        :attr:`shares_connections`): for each (subscriber, kept, wanted),
+        store that ``instance`` holds ``kept`` connections of the
+        subscriber plus those of the ``wanted`` new ones it may keep, for
+        ``lease_ms`` unless renewed, and return how many it may keep.
+
+        Raises:
+          BusUnavailable: the bus cannot be reached now; nothing is known.
+        """
+        raise NotImplementedError
 
     async def aclose(self) -> None:  # noqa: B027 - optional
         """Release the bus's resources."""

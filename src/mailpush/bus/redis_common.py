@@ -23,7 +23,7 @@ from ..log import LogLimiter, get_logger
 from ..packets import event_frame
 from .base import Bus, Event, Read, Sink
 from .redis_conn import describe, safe
-from .redis_functions import PUBLISH, READ, history_key, library, meta_key
+from .redis_functions import CONNECTIONS, PUBLISH, READ, connections_key, history_key, library, meta_key
 from .resp import PushParser
 
 __all__ = [
@@ -105,6 +105,7 @@ class RedisBase(Bus):
 
     routes_by_subscription = True
     may_lose = True
+    shares_connections = True
     client: Any  # coredis.Redis or coredis.RedisCluster
 
     def __init__(self, url: str, config: Config | None, *, sharded: bool = False) -> None:
@@ -206,6 +207,27 @@ class RedisBase(Bus):
         except coredis.exceptions.RedisError as e:
             raise BusUnavailable(f"Redis refused the history read: {e}") from None
         return [_replay(request[0], result) for request, result in zip(requests, results, strict=True)]
+
+    async def count_connections(
+        self, instance: str, counts: Sequence[tuple[str, int, int]], cap: int, lease_ms: int
+    ) -> list[int]:
+        """``mailpush_connections`` for each subscriber, in one pipeline (see
+        :meth:`Bus.count_connections`).
+
+        Raises:
+          BusUnavailable: Redis is not reachable now, or refused.
+        """
+        try:
+            async with self.client.pipeline(transaction=False) as pipe:
+                pending = [
+                    pipe.fcall(CONNECTIONS, [connections_key(s)], [instance, kept, wanted, cap, lease_ms])
+                    for s, kept, wanted in counts
+                ]
+            return [int(await p) for p in pending]
+        except UNREACHABLE as e:
+            raise BusUnavailable(f"counting connections on Redis failed: {describe(e)}") from None
+        except coredis.exceptions.RedisError as e:
+            raise BusUnavailable(f"Redis refused the connection count: {e}") from None
 
 
 def _replay(subscriber: str, result: list) -> Replay:

@@ -21,10 +21,11 @@ the stream is trimmed to the history size on every publish.
 
 from __future__ import annotations
 
-__all__ = ["library", "PUBLISH", "READ", "meta_key", "history_key", "cluster_channel"]
+__all__ = ["library", "PUBLISH", "READ", "CONNECTIONS", "meta_key", "history_key", "connections_key", "cluster_channel"]
 
 PUBLISH = "mailpush_publish"
 READ = "mailpush_read"
+CONNECTIONS = "mailpush_connections"
 
 
 def meta_key(subscriber: str) -> str:
@@ -35,6 +36,13 @@ def meta_key(subscriber: str) -> str:
 def history_key(subscriber: str) -> str:
     """The subscriber's stream of events, IDs = offsets."""
     return "mailpush:hist:{" + subscriber + "}"
+
+
+def connections_key(subscriber: str) -> str:
+    """The subscriber's open connections per instance (the cap across
+    instances, see :mod:`mailpush.shared_cap`): a hash, a field per
+    instance, ``"COUNT EXPIRY_MS"``."""
+    return "mailpush:conns:{" + subscriber + "}"
 
 
 def cluster_channel(subscriber: str) -> str:
@@ -149,5 +157,43 @@ redis.register_function('mailpush_read', function(keys, args)
     out[#out + 1] = fields['d']
   end
   return {epoch, top, state, '', out}
+end)
+
+-- The per-subscriber connection cap across instances. One hash per
+-- subscriber, a field per instance: "COUNT EXPIRY_MS", the instance's lease,
+-- which it renews while it holds connections; a field past its expiry (an
+-- instance that died) no longer counts and is deleted here. Arguments: the
+-- instance, its connections already counted, the new ones it asks for, the
+-- cap, the lease in ms. Stores the instance's count and returns how many of
+-- the new ones may stay (all of them when the cap is 0).
+redis.register_function('mailpush_connections', function(keys, args)
+  local key, me = keys[1], args[1]
+  local kept, wanted = tonumber(args[2]), tonumber(args[3])
+  local cap, lease = tonumber(args[4]), tonumber(args[5])
+  local now = now_ms()
+  local others = 0
+  local fields = redis.call('HGETALL', key)
+  for i = 1, #fields, 2 do
+    if fields[i] ~= me then
+      local n, expiry = string.match(fields[i + 1], '^(%d+) (%d+)$')
+      if n and tonumber(expiry) > now then
+        others = others + tonumber(n)
+      else
+        redis.call('HDEL', key, fields[i])
+      end
+    end
+  end
+  local allowed = wanted
+  if cap > 0 then
+    allowed = math.max(0, math.min(wanted, cap - others - kept))
+  end
+  local mine = kept + allowed
+  if mine > 0 then
+    redis.call('HSET', key, me, mine .. ' ' .. (now + lease))
+    redis.call('PEXPIRE', key, lease)
+  else
+    redis.call('HDEL', key, me)
+  end
+  return allowed
 end)
 """
