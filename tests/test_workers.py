@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 
 from conftest import SECRET, _drain, bare, token
@@ -199,7 +200,7 @@ def test_a_worker_that_dies_is_restarted_alone_and_its_tabs_recover_on_the_other
         # The supervisor answers for the group: healthy again, the restart counted.
         group = next(json.loads(line)["admin"] for line in lines if b'"supervising"' in line)
         deadline = time.monotonic() + 10
-        while urllib.request.urlopen(f"http://{group}/healthz", timeout=5).status != 200:
+        while _healthz(group)[0] != 200:
             assert time.monotonic() < deadline
             time.sleep(0.05)
         assert metric(group, "mailpush_worker_restarts_total") == 1 and metric(group, "mailpush_workers_running") == 2
@@ -254,3 +255,41 @@ def test_workers_stay_up_past_the_supervisors_idle_thread_timeout():
         if proc.poll() is None:
             proc.kill()
             proc.wait(5)
+
+
+def _healthz(address: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(f"http://{address}/healthz", timeout=5) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+def test_the_supervisor_is_healthy_only_once_every_worker_is_ready():
+    # Regression: /healthz on the supervisor said 200 as soon as the worker
+    # processes existed, before they had imported mailpush and bound the
+    # port, so a load balancer sent connections to a port nobody served.
+    proc = start_workers(admin="127.0.0.1:0", drain="1")
+    try:
+        line = proc.stderr.readline()
+        while b'"supervising"' not in line:
+            assert line, "supervisor exited early"
+            line = proc.stderr.readline()
+        group = json.loads(line)["admin"]
+        status, body = _healthz(group)  # the workers are still importing
+        assert (status, body.strip()) == (503, "worker 0, 1 starting")
+        assert metric(group, "mailpush_workers_ready") == 0
+        workers, lines = _listening(proc, 2)
+        deadline = time.monotonic() + 5
+        while _healthz(group)[0] != 200:
+            assert time.monotonic() < deadline, _healthz(group)
+            time.sleep(0.02)
+        assert metric(group, "mailpush_workers_ready") == 2
+        for w in (0, 1):
+            assert _healthz(workers[w][1])[0] == 200
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(15) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

@@ -62,10 +62,13 @@ class Group:
       workers: the admin address of each worker, by index.
       running: the indexes of the workers running now.
       restarts: how many times a worker was restarted.
+      ready: the indexes of the running workers that have answered their
+        own /healthz with 200 since they started (listening, bus up).
     """
 
     def __init__(self, config: Config, relay: Relay | None, workers: Callable[[], list[tuple[str, int] | None]],
-                 running: Callable[[], set[int]], restarts: Callable[[], int]) -> None:  # fmt: skip
+                 running: Callable[[], set[int]], restarts: Callable[[], int],
+                 ready: Callable[[], set[int]]) -> None:  # fmt: skip
         self.config = config
         self.stats = Stats()
         self.bus: Bus = RelayPublisher(relay) if relay is not None else make_bus(config)
@@ -75,14 +78,20 @@ class Group:
         self._workers = workers
         self._running = running
         self._restarts = restarts
+        self._ready = ready
 
     def health(self) -> tuple[int, str]:
-        """200 while every worker runs; 503 while draining or one is down."""
+        """200 while every worker runs and has said it is ready; 503 while
+        draining, or while one is down or still starting."""
         if self.draining:
             return 503, "draining"
-        down = sorted(set(range(self.config.workers)) - self._running())
+        running = self._running()
+        down = sorted(set(range(self.config.workers)) - running)
         if down:
             return 503, f"worker {', '.join(map(str, down))} down, restarting"
+        starting = sorted(running - self._ready())
+        if starting:
+            return 503, f"worker {', '.join(map(str, starting))} starting"
         if not self.bus.up:
             return 503, "bus unavailable: events would not arrive"
         return 200, "ok"
@@ -97,6 +106,7 @@ class Group:
         own = [
             ("mailpush_worker_restarts", "counter", "Workers restarted after dying on their own", self._restarts()),
             ("mailpush_workers_running", "gauge", "Workers running now", len(self._running())),
+            ("mailpush_workers_ready", "gauge", "Workers whose /healthz said 200", len(self._ready())),
             (
                 "mailpush_supervisor_events_published",
                 "counter",

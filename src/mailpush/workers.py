@@ -52,6 +52,9 @@ RESTART_MAX = 30.0
 # A worker that ran this long before it died was not crash-looping: the
 # next restart is quick again.
 STABLE_AFTER = 60.0
+# How often the supervisor asks a starting worker's /healthz whether it is
+# ready (its /healthz says 503 "starting" until then).
+READY_POLL = 0.05
 # The environment variable through which a worker learns its supervisor.
 _SUPERVISOR_ENV = "MAILPUSH_SUPERVISOR_PID"
 
@@ -140,6 +143,8 @@ class _Supervisor:
         self.restarts = 0
         self.exit_codes: dict[int, int] = {}
         self.procs: dict[int, subprocess.Popen] = {}
+        # Running workers whose own /healthz has said 200 since they started.
+        self.ready: set[int] = set()
         self.group: Group | None = None
 
     async def run(self) -> int:
@@ -169,6 +174,7 @@ class _Supervisor:
             lambda: [worker_admin(self.config, i) for i in range(self.config.workers)],
             lambda: {i for i, p in self.procs.items() if p.returncode is None},
             lambda: self.restarts,
+            lambda: set(self.ready),
         )
         async with trio.open_nursery() as nursery:
             if self.relay is None:
@@ -225,7 +231,9 @@ class _Supervisor:
             async with trio.open_nursery() as nursery:
                 if self.relay is not None:
                     nursery.start_soon(self.relay.serve, index, stream)
+                nursery.start_soon(self._until_ready, index)
                 code = await _exited(proc)
+                self.ready.discard(index)
                 nursery.cancel_scope.cancel()
             await stream.aclose()
             if self.stopping:
@@ -244,6 +252,36 @@ class _Supervisor:
                 restarts=self.restarts,
             )
             await trio.sleep(delay)
+
+
+    async def _until_ready(self, index: int) -> None:
+        """Mark worker ``index`` ready once its own admin API answers
+        /healthz with 200 (its port bound, its bus up), asking every
+        READY_POLL seconds; without an admin API, at once. Ended (cancelled)
+        when the worker exits.
+
+        Error handling: a refused or failed probe is the worker not ready
+        yet, and is asked again; nothing else is expected here (a bug ends
+        the supervisor, like any in its nursery)."""
+        address = worker_admin(self.config, index)
+        if address is None:
+            self.ready.add(index)
+            return
+        headers = f"Authorization: Bearer {self.config.admin_token}\r\n" if self.config.admin_token else ""
+        request = f"GET /healthz HTTP/1.0\r\nHost: 127.0.0.1\r\n{headers}\r\n".encode()
+        while True:
+            with trio.move_on_after(READY_POLL * 10):
+                try:
+                    stream = await trio.open_tcp_stream(*address)
+                    async with stream:
+                        await stream.send_all(request)
+                        head = await stream.receive_some(64)
+                    if head.startswith(b"HTTP/1.1 200"):
+                        self.ready.add(index)
+                        return
+                except (OSError, trio.BrokenResourceError):
+                    pass
+            await trio.sleep(READY_POLL)
 
 
 async def _exited(proc: subprocess.Popen) -> int:
