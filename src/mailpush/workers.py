@@ -253,7 +253,6 @@ class _Supervisor:
             )
             await trio.sleep(delay)
 
-
     async def _until_ready(self, index: int) -> None:
         """Mark worker ``index`` ready once its own admin API answers
         /healthz with 200 (its port bound, its bus up), asking every
