@@ -19,6 +19,27 @@ with no resync:
   supervisor's admin API; worker 1 (its pid from the process tree) is
   SIGKILLed, its tabs reconnect to the shared port, reach worker 0 (and the
   restarted worker 1), and resume from the history the supervisor keeps.
+- ``cluster``: one instance on a 3-master Redis Cluster (``--bus
+  redis+cluster://``, recovery_redis.py), the tabs connected to it
+  directly, the mail store publishing with ``FCALL mailpush_publish`` on
+  the master of each subscriber's slot; one master is SIGKILLed and
+  started again at once on its port with its nodes.conf and AOF: it
+  rejoins as that master with its data, and mailpush catches that shard's
+  tabs up from the history over their open connections.
+- ``sentinel``: one instance on a master, its replica and three sentinels
+  (``--bus redis+sentinel://``), the mail store publishing on the master
+  the sentinels name; the master is SIGKILLed, the sentinels promote the
+  replica, mailpush follows and catches every tab up (replication is
+  asynchronous: writes the old master acknowledged but had not sent are
+  Redis's loss, counted as the tabs see it, missing or resynced).
+
+For the two bus faults the mail store skips a publish that Redis refused
+or did not answer (its master away) and expects only the acknowledged
+ones; each tab is counted by which ``q`` it got, and the figures add when
+Redis served again, when the mail store's publishes to the cut-off tabs
+were acknowledged again, when each cut-off tab first got an event
+published after the fault, and the longest an acknowledged event waited
+for its tab (``bus_faults_table``).
 
 Server CPU (the mailpush processes, summed; Redis apart) is reported per
 delivered event, beside the rate.
@@ -58,15 +79,17 @@ rate, is::
 This one::
 
     .venv/bin/python bench/recovery.py [--only faults,resume,memory,publish,latency] [--rounds 3]
+                                       [--faults kill,drain,workers,cluster,sentinel]
                                        [--tabs 1000] [--resume-tabs 15000]
 
 prints the tables and writes bench/results/recovery.json (servers' logs in
-bench/results/logs/recovery-*.log). Needs redis-server and haproxy (``make
+bench/results/logs/recovery-*.log); the parts and fault kinds not run keep
+their stored results. Needs redis-server, redis-cli and haproxy (``make
 test`` installs them).
 
-Resource handling: every process started here (redis-server, haproxy,
-mailpush instances, client processes) is stopped when its round ends, also
-on an error or Ctrl-C.
+Resource handling: every process started here (redis-server, sentinels,
+haproxy, mailpush instances, client processes) is stopped when its round
+ends, also on an error or Ctrl-C; the Redis directories are removed.
 """
 
 from __future__ import annotations
@@ -91,6 +114,15 @@ sys.path.insert(0, str(BENCH))
 
 from loadgen import LoadGen, procs_for  # noqa: E402
 from recovery_clients import Tabs  # noqa: E402
+from recovery_redis import (  # noqa: E402
+    CLUSTER_NODE_TIMEOUT_MS,
+    SENTINEL_DOWN_MS,
+    Cluster,
+    ClusterPublisher,
+    SentinelPublisher,
+    Sentinels,
+)
+from recovery_redis import cli as redis_cli  # noqa: E402
 from scenarios import PROFILES, Context, settle_rss  # noqa: E402
 from scenarios._latency import LATENCY_P99_MS, LATENCY_RATE, _bus_args, _latency_one  # noqa: E402
 from servers import HOST, SECRET, SERVERS, Server, ServerError, free_port, stop_all  # noqa: E402
@@ -112,6 +144,14 @@ AFTER_S = 4.0
 CATCH_UP_S = 30.0
 # The drained instance's --drain-seconds.
 DRAIN_S = 2.0
+# The faults of the Redis behind one instance (recovery_redis.py), and the
+# cluster's master that is restarted (the second of three).
+BUS_FAULTS = ("cluster", "sentinel")
+CLUSTER_VICTIM = 1
+# A bus fault's load goes on at least this long after Redis serves again
+# (however long its failover took), at most BUS_FAULT_MAX_S after the fault.
+BUS_AFTER_BACK_S = 2.0
+BUS_FAULT_MAX_S = 30.0
 # HAProxy's health checks: every 100 ms, one failure takes a server out
 # (test_haproxy.py's configuration); a connection refused by a server that
 # is down but not yet marked so goes to another server at once (redispatch
@@ -439,7 +479,15 @@ class AdminPublisher:
 class Load(threading.Thread):
     """RATE events a second, round robin over the tabs' subscribers, each
     subscriber's events numbered ``q`` = 1, 2, …; ``published[i]`` counts
-    the events of subscriber i that were acknowledged."""
+    the events of subscriber i that were acknowledged, ``acked[i]`` says
+    which (q, when sent, when acknowledged; monotonic ns).
+
+    A publisher with ``fcall(items)`` raises unless every item was
+    acknowledged (the round fails). One with ``publish(items)`` (the bus
+    faults' mail stores, recovery_redis.py) answers per item: True
+    (acknowledged), False (certainly not run: skipped, its ``q`` is never
+    used again), None (sent, unanswered: it may have run; kept in
+    ``unknown[i]``, neither expected nor counted missing)."""
 
     def __init__(self, names: list[str], rate: int, publisher) -> None:
         super().__init__(daemon=True)
@@ -450,6 +498,10 @@ class Load(threading.Thread):
         self.assigned = [0] * len(names)  # q given out (acknowledged or not)
         self.sent = 0
         self.late = 0
+        self.acked: list[list[tuple[int, int, int]]] = [[] for _ in names]
+        self.unknown: list[list[int]] = [[] for _ in names]
+        self.refused = 0
+        self.lenient = hasattr(publisher, "publish")
         self.error: str | None = None
         self.stopping = threading.Event()
 
@@ -474,9 +526,21 @@ class Load(threading.Thread):
                 for i in picked:
                     self.assigned[i] += 1
                     items.append((self.names[i], self.assigned[i]))
-                self.publisher.fcall(items)  # raises unless every item was acknowledged
-                for i in picked:
-                    self.published[i] += 1
+                t_sent = time.monotonic_ns()
+                if self.lenient:
+                    statuses = self.publisher.publish(items)
+                else:
+                    self.publisher.fcall(items)  # raises unless every item was acknowledged
+                    statuses = [True] * k
+                t_ack = time.monotonic_ns()
+                for i, (_, q), ok in zip(picked, items, statuses, strict=True):
+                    if ok:
+                        self.published[i] += 1
+                        self.acked[i].append((q, t_sent, t_ack))
+                    elif ok is None:
+                        self.unknown[i].append(q)
+                    else:
+                        self.refused += 1
                 self.sent += k
         except Exception as e:  # noqa: BLE001 - recorded: the round reports it and fails
             self.error = f"{type(e).__name__}: {e}"
@@ -523,11 +587,14 @@ def count(report: dict, expected: list[int]) -> dict:
 
 
 def fault_round(kind: str, tabs_n: int, log_dir: Path) -> dict:
-    """One round of ``kind`` (kill, drain, workers): see the module docstring."""
+    """One round of ``kind`` (kill, drain, workers, cluster, sentinel): see the module docstring."""
     busy = busy_cores(1.0)
+    bus_fault = kind in BUS_FAULTS
     with contextlib.ExitStack() as stack:
         servers: list[Server] = []
         redis = None
+        redis_pids = None
+        cluster = sentinels = None
         if kind == "workers":
             srv = stack.enter_context(mailpush(log_dir, "workers", ["--workers", "2"]))
             servers.append(srv)
@@ -539,8 +606,21 @@ def fault_round(kind: str, tabs_n: int, log_dir: Path) -> dict:
                     time.sleep(0.05)
             targets = [(HOST, srv.port)]
             publisher = AdminPublisher(srv.aport)  # the supervisor's: into the relay
+        elif kind == "cluster":
+            cluster = stack.enter_context(Cluster())
+            servers.append(stack.enter_context(mailpush(log_dir, "cluster", ["--bus", cluster.url])))
+            targets = [(HOST, servers[0].port)]
+            redis_pids = cluster.pids
+            publisher = None  # it routes by the tabs' names
+        elif kind == "sentinel":
+            sentinels = stack.enter_context(Sentinels())
+            servers.append(stack.enter_context(mailpush(log_dir, "sentinel", ["--bus", sentinels.url])))
+            targets = [(HOST, servers[0].port)]
+            redis_pids = sentinels.data_pids
+            publisher = SentinelPublisher(sentinels.sentinels)
         else:
             redis, rport = stack.enter_context(redis_server())
+            redis_pids = lambda: [redis.pid]  # noqa: E731
             bus = ["--bus", f"redis://{HOST}:{rport}/0", "--drain-seconds", str(DRAIN_S)]
             a = stack.enter_context(mailpush(log_dir, f"{kind}-a", bus))
             b = stack.enter_context(mailpush(log_dir, f"{kind}-b", bus))
@@ -548,8 +628,10 @@ def fault_round(kind: str, tabs_n: int, log_dir: Path) -> dict:
             _lb, lport = stack.enter_context(haproxy(a.port, b.port, log_dir))
             targets = [(HOST, lport)]
             publisher = Resp(rport)  # the mail store: FCALL
-        stack.callback(publisher.close)
         tabs = stack.enter_context(Tabs(tabs_n, FAULT_PROCS, targets, SECRET, prefix=f"{kind}-"))
+        if cluster is not None:
+            publisher = ClusterPublisher(cluster, tabs.names)
+        stack.callback(publisher.close)
         opened = tabs.open(60)
         if opened["ok"] < tabs_n:
             raise ServerError(f"only {opened['ok']:,}/{tabs_n:,} tabs opened: {opened['ended']}")
@@ -558,24 +640,53 @@ def fault_round(kind: str, tabs_n: int, log_dir: Path) -> dict:
             held = [gauge(HOST, srv.aport + 1 + i, "mailpush_connections") for i in range(2)]
             if min(held) == 0:
                 raise ServerError(f"tabs per worker: {held}")
+        # The tabs the fault cuts off from their events: the victim master's
+        # (cluster), every tab (sentinel); None: the instance faults' own count.
+        affected = None
+        if cluster is not None:
+            victim_port = cluster.nodes[CLUSTER_VICTIM][0]
+            affected = [publisher.port_of[n] == victim_port for n in tabs.names]
+        elif sentinels is not None:
+            affected = [True] * tabs_n
 
         def pids():
             return [p for s in servers for p in s.pids()]
 
-        with CpuWatch(pids) as mp_cpu, CpuWatch(lambda: [redis.pid] if redis else []) as redis_cpu:
+        with CpuWatch(pids) as mp_cpu, CpuWatch(redis_pids or list) as redis_cpu:
             load = Load(tabs.names, RATE, publisher)
             load.start()
             time.sleep(BEFORE_S)
             t_fault = time.monotonic_ns()
             exit_code = None
+            redis_back_s = None  # the victim serving again (cluster), the replica named master (sentinel)
             if kind == "kill":
                 kill(servers[0])
             elif kind == "drain":
                 os.kill(servers[1].proc.pid, signal.SIGTERM)
                 exit_code = servers[1].proc.wait(DRAIN_S + 10)
-            else:
+            elif kind == "workers":
                 os.kill(worker_pid(servers[0], 1), signal.SIGKILL)
-            time.sleep(max(0.0, BEFORE_S + AFTER_S - (time.monotonic() - load.began)))
+            elif kind == "cluster":
+                cluster.kill(CLUSTER_VICTIM)
+                cluster.start(CLUSTER_VICTIM)  # same port, dir, nodes.conf and AOF: it rejoins as that master
+            else:
+                sentinels.kill(sentinels.master)
+            stop_at = load.began + BEFORE_S + AFTER_S
+            if bus_fault:  # and BUS_AFTER_BACK_S after Redis serves again
+                stop_at = t_fault / 1e9 + BUS_FAULT_MAX_S
+            while (now := time.monotonic()) < stop_at:
+                if not bus_fault:
+                    time.sleep(stop_at - now)
+                    continue
+                if redis_back_s is None:
+                    if cluster is not None:
+                        ok = "cluster_state:ok" in redis_cli(victim_port, "cluster", "info")
+                    else:
+                        ok = sentinels.named() == sentinels.replica
+                    if ok:
+                        redis_back_s = (time.monotonic_ns() - t_fault) / 1e9
+                        stop_at = max(load.began + BEFORE_S + AFTER_S, now + BUS_AFTER_BACK_S)
+                time.sleep(0.05)
             seconds = load.stop()
             if load.error:
                 raise ServerError(f"publishing failed: {load.error}")
@@ -583,9 +694,23 @@ def fault_round(kind: str, tabs_n: int, log_dir: Path) -> dict:
             t_end = time.monotonic()
             have = tabs.expect(expected, CATCH_UP_S)
             caught_up_s = time.monotonic() - t_end
-            report = tabs.report(expected)
+            report = tabs.report(expected, detail=bus_fault)
+            if bus_fault:  # counted by which q were acknowledged: wait for those (an unanswered one may have come)
+                while True:
+                    lacking = sum(1 for m in acked_missing(report, load) if m)
+                    if not lacking or time.monotonic() > t_end + CATCH_UP_S:
+                        break
+                    time.sleep(0.2)
+                    report = tabs.report(expected, detail=True)
         back = [(t - t_fault) / 1e9 for t in report["recovered_ns"] if t > t_fault]
         delivered = sum(report["got"])
+        extra = {}
+        if bus_fault:
+            extra = bus_fault_figures(report, load, affected, t_fault, t_end)
+            report["missing"] = extra.pop("missing")
+            have = tabs_n - sum(1 for m in report["missing"] if m)
+            caught_up_s = extra.pop("catch_up_s")
+            back = extra.pop("back")
         out = {
             "kind": kind,
             "tabs": tabs_n,
@@ -603,9 +728,13 @@ def fault_round(kind: str, tabs_n: int, log_dir: Path) -> dict:
             "server_cpu_s": mp_cpu.seconds(),
             "redis_cpu_s": redis_cpu.seconds(),
             "server_cpu_us_per_event": mp_cpu.seconds() / delivered * 1e6 if delivered else None,
-            "redis_cpu_us_per_event": redis_cpu.seconds() / delivered * 1e6 if delivered and redis else None,
+            "redis_cpu_us_per_event": redis_cpu.seconds() / delivered * 1e6 if delivered and redis_pids else None,
             **count(report, expected),
         }
+        if bus_fault:
+            out.update(extra, redis_back_s=redis_back_s, publish_errors=dict(publisher.errors))
+            if sentinels is not None:
+                out["masters_named"] = [(round(t - t_fault / 1e9, 3), p) for t, p in publisher.masters]
         per_tab = [
             {"tab": n, "missing": m, "duplicated": d}
             for n, m, d in zip(report["names"], report["missing"], report["duplicated"], strict=True)
@@ -613,6 +742,66 @@ def fault_round(kind: str, tabs_n: int, log_dir: Path) -> dict:
         ]
         out["tabs_with_problems"] = per_tab[:20]
     return out
+
+
+def acked_missing(report: dict, load: Load) -> list[int]:
+    """Per tab, the acknowledged q it never got."""
+    out = []
+    for arrivals, acked in zip(report["arrivals"], load.acked, strict=True):
+        seen = {q for q, _ in arrivals}
+        out.append(sum(1 for q, _, _ in acked if q not in seen))
+    return out
+
+
+def bus_fault_figures(report: dict, load: Load, affected: list[bool], t_fault: int, t_end: float) -> dict:
+    """The bus faults' figures, from when each tab first got each q and
+    when each q was sent and acknowledged: a tab is back once it gets an
+    event sent after the fault (the earlier ones may have been on their
+    way); the mail store is back once Redis acknowledges a publish for an
+    affected subscriber again."""
+    missing, back, store_back, delays, after_delays = [], [], [], [], []
+    unknown_got = phantom = 0
+    last_arrival = 0
+    for k, (arrivals, acked) in enumerate(zip(report["arrivals"], load.acked, strict=True)):
+        got = dict(arrivals)
+        unknown = set(load.unknown[k])
+        acked_q = set()
+        first_after = None
+        for q, sent, ack in acked:
+            acked_q.add(q)
+            t = got.get(q)
+            if t is None:
+                continue
+            last_arrival = max(last_arrival, t)
+            delays.append(max(0, t - ack) / 1e9)
+            if sent > t_fault:
+                after_delays.append(max(0, t - ack) / 1e9)
+                first_after = t if first_after is None else min(first_after, t)
+        missing.append(sum(1 for q in acked_q if q not in got))
+        unknown_got += sum(1 for q in got if q in unknown)
+        phantom += sum(1 for q in got if q not in acked_q and q not in unknown)
+        if affected[k]:
+            if first_after is not None:
+                back.append((first_after - t_fault) / 1e9)
+            sent_after = [sent for _, sent, _ in acked if sent > t_fault]
+            if sent_after:
+                store_back.append((min(sent_after) - t_fault) / 1e9)
+    complete = not any(missing)
+    return {
+        "missing": missing,
+        "back": back,
+        "catch_up_s": max(0.0, last_arrival / 1e9 - t_end) if complete else None,
+        "tabs_affected": sum(affected),
+        "tabs_affected_never_back": sum(affected) - len(back),
+        "store_back_s": min(store_back, default=None),
+        "delay_max_s": max(delays, default=None),
+        "delay_p99_s": _pct(delays, 0.99),
+        "delay_after_fault_max_s": max(after_delays, default=None),
+        "publishes_refused": load.refused,
+        "publishes_unanswered": sum(len(u) for u in load.unknown),
+        "unanswered_delivered": unknown_got,
+        "phantoms": phantom,
+    }
 
 
 # -- resume -------------------------------------------------------------------------------------
@@ -953,6 +1142,8 @@ def faults_table(results: dict) -> list[str]:
         "kill": "SIGKILL one of 2 instances behind HAProxy, Redis bus",
         "drain": f"SIGTERM (drain {DRAIN_S:g} s) one of 2 instances behind HAProxy, Redis bus",
         "workers": "SIGKILL worker 1 of --workers 2, embedded bus",
+        "cluster": "SIGKILL one of 3 Redis Cluster masters, restarted with its data, one instance",
+        "sentinel": "SIGKILL the Redis master, Sentinel promotes the replica, one instance",
     }
     for kind, rounds in results.items():
         if not rounds or "error" in rounds[0]:
@@ -981,6 +1172,85 @@ def faults_table(results: dict) -> list[str]:
             + " |"
         )
     return rows
+
+
+def bus_faults_table(results: dict) -> list[str]:
+    """What the bus faults' tabs and mail store saw (faults_table has the counts)."""
+    head = [
+        "fault",
+        "tabs cut off per round",
+        "Redis serving again after the fault (s)",
+        "mail store's first acknowledged publish to them after the fault (s)",
+        "tabs cut off receiving again after the fault: p50 / last (s)",
+        "longest wait of an acknowledged event for its tab (s)",
+        "publishes refused / unanswered (of which delivered)",
+        "resync reasons",
+    ]
+    rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    names = {
+        "cluster": "Redis Cluster master SIGKILL, restarted with its data (the restarted master's `cluster_state:ok`)",
+        "sentinel": "Redis master SIGKILL, Sentinel failover (the sentinels name the replica)",
+    }
+    for kind in BUS_FAULTS:
+        rounds = results.get(kind)
+        if not rounds or "error" in rounds[0]:
+            continue
+        reasons: dict[str, int] = {}
+        for r in rounds:
+            for k, v in r["resync_reasons"].items():
+                reasons[k] = reasons.get(k, 0) + v
+        rows.append(
+            "| "
+            + " | ".join(
+                [
+                    names[kind],
+                    fmt(med(rounds, "tabs_affected"), ",.0f"),
+                    fmt(med(rounds, "redis_back_s")),
+                    fmt(med(rounds, "store_back_s")),
+                    f"{fmt(med(rounds, 'resumed_p50_s'))} / {fmt(med(rounds, 'last_resumed_after_fault_s'))}",
+                    fmt(med(rounds, "delay_max_s")),
+                    f"{total(rounds, 'publishes_refused'):,} / {total(rounds, 'publishes_unanswered')} "
+                    f"({total(rounds, 'unanswered_delivered')})",
+                    ", ".join(f"{k} {v}" for k, v in sorted(reasons.items())) or "none",
+                ]
+            )
+            + " |"
+        )
+    return rows
+
+
+BUS_FAULTS_NOTES = f"""\
+Issue 13's target, the time for all clients to receive again after a worker
+SIGKILL, an instance SIGKILL behind HAProxy, a Redis Cluster master restart
+and a Sentinel failover, is the "last tab back after the fault" of those
+four rows (the next table has more for the last two). The Redis Cluster and
+Sentinel rows are faults of the Redis behind one instance (the tabs connect
+to it directly and stay connected: mailpush catches them up over their open
+connections), {TABS:,} tabs, the same load. `cluster`: three masters (AOF,
+`appendfsync always`, node timeout {CLUSTER_NODE_TIMEOUT_MS / 1000:g} s); the master of a third of the
+slots is SIGKILLed and started again at once on its port with its directory
+(nodes.conf and AOF): it rejoins as that master with every write it
+acknowledged; Redis answers `CLUSTERDOWN` on it for its first ~2 s (a
+restarted master's rejoin delay). `sentinel`: a master, one replica and
+three sentinels (quorum 2, `down-after-milliseconds` {SENTINEL_DOWN_MS}); the master is
+SIGKILLed and not restarted. The mail store publishes with `FCALL
+mailpush_publish` on the master of each subscriber's slot (cluster) or on
+the master the sentinels name (asked again after any failed publish); a
+publish refused, or not answered because its connection ended, is not
+retried (its `q` is skipped) and only acknowledged ones are expected: for
+these two rows each tab is counted by which `q` it got against which were
+acknowledged (an unanswered publish that Redis ran may reach a tab: counted
+apart, not as an error). In their rows above "tabs resumed" are the tabs cut
+off (the restarted master's, every tab) that received again, and "last tab
+back" when the last of them first got an event published after the fault;
+the load gives each tab an event every {TABS / RATE:g} s, so that figure is
+up to {TABS / RATE:g} s above the moment mailpush delivers again ("longest
+wait" is that part alone: an acknowledged event's time from its
+acknowledgement to its tab). Sentinel's replication is asynchronous: a write
+the old master acknowledged and had not yet sent to the replica is lost in
+the failover; the tabs' counts say what became of it (missing, or a resync
+with its reason): Redis's loss, reported as the tabs saw it. The load goes
+on until {BUS_AFTER_BACK_S:g} s after Redis serves again ({AFTER_S:g} s after the fault at least)."""
 
 
 def resume_table(rounds: list[dict]) -> list[str]:
@@ -1054,6 +1324,8 @@ def verdicts(results: dict) -> list[str]:
         "kill": "instance SIGKILL behind HAProxy, Redis",
         "drain": "drain (SIGTERM) behind HAProxy, Redis",
         "workers": "worker SIGKILL, --workers 2, embedded bus",
+        "cluster": "Redis Cluster master SIGKILL and restart",
+        "sentinel": "Redis master SIGKILL, Sentinel failover",
     }
     for kind, rounds in results.get("faults", {}).items():
         missing, dups = total(rounds, "messages_missing"), total(rounds, "messages_duplicated")
@@ -1112,6 +1384,8 @@ def markdown(results: dict) -> str:
     out += ["", "### Targets", ""] + verdicts(results)
     if results.get("faults"):
         out += ["", f"### Faults under load ({RATE:,} events/s, per tab counts)", ""] + faults_table(results["faults"])
+        if any(kind in results["faults"] for kind in BUS_FAULTS):
+            out += ["", BUS_FAULTS_NOTES.replace("\n", " "), ""] + bus_faults_table(results["faults"])
     if results.get("resume"):
         out += ["", "### A resume storm", ""] + resume_table(results["resume"])
         calls = results["resume"][0]["redis_calls"]
@@ -1134,7 +1408,7 @@ def markdown(results: dict) -> str:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--only", default="faults,resume,memory,publish,latency")
-    ap.add_argument("--faults", default="kill,drain,workers", help="which faults")
+    ap.add_argument("--faults", default="kill,drain,workers", help="which faults: kill,drain,workers,cluster,sentinel")
     ap.add_argument("--rounds", type=int, default=ROUNDS)
     ap.add_argument("--tabs", type=int, default=TABS)
     ap.add_argument("--resume-tabs", type=int, default=RESUME_TABS)
@@ -1174,13 +1448,23 @@ def main() -> int:
                         f"{kind} round {i + 1}: missing {r['messages_missing']}, duplicated "
                         f"{r['messages_duplicated']}, resyncs {r['resyncs']}, resumed {r['tabs_resumed']} "
                         f"(last {r['last_resumed_after_fault_s']} s), complete {r['tabs_complete']}/{r['tabs']}, "
-                        f"{r['server_cpu_us_per_event']:.1f} µs/event",
+                        f"{r['server_cpu_us_per_event']:.1f} µs/event"
+                        + (
+                            f"; Redis back {r['redis_back_s']} s, store back {r['store_back_s']} s, longest wait "
+                            f"{r['delay_max_s']} s, refused {r['publishes_refused']}, unanswered "
+                            f"{r['publishes_unanswered']} ({r['unanswered_delivered']} delivered), resync reasons "
+                            f"{r['resync_reasons']}, ended {r['ended']}, errors {r['publish_errors']}"
+                            if kind in BUS_FAULTS
+                            else ""
+                        ),
                         flush=True,
                     )
                     ok &= r["messages_missing"] == 0 and r["messages_duplicated"] == 0 and r["resyncs"] == 0
                 results["faults"][kind] = rounds
                 runs[f"faults {kind}"] = meta
             print("\n".join(faults_table(results["faults"])))
+            if any(kind in results["faults"] for kind in BUS_FAULTS):
+                print("\n".join(bus_faults_table(results["faults"])))
         if "resume" in only:
             meta = began()
             rounds = []

@@ -14,7 +14,9 @@ below the highest seen is out of order), ``resync`` packets and their
 reasons, how its connections ended and its answers (fresh, recovered, not
 recovered). ``missing = published - distinct`` and ``duplicated = got -
 distinct``, per tab, are worked out once the parent says how many were
-published for each.
+published for each. Each tab also keeps when each distinct ``q`` first
+came (``report(detail=True)``), for a publisher that counts by which ``q``
+were acknowledged rather than how many.
 
 A tab whose connection ended either tries again at once with a jitter
 (``auto``: up to RECONNECT_JITTER_S, doubling while attempts fail, at
@@ -143,6 +145,7 @@ class _Process:
         self.recovered_ns = [0] * count  # the last recovered answer
         self.done_ns = [0] * count  # when uniq reached expected (after expect)
         self.connects = [0] * count  # connections opened (subscribed answered)
+        self.arrivals: list[list[tuple[int, int]]] = [[] for _ in range(count)]  # (q, ns) of each first sight
         # per fd
         self.tab_of: dict[int, int] = {}
         self.partial: dict[int, bytes] = {}
@@ -318,6 +321,7 @@ class _Process:
             else:
                 seen[q] = 1
                 self.uniq[k] += 1
+                self.arrivals[k].append((q, now))
                 if q < self.top[k]:
                     self.disorder[k] += 1
                 self.top[k] = max(self.top[k], q)
@@ -384,7 +388,7 @@ class _Process:
                 )
             )
         elif op == "report":
-            self.pipe.send(("report", self._report(msg[1])))
+            self.pipe.send(("report", self._report(msg[1], len(msg) > 2 and msg[2])))
         elif op == "exit":
             return False
         return True
@@ -400,7 +404,7 @@ class _Process:
             self.expect_reply = False
             self.pipe.send(("expected", sum(1 for d in self.done_ns if d)))
 
-    def _report(self, expected: list[int] | None) -> dict:
+    def _report(self, expected: list[int] | None, detail: bool = False) -> dict:
         missing = [max(0, e - u) for e, u in zip(expected, self.uniq, strict=True)] if expected else None
         dups = [g - u for g, u in zip(self.got, self.uniq, strict=True)]
         return {
@@ -419,6 +423,7 @@ class _Process:
             "ended": dict(self.ended),
             "packets": dict(self.packets),
             "open": sum(1 for s in self.st if s == _OPEN),
+            "arrivals": self.arrivals if detail else None,
         }
 
     def run(self) -> None:
@@ -608,10 +613,12 @@ class Tabs:
             meanwhile()
         return sum(self._gather("expected", timeout + 30))
 
-    def report(self, per_tab: list[int] | None = None) -> dict:
-        """Every tab's counts (lists in ``names`` order) and the totals."""
+    def report(self, per_tab: list[int] | None = None, detail: bool = False) -> dict:
+        """Every tab's counts (lists in ``names`` order) and the totals;
+        ``detail``: also ``arrivals``, each tab's (q, monotonic ns) of every
+        distinct q, in the order they came."""
         parts = self._split(per_tab) if per_tab is not None else [None] * len(self.pipes)
-        replies = self._all([("report", part) for part in parts], "report", 60)
+        replies = self._all([("report", part, detail) for part in parts], "report", 60)
         out: dict = {}
         for key in (
             "names",
@@ -624,6 +631,7 @@ class Tabs:
             "connects",
             "recovered_ns",
             "done_ns",
+            "arrivals",
         ):
             out[key] = [v for r in replies for v in (r[key] or [])]
         for key in ("answers", "reasons", "ended", "packets"):
