@@ -309,7 +309,8 @@ def cpu_summary(data: dict) -> list[str]:
         cells = [_label(name)]
         for key, _, u, sy, tot in cols:
             r = res[key].get(name)
-            cells.append(f"{f(r.get(u))} / {f(r.get(sy))} ({f(r.get(tot))})" if r else "–")
+            sup = f"; supervisor {f(r['supervisor_cpu_us_per_delivery'])}" if r and r.get("supervisor_cpu_us_per_delivery") else ""
+            cells.append(f"{f(r.get(u))} / {f(r.get(sy))} ({f(r.get(tot))}{sup})" if r else "–")
         rows.append("| " + " | ".join(cells) + " |")
     return rows
 
@@ -363,7 +364,9 @@ def write(out: Path, md_path: Path, meta: dict) -> Path:
             head += ["### Server CPU per operation", ""] + cpu + [
                 "", "µs of the server's CPU per operation, user and system time apart (from /proc/PID/stat, "
                 "summed over all rounds of a run), and the total (scheduler time, median of the rounds). "
-                "Over loopback a delivery is mostly kernel time; the user time is the server's own code.", ""]
+                "Over loopback a delivery is mostly kernel time; the user time is the server's own code. "
+                "With `--workers`, the total is the whole process tree and \"supervisor\" its share of it "
+                "(the relay: offsets, history, and each worker's events).", ""]
         if targets:
             head += ["### Targets of the issues, as measured in this run", ""]
             if meta.get("profile") != "full":

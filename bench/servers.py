@@ -430,12 +430,18 @@ class Server:
                 pass
         return total
 
-    def cpu_s(self) -> float:
-        """CPU time of the process tree in seconds, at nanosecond resolution:
-        the first field of /proc/PID/task/TID/schedstat, summed over threads
-        (utime/stime in /proc/PID/stat only tick every 10 ms)."""
+    def root_cpu_s(self) -> float:
+        """CPU time of the top process alone (the supervisor of ``--workers``),
+        as :meth:`cpu_s` measures it."""
+        return self.cpu_s(self.pids()[:1])
+
+    def cpu_s(self, pids: list[int] | None = None) -> float:
+        """CPU time of the process tree (or of ``pids``) in seconds, at
+        nanosecond resolution: the first field of
+        /proc/PID/task/TID/schedstat, summed over threads (utime/stime in
+        /proc/PID/stat only tick every 10 ms)."""
         total = 0
-        for pid in self.pids():
+        for pid in self.pids() if pids is None else pids:
             try:
                 tasks = os.listdir(f"/proc/{pid}/task")
             except OSError:

@@ -72,6 +72,8 @@ def _fanout_rounds(ctx: Context, spec: ServerSpec, srv: Server, lg: LoadGen, cou
         body = body_of(k)
         per = lg.arm(track)
         expected = sum(per)
+        workers = len(srv.pids()) > 1  # --workers: the supervisor's share apart
+        root0 = srv.root_cpu_s() if workers else 0.0
         cpu0, w0 = srv.cpu_sample(), time.monotonic()
         t0 = time.monotonic_ns()
         status, answer = srv.trigger_fanout(body)
@@ -80,6 +82,7 @@ def _fanout_rounds(ctx: Context, spec: ServerSpec, srv: Server, lg: LoadGen, cou
             raise ServerError(f"trigger answered {status}: {answer[:200]!r}")
         w = lg.wait_frames(per, timeout=max(30.0, expected / 1_000))
         d, wall = cpu_delta(cpu0, srv.cpu_sample()), time.monotonic() - w0
+        root = srv.root_cpu_s() - root0 if workers else None
         cpu = d["cpu_s"]
         _check_alive(srv)
         secs = (w["last_ns"] - t0) / 1e9 if w["last_ns"] else None
@@ -89,6 +92,7 @@ def _fanout_rounds(ctx: Context, spec: ServerSpec, srv: Server, lg: LoadGen, cou
                "answer_ms": (t_ans - t0) / 1e6, "answer": answer[:200].decode("utf-8", "replace"),
                "server_cpu_us_per_delivery": cpu / w["frames"] * 1e6 if w["frames"] else None,
                "server_user_s": d["user_s"], "server_sys_s": d["sys_s"],
+               "supervisor_cpu_us_per_delivery": root / w["frames"] * 1e6 if root is not None and w["frames"] else None,
                "server_busy": cpu / wall if wall else None,
                "frame_bytes": w["frame_len"], "trigger_bytes": len(body)}
         if track:
@@ -109,6 +113,7 @@ def _fanout_summary(n: int, rounds: list[dict], stats: dict) -> dict:
             "missing": sum(r["expected"] - r["delivered"] for r in rounds),
             "first_ms_median": _median_or_none(r["first_ms"] for r in rounds),
             "server_cpu_us_per_delivery": _median_or_none(r["server_cpu_us_per_delivery"] for r in rounds),
+            "supervisor_cpu_us_per_delivery": _median_or_none(r.get("supervisor_cpu_us_per_delivery") for r in rounds),
             "server_user_us_per_delivery": _per_op_us(rounds, "server_user_s", "delivered"),
             "server_sys_us_per_delivery": _per_op_us(rounds, "server_sys_s", "delivered"),
             "server_busy": _median_or_none(r["server_busy"] for r in rounds),

@@ -6,14 +6,19 @@ arrive at any worker's admin API, so the embedded bus becomes a relay: a
 worker sends what it publishes to the supervisor over a Unix socket; the
 supervisor gives each event its offset, keeps it in the one history all
 workers share (:class:`~mailpush.history.History`: a tab that reconnects to
-another worker recovers too), and sends every batch to every worker, whose
-dispatcher delivers it to the tabs it holds. History reads go to the
+another worker recovers too), and sends each worker the events of the
+subscribers it holds, which its dispatcher delivers to their tabs. A
+worker tells the supervisor which subscribers it holds as Redis is told
+(subscribe, acknowledged, and unsubscribe, batched by the dispatcher), so
+no worker decodes the events of the others' tabs. History reads go to the
 supervisor the same way; its answer travels behind every event batch sent
 to that worker before it, so it is also the barrier the read promises.
 
 Wire format on the Unix sockets: a 4-byte big-endian length, then one
-msgspec JSON message (a tagged Struct below); event data and states pass
-through as raw JSON.
+msgspec MessagePack message (a tagged Struct below). Event data and states
+pass through as the bytes of their JSON; events go to the workers as the
+frames the supervisor built for its history, so a worker neither parses
+an event nor encodes its frame again, it only sends it.
 """
 
 from __future__ import annotations
@@ -28,7 +33,6 @@ import msgspec
 import trio
 
 from ..errors import BusUnavailable
-from ..frames import encode_text
 from ..history import History, Position, Replay, record
 from ..log import get_logger
 from .base import Bus, Item, Read, Sink
@@ -44,11 +48,13 @@ OUTBOX_MAX = 10_000
 
 
 class _Publish(msgspec.Struct, tag="p"):
-    items: list[tuple[str, str, msgspec.Raw, msgspec.Raw]]  # state: raw JSON, "null" for none
+    items: list[tuple[str, str, bytes, bytes | None]]  # data and state as JSON; state None: none
 
 
 class _Events(msgspec.Struct, tag="e"):
-    events: list[tuple[str, str, msgspec.Raw, int, str]]
+    # What the worker's sink takes as it comes (subscriber, event, data
+    # (None: the frame has it), offset, epoch, frame).
+    events: list[tuple[str, str, None, int, str, bytes]]
 
 
 class _Read(msgspec.Struct, tag="r"):
@@ -56,12 +62,21 @@ class _Read(msgspec.Struct, tag="r"):
     reads: list[tuple[str, str | None, int | None]]
 
 
+class _Subscribe(msgspec.Struct, tag="s"):
+    id: int  # answered with an empty _Replays of this id
+    subscribers: list[str]
+
+
+class _Unsubscribe(msgspec.Struct, tag="u"):
+    subscribers: list[str]
+
+
 class _Replay(msgspec.Struct, array_like=True):
     epoch: str
     offset: int
-    state: msgspec.Raw
+    state: bytes | None  # JSON
     reason: str
-    events: list[tuple[int, str, msgspec.Raw]] | None  # (offset, event, the frame's payload)
+    events: list[tuple[int, str, bytes]] | None  # (offset, event, frame)
 
 
 class _Replays(msgspec.Struct, tag="R"):
@@ -69,10 +84,9 @@ class _Replays(msgspec.Struct, tag="R"):
     replays: list[_Replay]
 
 
-_Message = _Publish | _Events | _Read | _Replays
-_encode = msgspec.json.Encoder().encode
-_decode = msgspec.json.Decoder(_Message).decode
-_NULL = msgspec.Raw(b"null")
+_Message = _Publish | _Events | _Read | _Replays | _Subscribe | _Unsubscribe
+_encode = msgspec.msgpack.Encoder().encode
+_decode = msgspec.msgpack.Decoder(_Message).decode
 
 
 def _framed(message: _Message) -> bytes:
@@ -101,16 +115,10 @@ async def read_message(stream: trio.SocketStream, buf: bytearray) -> bytes | Non
         buf += chunk
 
 
-def _payload(frame: bytes) -> bytes:
-    """The JSON of a server text frame (its header is 2, 4 or 10 bytes)."""
-    n = frame[1] & 0x7F
-    return frame[2 if n < 126 else 4 if n == 126 else 10 :]
-
-
 class RelayBus(Bus):
     """A worker's side of the relay."""
 
-    routes_by_subscription = False
+    routes_by_subscription = True
 
     def __init__(self, sock: socket.socket) -> None:
         self._sock = sock
@@ -146,7 +154,7 @@ class RelayBus(Bus):
                     self.bad_items += 1
                     continue
                 if type(message) is _Events:
-                    await sink([(s, e, d, o, ep, None) for s, e, d, o, ep in message.events])
+                    await sink(message.events)
                 elif type(message) is _Replays:
                     waiter = self._waiting.pop(message.id, None)
                     if waiter is not None:
@@ -162,24 +170,43 @@ class RelayBus(Bus):
             await self._get_stream().send_all(_framed(message))
 
     async def publish(self, items: Sequence[Item]) -> None:
-        await self._send(_Publish([(s, e, _raw(d), st if st is not None else _NULL) for s, e, d, st in items]))
+        await self._send(_Publish([(s, e, _json(d), None if st is None else _json(st)) for s, e, d, st in items]))
 
-    async def read(self, requests: Sequence[Read]) -> list[Replay]:
-        rid = next(self._ids)
+    async def _ask(self, message: _Read | _Subscribe) -> list[_Replay]:
+        """Send a message with ``id`` and wait for the _Replays answering it.
+
+        Raises:
+          BusUnavailable: the relay is gone.
+        """
         waiter: list = [trio.Event(), None]
-        self._waiting[rid] = waiter
+        self._waiting[message.id] = waiter
         try:
-            await self._send(_Read(rid, list(requests)))
+            await self._send(message)
         except (trio.BrokenResourceError, trio.ClosedResourceError) as e:
-            self._waiting.pop(rid, None)
+            self._waiting.pop(message.id, None)
             raise BusUnavailable(f"the supervisor's relay is gone: {e!r}") from None
         await waiter[0].wait()
         if waiter[1] is None:
             raise BusUnavailable("the supervisor's relay closed before answering")
+        return waiter[1]
+
+    async def subscribe(self, subscribers: Sequence[str]) -> None:
+        """Have the supervisor send this worker the events of these
+        subscribers; returns once it has (events published from then on
+        arrive here)."""
+        await self._ask(_Subscribe(next(self._ids), list(subscribers)))
+
+    async def unsubscribe(self, subscribers: Sequence[str]) -> None:
+        try:
+            await self._send(_Unsubscribe(list(subscribers)))
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as e:
+            raise BusUnavailable(f"the supervisor's relay is gone: {e!r}") from None
+
+    async def read(self, requests: Sequence[Read]) -> list[Replay]:
         out = []
-        for r in waiter[1]:
-            state = None if bytes(r.state) == b"null" else r.state
-            events = None if r.events is None else [(o, ev, encode_text(bytes(p)), 0.0) for o, ev, p in r.events]
+        for r in await self._ask(_Read(next(self._ids), list(requests))):
+            state = None if r.state is None else msgspec.Raw(r.state)
+            events = None if r.events is None else [(o, ev, f, 0.0) for o, ev, f in r.events]
             out.append(Replay(Position(r.epoch, r.offset, state), events, r.reason))
         return out
 
@@ -188,16 +215,19 @@ class RelayBus(Bus):
             await self._stream.aclose()
 
 
-def _raw(data: object) -> msgspec.Raw:
-    return data if isinstance(data, msgspec.Raw) else msgspec.Raw(msgspec.json.encode(data))
+def _json(value: object) -> bytes:
+    """The JSON of an event's data or state (already JSON when Raw)."""
+    return bytes(value) if isinstance(value, msgspec.Raw) else msgspec.json.encode(value)
 
 
 class _Outbox:
     """What the supervisor still has to send one worker, in order: filled
-    synchronously as the history changes, emptied by one writer task."""
+    synchronously as the history changes, emptied by one writer task; and
+    the subscribers that worker holds."""
 
     def __init__(self, stream: trio.SocketStream) -> None:
         self.stream = stream
+        self.subscribers: set[str] = set()
         self.queue: deque[bytes] = deque()
         self.ready = trio.Event()
         self.dead = False
@@ -245,9 +275,14 @@ class Relay:
         return len(items)
 
     def _broadcast(self, events: list) -> None:
-        batch = _framed(_Events([(s, e, d, o, ep) for s, e, d, o, ep, _ in events]))
-        for box in self._outboxes.values():  # all before any await: the order every worker sees
-            box.put(batch)
+        """Each worker gets the events of its subscribers, all before any
+        await: the order every worker sees is the history's."""
+        wire = [(s, e, None, o, ep, f) for s, e, _, o, ep, f in events]
+        for box in self._outboxes.values():
+            subs = box.subscribers
+            mine = [ev for ev in wire if ev[0] in subs]
+            if mine:
+                box.put(_framed(_Events(mine)))
 
     async def serve(self, slot: int, stream: trio.SocketStream) -> None:
         """Relay for the worker in ``slot`` until its stream ends.
@@ -274,16 +309,23 @@ class Relay:
             while (msg := await read_message(stream, buf)) is not None:
                 message = _decode(msg)
                 if type(message) is _Publish:
-                    items = [(s, e, d, None if bytes(st) == b"null" else st) for s, e, d, st in message.items]
+                    items = [
+                        (s, e, msgspec.Raw(d), None if st is None else msgspec.Raw(st)) for s, e, d, st in message.items
+                    ]
                     self._broadcast(record(history, items))
                 elif type(message) is _Read:
                     replays = [_wire(history.read(*r)) for r in message.reads]
                     outbox.put(_framed(_Replays(message.id, replays)))
+                elif type(message) is _Subscribe:
+                    outbox.subscribers.update(message.subscribers)
+                    outbox.put(_framed(_Replays(message.id, [])))
+                elif type(message) is _Unsubscribe:
+                    outbox.subscribers.difference_update(message.subscribers)
         except (trio.BrokenResourceError, trio.ClosedResourceError, ValueError, msgspec.MsgspecError):
             pass
 
 
 def _wire(replay: Replay) -> _Replay:
     p = replay.position
-    events = None if replay.events is None else [(o, ev, msgspec.Raw(_payload(f))) for o, ev, f, _ in replay.events]
-    return _Replay(p.epoch, p.offset, p.state if p.state is not None else _NULL, replay.reason, events)
+    events = None if replay.events is None else [(o, ev, f) for o, ev, f, _ in replay.events]
+    return _Replay(p.epoch, p.offset, None if p.state is None else _json(p.state), replay.reason, events)
