@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import sys
 
+from hypothesis import given, settings, strategies as st
+
 from mailpush.history import DROPPED_MEMORY, History, record
+from mailpush.packets import event_frame
 
 
 class Clock:
@@ -111,3 +114,35 @@ def test_a_subscriber_without_events_costs_nothing():
         h.position(f"idle{i}")
         h.read(f"idle{i}", h.epoch, 0)
     assert len(h) == 0 and sys.getsizeof(h._streams) == before
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    size=st.integers(0, 4),
+    batches=st.lists(
+        st.lists(st.tuples(st.sampled_from("abcde"), st.one_of(st.none(), st.integers(0, 9))), max_size=12), max_size=8
+    ),
+)
+def test_a_batch_recorded_at_once_is_the_same_as_one_append_at_a_time(size, batches):
+    """record() inlines History.append for speed: the streams, offsets,
+    frames, states and reads must be what appending one by one gives."""
+    clock = Clock()
+    fast, slow = History(size, 60, 10_000, clock), History(size, 60, 10_000, clock)
+    slow.epoch = fast.epoch
+    for k, batch in enumerate(batches):
+        clock.now += 1
+        items = [(sub, f"e{k}", {"k": k}, state) for sub, state in batch]
+        got = record(fast, items)
+        want = []
+        for sub, event, data, state in items:
+            offset = slow.next_offset()
+            frame = event_frame(sub, event, data, offset)
+            slow.append(sub, offset, event, frame, state, clock.now)
+            want.append((sub, event, data, offset, slow.epoch, frame))
+        slow.expire(clock.now)
+        assert got == want
+        assert (fast.top, fast.events, len(fast)) == (slow.top, slow.events, len(slow))
+        for sub in "abcde":
+            for since in range(fast.top + 1):
+                a, b = fast.read(sub, fast.epoch, since), slow.read(sub, slow.epoch, since)
+                assert (a.events, a.reason, a.position.state) == (b.events, b.reason, b.position.state)
