@@ -56,10 +56,10 @@ def make_token(header, claims, *, secret: str = SECRET) -> str:
     return f"{h}.{p}.{sign(f'{h}.{p}', secret)}"
 
 
-def ours(tok: str) -> str | None:
+def ours(tok: str, verifier: Verifier | None = None) -> str | None:
     """mailpush's verdict: the subscriber, or None when refused."""
     try:
-        return VERIFIER.verify(tok)
+        return (verifier or VERIFIER).verify(tok)
     except AuthError as e:
         # Whatever was wrong, the reason never carries the token.
         for part in tok.split("."):
@@ -232,6 +232,35 @@ def _now() -> int:
 def test_verifier_agrees_with_pyjwt(tok: str) -> None:
     expected = theirs(tok)
     assert ours(tok) == expected, f"token {tok!r}: PyJWT says {expected!r}"
+    # Once its header has passed (a fresh verifier remembers it), the same
+    # token takes the path that checks only the signature: the same verdict.
+    v = Verifier(SECRET)
+    first = ours(tok, v)
+    assert first == expected and ours(tok, v) == expected, f"token {tok!r}: PyJWT says {expected!r}"
+    if first is not None:
+        assert v._headers  # the second verdict came from the remembered header
+
+
+def test_a_remembered_header_does_not_let_a_bad_signature_through() -> None:
+    v = Verifier(SECRET)
+    good = make_token({"alg": "HS256", "typ": "JWT"}, {"sub": "alice", "exp": _now() + 600})
+    assert v.verify(good) == "alice" and len(v._headers) == 1
+    h, p, sig = good.split(".")
+    forged = make_token({"alg": "HS256", "typ": "JWT"}, {"sub": "mallory", "exp": _now() + 600}).split(".")[1]
+    for tok, reason in [
+        (f"{h}.{forged}.{sig}", "does not verify"),  # someone else's claims under alice's signature
+        (f"{h}.{p}.{sig[:-1]}A", "does not verify"),
+        (f"{h}.{p}.{sig}=", None),  # the one padding character an issuer may add
+        (f"{h}.{p}.{sig}==", "malformed"),
+        (f"{h}.{p}.{sig[:-1]}é", "malformed"),
+        (f"{h}.{p}é.{sig}", "malformed"),
+        (f"{h}.{p}.", "does not verify"),
+    ]:
+        if reason is None:
+            assert v.verify(tok) == "alice"
+        else:
+            with pytest.raises(AuthError, match=reason):
+                v.verify(tok)
 
 
 # -- the disagreements found by the differential (server bugs) ----------------------------------

@@ -61,7 +61,11 @@ TOKEN_PROTOCOL_PREFIX = "mailpush.token."
 # base64url → standard alphabet for binascii; '+' and '/' are not base64url
 # and become '!', which the strict decoder refuses.
 _TO_STD = bytes.maketrans(b"-_+/", b"+/!!")
+_TO_URL = bytes.maketrans(b"+/", b"-_")
 _json = msgspec.json.decode
+# Header segments already checked (every token of one issuer has the same
+# one): at most this many are remembered, the first ones seen.
+_HEADER_CACHE = 16
 
 
 def _b64url(segment: str) -> bytes:
@@ -99,7 +103,7 @@ def _number(claims: dict, name: str) -> int | None:
 class Verifier:
     """Checks HS256 tokens signed with one secret; returns the subscriber."""
 
-    __slots__ = ("_key", "_clock", "leeway")
+    __slots__ = ("_key", "_clock", "leeway", "_headers")
 
     def __init__(
         self, secret: str | bytes, clock: Callable[[], float] = time.time, leeway: float = LEEWAY_SECONDS
@@ -112,6 +116,47 @@ class Verifier:
         self._key = key
         self._clock = clock
         self.leeway = leeway
+        # Header segments that passed the header checks: a token with one of
+        # them goes straight to its signature (a header's checks depend on
+        # nothing but its text).
+        self._headers: set[str] = set()
+
+    def _check_header_and_signature(self, h: str, p: str, s: str) -> None:
+        """The header's checks, then the signature (see :meth:`verify_claims`)."""
+        try:
+            header = _json(_b64url(h))
+            signature = _b64url(s)
+            signing_input = f"{h}.{p}".encode("ascii")
+        except (ValueError, binascii.Error, UnicodeError, RecursionError):
+            raise AuthError("malformed token: bad base64url or JSON") from None
+        if not isinstance(header, dict) or header.get("alg") != "HS256":
+            raise AuthError("token algorithm must be HS256")
+        if "crit" in header:
+            raise AuthError("token header lists critical extensions, none are supported")
+        if header.get("b64", True) is not True:
+            raise AuthError("token payload must be base64url encoded (RFC 7797 'b64' is not supported)")
+        if "kid" in header and type(header["kid"]) is not str:
+            raise AuthError("token 'kid' header is not a string")
+        if len(self._headers) < _HEADER_CACHE:
+            self._headers.add(h)
+        expected = hmac.digest(self._key, signing_input, "sha256")
+        if not hmac.compare_digest(expected, signature):
+            raise AuthError("token signature does not verify")
+
+    def _check_signature(self, h: str, p: str, s: str) -> None:
+        """The signature of a token whose header is known good: compared as
+        text with the canonical base64url of the expected one (constant
+        time; the one padding character some issuers add is allowed), and
+        only when it differs decoded strictly, to tell a malformed one from
+        a wrong one, as :meth:`_check_header_and_signature` does."""
+        expected = _signature_of(self, h, p)
+        if s.isascii() and (hmac.compare_digest(s, expected) or hmac.compare_digest(s, expected + "=")):
+            return
+        try:
+            _b64url(s)
+        except (ValueError, binascii.Error, UnicodeError):
+            raise AuthError("malformed token: bad base64url or JSON") from None
+        raise AuthError("token signature does not verify")
 
     def verify(self, token: str) -> str:
         """Return the ``sub`` claim of a valid token.
@@ -136,23 +181,10 @@ class Verifier:
         if len(parts) != 3:
             raise AuthError("malformed token: expected a JWT of three dot-separated parts")
         h, p, s = parts
-        try:
-            header = _json(_b64url(h))
-            signature = _b64url(s)
-            signing_input = f"{h}.{p}".encode("ascii")
-        except (ValueError, binascii.Error, UnicodeError, RecursionError):
-            raise AuthError("malformed token: bad base64url or JSON") from None
-        if not isinstance(header, dict) or header.get("alg") != "HS256":
-            raise AuthError("token algorithm must be HS256")
-        if "crit" in header:
-            raise AuthError("token header lists critical extensions, none are supported")
-        if header.get("b64", True) is not True:
-            raise AuthError("token payload must be base64url encoded (RFC 7797 'b64' is not supported)")
-        if "kid" in header and type(header["kid"]) is not str:
-            raise AuthError("token 'kid' header is not a string")
-        expected = hmac.digest(self._key, signing_input, "sha256")
-        if not hmac.compare_digest(expected, signature):
-            raise AuthError("token signature does not verify")
+        if h in self._headers:
+            self._check_signature(h, p, s)
+        else:
+            self._check_header_and_signature(h, p, s)
         try:
             claims = _json(_b64url(p))
         except (ValueError, binascii.Error, UnicodeError, RecursionError):
@@ -178,6 +210,20 @@ class Verifier:
         if type(sub) is not str or not sub:
             raise AuthError("token has no 'sub' claim (the subscriber id)")
         return sub, int(exp)
+
+
+def _signature_of(self: Verifier, h: str, p: str) -> str:
+    """The canonical base64url (unpadded) HMAC-SHA256 of ``h.p``.
+
+    Raises:
+      AuthError: ``h.p`` is not ASCII (not base64url at all).
+    """
+    try:
+        signing_input = f"{h}.{p}".encode("ascii")
+    except UnicodeError:
+        raise AuthError("malformed token: bad base64url or JSON") from None
+    digest = hmac.digest(self._key, signing_input, "sha256")
+    return binascii.b2a_base64(digest, newline=False).rstrip(b"=").translate(_TO_URL).decode("ascii")
 
 
 def mint(secret: str | bytes, subscriber: str, ttl: float = 3600.0, now: float | None = None) -> str:

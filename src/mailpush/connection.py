@@ -179,9 +179,13 @@ class Connection:
         if self.state == CLOSED:
             return
         self.state = CLOSED
-        if (hook := self.ctx.on_close) is not None:
+        if (hook := self.ctx.on_close) is None or self.queue is not None:
+            # Wake whoever waits on the socket in Trio: its reader task (the
+            # default mode), or a writer. With --poller shared and no
+            # writer, nothing does (the poller's own set is the hook's).
+            _notify_closing(self.sock)
+        if hook is not None:
             hook(self)
-        _notify_closing(self.sock)
         self.sock.close()
 
     # -- receiving ----------------------------------------------------------

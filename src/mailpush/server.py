@@ -81,7 +81,10 @@ class Server:
     def __init__(self, config: Config, bus: Bus | None = None) -> None:
         self.config = config
         self.bus = bus if bus is not None else make_bus(config)
-        self.log = get_logger()
+        # Bound now (after logging was configured): a call on structlog's
+        # lazy proxy resolves it again every time (~1.3 µs; bound: ~0.2),
+        # and the connections log through this one.
+        self.log = get_logger().bind()
         self.stats = Stats()
         self.registry = Registry()
         self.dispatcher = Dispatcher(self.registry, self.bus, self.stats)
