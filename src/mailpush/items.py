@@ -97,7 +97,7 @@ def parse_item(obj: Any, where: str = "item") -> Item:
     return sub, event, data, state
 
 
-class _Item(msgspec.Struct):
+class _Item(msgspec.Struct, gc=False):  # str and Raw fields only: no cycles to collect
     subscriber: Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_SUBSCRIBER_LEN)]
     event: Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_EVENT_LEN)]
     data: msgspec.Raw = msgspec.Raw(b"{}")
