@@ -116,6 +116,9 @@ def find_head_end(buf: bytes | bytearray, end: int) -> int:
 # RFC 9110 §5.6.2 token (the method) and a request target of visible ASCII.
 _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _TARGET = re.compile(rb"[\x21-\x7e]+")
+# A header name may not begin or end with a space or a tab (as ints: the
+# bytes of a name are indexed, not sliced).
+_BLANKS = (0x20, 0x09)
 
 
 def _bad(reason: str) -> HandshakeError:
@@ -160,14 +163,14 @@ def parse_request(head: bytes) -> Request:
     path, _, req.query = target_s.partition("?")
     req.path = path
     seen = 0
+    fields = _FIELDS
     for line in lines[1:]:
         if not line:
             continue
         name, colon, value = line.partition(b":")
-        if not colon or not name or name[-1:] in (b" ", b"\t") or name[:1] in (b" ", b"\t"):
+        if not colon or not name or name[0] in _BLANKS or name[-1] in _BLANKS:
             raise _bad("malformed header line")
-        name = name.lower()
-        bit = _FIELDS.get(name)
+        bit = fields.get(name.lower())
         if bit is None:
             continue
         value = value.strip(b" \t")
