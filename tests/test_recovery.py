@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 
 from mailpush.bus import EmbeddedBus
 from mailpush.dispatch import Dispatcher
+from mailpush.errors import BusNotReady, BusUnavailable
 from mailpush.history import History
 from mailpush.metrics import Stats
 from mailpush.packets import Since
@@ -268,3 +269,98 @@ async def test_an_event_without_an_offset_is_delivered_as_it_is(start_server):
         got = await recv(ws)
         assert got["data"] == {"n": 1} and "offset" not in got
     assert server is not None
+
+
+# -- a bus that answers but does not serve yet (a Redis Cluster master rejoining) --------
+
+
+class NotServingUntil(FakeBus):
+    """Refuses every history read with ``error`` (a round trip of 10 ms)
+    until ``ready_at``, like a restarted Redis Cluster master's CLUSTERDOWN
+    for its first ~2 s; ``refused`` holds the time of each refusal."""
+
+    def __init__(self, error: type[BusUnavailable]) -> None:
+        super().__init__(History(100, 600, 10_000), may_lose=True)
+        self.error = error
+        self.ready_at = float("-inf")
+        self.refused: list[float] = []
+
+    async def read(self, requests):
+        await trio.sleep(0.01)
+        if trio.current_time() < self.ready_at:
+            self.refused.append(trio.current_time())
+            raise self.error("The cluster is down")
+        return await super().read(requests)
+
+
+class TimedTab(Tab):
+    def __init__(self, subscriber: str) -> None:
+        super().__init__(subscriber)
+        self.caught_up_at: float | None = None
+
+    def send(self, frame: bytes) -> bool:
+        super().send(frame)
+        if self.packets[-1]["type"] == "event" and self.caught_up_at is None:
+            self.caught_up_at = trio.current_time()
+        return True
+
+
+async def _catch_up_after_not_serving(error: type[BusUnavailable]) -> tuple[list[float], list[float], float]:
+    """Four subscribers' tabs miss an event; their catch-up reads start
+    50 ms apart (four reads in flight) while the bus refuses reads for 2 s.
+    Returns when each tab got its event, the refusals, and when the bus
+    served again (virtual time)."""
+    bus = NotServingUntil(error)
+    registry = Registry()
+    d = Dispatcher(registry, bus, Stats())
+    tabs = [TimedTab(f"s{i}") for i in range(4)]
+    async with trio.open_nursery() as nursery:
+        await nursery.start(bus.run, d.deliver)
+        await nursery.start(d.run_subscriptions)
+        await nursery.start(d.recovery.run)
+        for tab in tabs:
+            registry.add(tab)
+            d.changed(tab.subscriber)
+            d.subscribe(tab, None)
+        await trio.testing.wait_all_tasks_blocked()
+        assert all(t.packets and t.packets[0]["type"] == "subscribed" for t in tabs)
+        bus.lose(True)
+        bus.inject([(t.subscriber, "new_letter", {"n": 1}) for t in tabs])  # lost on its way
+        await trio.testing.wait_all_tasks_blocked()
+        bus._losing = False  # the shard's subscriptions are back; its history not yet
+        bus.ready_at = trio.current_time() + 2.0
+        for tab in tabs:
+            d.recovery.gap("shard reconnected", [tab.subscriber])
+            await trio.sleep(0.05)
+        with trio.fail_after(30):
+            while not all(t.caught_up_at for t in tabs):
+                await trio.sleep(0.001)
+        nursery.cancel_scope.cancel()
+    for tab in tabs:
+        assert [(p["type"], p["data"]) for p in tab.packets[1:]] == [("event", {"n": 1})]
+    return [t.caught_up_at for t in tabs], bus.refused, bus.ready_at
+
+
+async def test_reads_refused_by_a_bus_not_ready_yet_go_again_soon_after_it_is(autojump_clock):
+    """Each tab is caught up within ~0.1 s of the bus serving (with the
+    plain backoff it came up to a second later: by then the backoff was at
+    0.4-0.8 s, plus the read), yet the pending reads together retry about
+    ten times a second, not each of them: one read probes, the others wait
+    for it."""
+    caught_up, refused, ready_at = await _catch_up_after_not_serving(BusNotReady)
+    late = [t - ready_at for t in caught_up]
+    assert all(0 <= x <= 0.15 for x in late), late
+    # The last second refused: the probe's ≤ 17 (a read of 10 ms, then
+    # 50-100 ms), the three others' backoff ≤ 3; each read retrying every
+    # 0.1 s for itself would be ~45.
+    settled = [t for t in refused if ready_at - 1.0 <= t < ready_at]
+    assert len(settled) <= 24, len(settled)
+
+
+async def test_reads_failing_because_the_bus_is_down_keep_their_backoff(autojump_clock):
+    """Not every failure is "not ready yet": an unreachable bus gets the
+    backoff (a few retries a second, each read for itself)."""
+    caught_up, refused, ready_at = await _catch_up_after_not_serving(BusUnavailable)
+    settled = [t for t in refused if ready_at - 1.0 <= t < ready_at]
+    assert len(settled) <= 3 * 4, len(settled)
+    assert all(t >= ready_at for t in caught_up)

@@ -12,6 +12,7 @@
     ├── AdminHTTPError         a bad admin request: carries the HTTP status
     └── BusError               the bus side
         ├── BusUnavailable     the bus cannot be reached now: 503, retry
+        │   └── BusNotReady    it answers, but does not serve yet: retry soon
         ├── RespError          an error reply from Redis (``-ERR …``)
         └── RespProtocolError  bytes from Redis that are not RESP2: reconnect
 
@@ -33,6 +34,7 @@ __all__ = [
     "AdminHTTPError",
     "BusError",
     "BusUnavailable",
+    "BusNotReady",
     "RespError",
     "RespProtocolError",
 ]
@@ -113,6 +115,13 @@ class BusUnavailable(BusError):
     """The bus cannot be reached now: a subscription change or a publish
     cannot be made (the dispatcher retries with backoff; a publisher gets
     503 with Retry-After)."""
+
+
+class BusNotReady(BusUnavailable):
+    """The bus answers but does not serve yet, and will shortly: a Redis
+    Cluster master rejoining (``CLUSTERDOWN``, ``TRYAGAIN``), a Redis
+    loading its data (``LOADING``). A history read so refused is retried
+    sooner than after an outage (see recovery.py)."""
 
 
 class RespError(BusError):

@@ -25,13 +25,14 @@ the same steps from where its subscriber stood.
 
 from __future__ import annotations
 
+import random
 from collections.abc import Collection, Sequence
 from typing import TYPE_CHECKING
 
 import trio
 
 from .backoff import Backoff
-from .errors import BusUnavailable
+from .errors import BusNotReady, BusUnavailable
 from .history import Position, Replay
 from .log import LogLimiter, get_logger
 from .packets import Since, resync_frame, subscribed_frame
@@ -55,6 +56,16 @@ HELD_BACK_MAX = 1000
 # A read that fails (the bus is down) is retried: first wait, cap.
 RETRY_FIRST = 0.1
 RETRY_MAX = 5.0
+# A read refused by a bus that answers but does not serve yet (BusNotReady:
+# a Redis Cluster master rejoining says CLUSTERDOWN for ~2 s) is retried
+# by one read at a time, the probe, every RETRY_NOT_READY seconds at most
+# (jittered), for RETRY_NOT_READY_FOR seconds (then with the backoff
+# above); the other reads refused meanwhile wait for the probe to succeed
+# (or for their own backoff) and go again at once. Tabs are caught up
+# within ~RETRY_NOT_READY of the bus serving, and it gets ~10 retries a
+# second, however many reads are pending.
+RETRY_NOT_READY = 0.1
+RETRY_NOT_READY_FOR = 10.0
 
 
 class _Resume:
@@ -91,6 +102,8 @@ class Recovery:
         self.positions: dict[str, Position] = {}
         self._track = bus.may_lose
         self._error_log = LogLimiter()
+        self._probe: object | None = None  # the read retrying a bus not ready yet
+        self._probed = trio.Event()  # set when the probe is done (succeeded, or gave up)
 
     # -- what the dispatcher asks for ------------------------------------------
 
@@ -160,9 +173,10 @@ class Recovery:
 
         Error handling: a read that fails because the bus is down is
         retried with backoff (the tabs keep waiting, their live events held
-        back); any other failure of a batch (a bug) is logged, and its tabs
-        are answered with a resync rather than left waiting. Only
-        cancellation ends this task.
+        back), or, when the bus answered that it does not serve yet, soon
+        after it does (see RETRY_NOT_READY); any other failure of a batch
+        (a bug) is logged, and its tabs are answered with a resync rather
+        than left waiting. Only cancellation ends this task.
         """
         task_status.started()
         async with trio.open_nursery() as nursery:
@@ -216,15 +230,46 @@ class Recovery:
             self._limiter.release_on_behalf_of(token)
 
     async def _read(self, requests: Sequence[tuple[str, str | None, int | None]]) -> list[Replay]:
+        """The bus's read, retried until it succeeds: with backoff, or, while
+        the bus is not ready yet, as the probe or after it (see
+        RETRY_NOT_READY)."""
         backoff = Backoff(RETRY_FIRST, RETRY_MAX)
-        while True:
-            try:
-                return await self.bus.read(requests)
-            except BusUnavailable as e:
-                delay = backoff.next()
-                if n := self._error_log.tick():
-                    get_logger().warning("history_read_failed", error=str(e), retry_in=round(delay, 3), count=n)
-                await trio.sleep(delay)
+        me = object()
+        probe_since = 0.0
+        try:
+            while True:
+                probed = self._probed  # a probe done from now on wakes this read
+                try:
+                    return await self.bus.read(requests)
+                except BusUnavailable as e:
+                    delay = backoff.next()
+                    if isinstance(e, BusNotReady):
+                        if self._probe is None:
+                            self._probe, probe_since = me, trio.current_time()
+                    elif self._probe is me:
+                        self._probe_done()  # unreachable now: the others try for themselves
+                    probing = self._probe is me
+                    if probing and trio.current_time() - probe_since < RETRY_NOT_READY_FOR:
+                        delay = min(delay, random.uniform(RETRY_NOT_READY / 2, RETRY_NOT_READY))
+                    if n := self._error_log.tick():
+                        get_logger().warning(
+                            "history_read_failed", error=str(e), retry_in=round(delay, 3), probe=probing, count=n
+                        )
+                    if probing:
+                        await trio.sleep(delay)
+                    else:
+                        with trio.move_on_after(delay):
+                            await probed.wait()
+        finally:
+            if self._probe is me:
+                self._probe_done()
+
+    def _probe_done(self) -> None:
+        """The probe succeeded (or stopped probing): the reads waiting for it
+        go again now (one of them probes, if the bus still is not ready)."""
+        self._probe = None
+        self._probed.set()
+        self._probed = trio.Event()
 
     # -- answering ----------------------------------------------------------------
 

@@ -16,7 +16,7 @@ import msgspec
 import trio
 
 from ..config import Config
-from ..errors import BusUnavailable, PublishError, RespProtocolError
+from ..errors import BusNotReady, BusUnavailable, PublishError, RespProtocolError
 from ..history import Position, Replay, Stored
 from ..items import Item, parse_bus_item
 from ..log import LogLimiter, get_logger
@@ -36,6 +36,7 @@ __all__ = [
     "RECV_SIZE",
     "LOST",
     "UNREACHABLE",
+    "NOT_READY",
     "innermost",
     "read_pushes",
 ]
@@ -63,6 +64,15 @@ UNREACHABLE = (
     trio.ClosedResourceError,
     anyio.ClosedResourceError,
     anyio.BrokenResourceError,
+)
+# Answers of a Redis that is up but does not serve yet, and will shortly:
+# a Cluster master rejoining (CLUSTERDOWN for its first ~2 s), a slot in
+# migration (TRYAGAIN), a Redis loading its data (LOADING; coredis makes it
+# a ConnectionError, so this is matched before UNREACHABLE).
+NOT_READY = (
+    coredis.exceptions.ClusterDownError,
+    coredis.exceptions.TryAgainError,
+    coredis.exceptions.BusyLoadingError,
 )
 # Errors that end a subscription session (it is made again with backoff);
 # coredis may also fail on its own cleanup of a dead connection.
@@ -193,6 +203,7 @@ class RedisBase(Bus):
         """``mailpush_read`` each request in one pipeline (no barrier).
 
         Raises:
+          BusNotReady: Redis answered that it does not serve yet.
           BusUnavailable: Redis is not reachable now, or refused.
         """
         try:
@@ -202,6 +213,8 @@ class RedisBase(Bus):
                     for s, epoch, at in requests
                 ]
             results = [await p for p in pending]
+        except NOT_READY as e:
+            raise BusNotReady(f"Redis does not serve the history read yet: {e}") from None
         except UNREACHABLE as e:
             raise BusUnavailable(f"reading the history from Redis failed: {describe(e)}") from None
         except coredis.exceptions.RedisError as e:
