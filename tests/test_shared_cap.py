@@ -165,3 +165,19 @@ async def test_a_failed_count_is_sent_again(start_server):
                 await trio.sleep(0.02)
         assert bus.counts[:2] == [[("alice", 0, 1)], [("alice", 0, 1)]]
         await alive(ws)
+
+
+async def test_echo_connections_have_no_subscriber_and_no_cap(start_server, redis):  # noqa: F811
+    """Regression: the echo endpoint's connections (no token, no subscriber)
+    were counted as subscriber "" and, across instances, closed with 4008
+    past the cap."""
+    server = await start_server(RedisBus(redis.url), max_connections_per_subscriber=1, echo_path="/echo")
+    async with trio_websocket.open_websocket_url(ws_url(server, path="/echo")) as e1:
+        async with trio_websocket.open_websocket_url(ws_url(server, path="/echo")) as e2:
+            await trio.sleep(0.3)  # a batch or more
+            for ws in (e1, e2):
+                await ws.send_message("hello")
+                with trio.fail_after(5):
+                    assert await ws.get_message() == "hello"
+    assert server.stats.closes[4008] == 0 and "" not in server.ctx.per_subscriber
+    assert await counted(redis.url, "") == 0

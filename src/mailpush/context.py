@@ -103,7 +103,7 @@ class Context:
     def added(self, conn: Channel) -> None:
         """``conn`` was upgraded."""
         self.connections.add(conn)
-        if self.config.max_connections_per_subscriber:
+        if self.config.max_connections_per_subscriber and conn.subscriber:  # an echo connection has none
             self.per_subscriber[conn.subscriber] = self.per_subscriber.get(conn.subscriber, 0) + 1
             if self.shared_cap is not None:
                 self.shared_cap.opened(conn)
@@ -113,7 +113,7 @@ class Context:
     def removed(self, conn: Channel) -> None:
         """``conn`` is closed: off the books, and its subscription gone."""
         self.connections.discard(conn)
-        if self.config.max_connections_per_subscriber:
+        if self.config.max_connections_per_subscriber and conn.subscriber:
             left = self.per_subscriber.pop(conn.subscriber, 1) - 1
             if left:
                 self.per_subscriber[conn.subscriber] = left
