@@ -181,3 +181,14 @@ async def test_echo_connections_have_no_subscriber_and_no_cap(start_server, redi
                     assert await ws.get_message() == "hello"
     assert server.stats.closes[4008] == 0 and "" not in server.ctx.per_subscriber
     assert await counted(redis.url, "") == 0
+
+
+async def test_counting_goes_on_after_the_functions_are_flushed(start_server, redis):  # noqa: F811
+    """A Redis that lost mailpush's functions (FUNCTION FLUSH, or restarted
+    empty before any publish) gets them loaded again by the next count."""
+    server = await start_server(RedisBus(redis.url), max_connections_per_subscriber=CAP)
+    client = coredis.Redis.from_url(redis.url)
+    async with client:
+        await client.function_flush()
+    async with trio_websocket.open_websocket_url(ws_url(server, tok=token("alice"))):
+        await wait_counted(redis.url, "alice", 1)

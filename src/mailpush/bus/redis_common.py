@@ -231,12 +231,22 @@ class RedisBase(Bus):
           BusUnavailable: Redis is not reachable now, or refused.
         """
         try:
-            async with self.client.pipeline(transaction=False) as pipe:
-                pending = [
-                    pipe.fcall(CONNECTIONS, [connections_key(s)], [instance, kept, wanted, cap, lease_ms])
-                    for s, kept, wanted in counts
-                ]
-            return [int(await p) for p in pending]
+            for attempt in (1, 2):
+                try:
+                    async with self.client.pipeline(transaction=False) as pipe:
+                        pending = [
+                            pipe.fcall(CONNECTIONS, [connections_key(s)], [instance, kept, wanted, cap, lease_ms])
+                            for s, kept, wanted in counts
+                        ]
+                    return [int(await p) for p in pending]
+                except coredis.exceptions.ResponseError as e:
+                    if attempt == 2 or _NO_FUNCTION not in str(e):
+                        raise
+                    # A Redis that lost the functions (restarted empty, or
+                    # FUNCTION FLUSH): load them again, then count once more.
+                    self.log.warning("bus_functions_reloaded", url=safe(self.url), reason=str(e))
+                    await self.client.function_load(self._library, replace=True)
+            raise AssertionError("unreachable")
         except UNREACHABLE as e:
             raise BusUnavailable(f"counting connections on Redis failed: {describe(e)}") from None
         except coredis.exceptions.RedisError as e:
