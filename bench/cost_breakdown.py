@@ -17,8 +17,10 @@ rounds):
   kernel's (``deliver`` pays the same; the difference is the dispatcher's).
 
 Per upgrade: the pure-Python steps of the upgrade path timed over many
-calls (CPU µs per call, median of repeats): the request head parse, the upgrade check, the
-token lookup and its HS256 check, the 101 answer.
+calls (CPU µs per call, median of repeats): the request head parse, the
+upgrade check, the token lookup and its HS256 check, the 101 answer, and the subscribe packet
+that follows (a connection answering it, next to one bare send and
+receive).
 
     .venv/bin/python bench/cost_breakdown.py [--subscribers 8000] [--rounds 30]
 """
@@ -140,6 +142,46 @@ def upgrade(repeat: int = 7, number: int = 20_000) -> dict:
         "verify the token (HS256)": lambda: verifier.verify_claims(tok),
         "the 101 answer": lambda: response_101(req.key, ""),
     }
+    # The subscribe packet that follows the 101: a connection object takes
+    # it and answers (history position, ``subscribed`` frame), then is
+    # removed; beside it one send and receive of the same sockets alone.
+    from mailpush import log
+    from mailpush.bus.embedded import EmbeddedBus
+    from mailpush.connection import Connection
+    from mailpush.frames import Opcode
+    from mailpush.server import Server
+
+    log.configure("warning", "json")
+    ctx = Server(Config(secret=SECRET, listen=("127.0.0.1", 0), admin=None, ping_interval=0), EmbeddedBus()).ctx
+    mask = b"\x01\x02\x03\x04"
+    payload = b'{"type":"subscribe"}'
+    packet = (
+        bytes((0x80 | Opcode.TEXT, 0x80 | len(payload))) + mask + bytes(c ^ mask[i % 4] for i, c in enumerate(payload))
+    )
+    a, b = socket.socketpair()
+    a.setblocking(False)
+    b.setblocking(False)
+
+    def drain() -> None:
+        try:
+            while b.recv(65536):
+                pass
+        except BlockingIOError:
+            pass
+
+    def subscribe() -> None:
+        conn = Connection(a, ctx, "user012345")
+        ctx.added(conn)
+        conn.on_data(packet)
+        ctx.removed(conn)
+        drain()
+
+    def send_recv() -> None:
+        a.send(b"x" * 60)
+        drain()
+
+    steps["a subscribe packet answered (send and receive included)"] = subscribe
+    steps["one send and receive alone"] = send_recv
     out = {}
     for name, fn in steps.items():
         times = [t / number * 1e6 for t in timeit.repeat(fn, number=number, repeat=repeat, timer=_cpu)]
@@ -161,7 +203,7 @@ def main() -> None:
     print(f"  mailpush's own (parse + record + deliver - send only): {own:.2f} µs per delivery")
     print("upgrade steps (pure Python, CPU µs per call, median [min–max])")
     for name, (med, lo, hi) in upgrade().items():
-        print(f"  {name:<26} {med:5.2f} [{lo:.2f}–{hi:.2f}]")
+        print(f"  {name:<56} {med:5.2f} [{lo:.2f}–{hi:.2f}]")
 
 
 if __name__ == "__main__":
