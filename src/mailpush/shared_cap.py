@@ -49,8 +49,9 @@ LEASE_S = 90.0
 # How often each instance renews the counts of every subscriber it holds
 # (one FCALL per subscriber; 18,000 subscribers: 600 a second).
 RENEW_S = 30.0
-# Subscribers per pipeline.
-BATCH = 1000
+# Subscribers per pipeline: building one holds the event loop (~18 µs each,
+# bench/cap_cost.py), so 250 of them are ~5 ms, not a latency spike.
+BATCH = 250
 # Retry after Redis failed: first wait, cap.
 RETRY_FIRST = 0.2
 RETRY_MAX = 5.0
