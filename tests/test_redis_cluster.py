@@ -347,6 +347,11 @@ async def _restart_test(server, cluster, people, keep_data: bool):
     with trio.fail_after(5):
         while server.bus.up:
             await trio.sleep(0.02)
+    # One master of three lost: the instance stays in its load balancer's
+    # rotation (the other shards' tabs are served), and says what is wrong.
+    status, body, _ = await ahttp(server.admin_address, "GET", "/healthz")
+    assert status == 200 and b"ok, degraded: 1 of 3 Redis Cluster masters unreachable" in body, body
+    assert b"mailpush_bus_degraded 1.0" in (await ahttp(server.admin_address, "GET", "/metrics"))[1]
     cluster.start(victim)
     # Published as soon as the master is back, most likely before mailpush
     # has its shard again: missed live, caught up from the history.

@@ -48,8 +48,10 @@ class Health:
             return 503, "at connection limit"
         if self.acceptor.paused:
             return 503, "overloaded: all handshake slots busy"
-        if not self.bus.up:
+        if not self.bus.serving():
             return 503, "bus unavailable: events would not arrive"
+        if degraded := self.bus.degraded():
+            return 200, f"ok, degraded: {degraded}"
         return 200, "ok"
 
     async def metrics(self) -> bytes:
@@ -68,7 +70,11 @@ class Health:
                 ctx.handshakes.borrowed_tokens,
             ),
             "mailpush_draining": ("1 while draining", int(ctx.draining)),
-            "mailpush_bus_up": ("1 while the bus is connected", int(self.bus.up)),
+            "mailpush_bus_up": ("1 while the bus is connected (a Redis Cluster: every master)", int(self.bus.up)),
+            "mailpush_bus_degraded": (
+                "1 while only part of the bus is connected (some Redis Cluster masters)",
+                int(bool(self.bus.degraded())),
+            ),
             "mailpush_tasks": ("Live Trio tasks in this process", count_tasks()),
             "mailpush_event_loop_lag_seconds": (
                 "Worst lateness of the timer task's ticks over the last 15 s",

@@ -104,6 +104,16 @@ class Bus(abc.ABC):
     async def unsubscribe(self, subscribers: Sequence[str]) -> None:  # noqa: B027 - optional
         """Stop receiving events for these subscribers."""
 
+    def serving(self) -> bool:
+        """Whether this instance is of use now (``/healthz``): the bus
+        delivers at least part of the events. By default :attr:`up`."""
+        return self.up
+
+    def degraded(self) -> str:
+        """Why only part of the events arrive now ("" when all do, or none):
+        said by ``/healthz`` beside its 200."""
+        return ""
+
     async def count_connections(
         self, instance: str, counts: Sequence[tuple[str, int, int]], cap: int, lease_ms: int
     ) -> list[int]:

@@ -34,9 +34,13 @@ Design:
   brought up to date from the history, or resynced; tabs of other shards
   notice nothing.
 
-``up`` is True while every shard is subscribed (``/healthz`` says 503
-otherwise); publishing and history reads go to the shards that answer (a
-publish for a subscriber on a lost shard gets 503).
+``up`` is True while every shard is subscribed. One master lost is not a
+reason to take the instance out of its load balancer (every instance on the
+cluster would go at once, and the other shards' subscribers with them):
+``/healthz`` says 200 with the lost shards named while at least one shard
+is subscribed (:meth:`ClusterBus.degraded`), 503 only when none is.
+Publishing and history reads go to the shards that answer (a publish for a
+subscriber on a lost shard gets 503).
 """
 
 from __future__ import annotations
@@ -151,6 +155,20 @@ class ClusterBus(RedisBase):
 
     def shard_changed(self) -> None:
         self.up = self._started and bool(self._shards) and all(s.sub is not None for s in self._shards.values())
+
+    def serving(self) -> bool:
+        """At least one shard subscribed: its subscribers get their events."""
+        return self._started and any(s.sub is not None for s in self._shards.values())
+
+    def degraded(self) -> str:
+        lost = sorted(node for node, s in self._shards.items() if s.sub is None)
+        if not lost or not self.serving():
+            return ""
+        names = ", ".join(f"{host}:{port}" for host, port in lost[:3])
+        return (
+            f"{len(lost)} of {len(self._shards)} Redis Cluster masters unreachable ({names}):"
+            " their subscribers' events wait for them"
+        )
 
     def gap(self, reason: str, subscribers: Collection[str]) -> None:
         if self.on_gap is not None and subscribers:
