@@ -92,8 +92,10 @@ class Group:
         starting = sorted(running - self._ready())
         if starting:
             return 503, f"worker {', '.join(map(str, starting))} starting"
-        if not self.bus.up:
+        if not self.bus.serving():
             return 503, "bus unavailable: events would not arrive"
+        if degraded := self.bus.degraded():
+            return 200, f"ok, degraded: {degraded}"
         return 200, "ok"
 
     async def metrics(self) -> bytes:
