@@ -28,7 +28,9 @@ def make_bus(config: Config) -> Bus:
     url = config.bus
     if url == "embedded":
         return EmbeddedBus(history_of(config))
-    if url.startswith(("redis://", "rediss://", "unix://", "redis+cluster://", "redis+sentinel://")):
+    if url.startswith(
+        ("redis://", "rediss://", "unix://", "redis+cluster://", "rediss+cluster://", "redis+sentinel://")
+    ):
         try:
             from .redis import RedisBus
             from .redis_cluster import ClusterBus
@@ -38,7 +40,7 @@ def make_bus(config: Config) -> Bus:
                 f"--bus {url.partition('://')[0]}://… needs the Redis extra ({e.name} is missing):"
                 " pip install 'mailpush[redis]'"
             ) from None
-        if url.startswith("redis+cluster://"):
+        if url.startswith(("redis+cluster://", "rediss+cluster://")):
             return ClusterBus(url, config)
         if url.startswith("redis+sentinel://"):
             return SentinelBus(url, config)

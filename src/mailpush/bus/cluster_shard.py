@@ -17,6 +17,7 @@ The connection's side of this is
 
 from __future__ import annotations
 
+import ssl
 import traceback
 from collections.abc import Callable, Collection, Iterable
 from typing import Any, Protocol
@@ -47,6 +48,7 @@ class ShardOwner(Protocol):
     url: str
     username: str | None
     password: str | None
+    tls: ssl.SSLContext | None  # rediss+cluster://
     library_source: str
     beat: bytes
     client: Any  # coredis.RedisCluster
@@ -169,6 +171,13 @@ class Shard:
         bus = self.bus
         with trio.fail_after(CONNECT_TIMEOUT):
             stream: trio.abc.Stream = await trio.open_tcp_stream(*self.node)
+            if bus.tls is not None:  # rediss+cluster://
+                stream = trio.SSLStream(stream, bus.tls, server_hostname=self.node[0])
+                try:
+                    await stream.do_handshake()
+                except BaseException:
+                    await trio.aclose_forcefully(stream)
+                    raise
         async with stream:
             sub = ShardSubscription(stream, self._dropped)
             with trio.fail_after(CONNECT_TIMEOUT):

@@ -45,6 +45,7 @@ subscriber on a lost shard gets 503).
 
 from __future__ import annotations
 
+import ssl
 import traceback
 from collections.abc import Collection, Sequence
 
@@ -59,7 +60,7 @@ from ..log import LogLimiter
 from .base import Item, Read, Sink
 from .cluster_shard import Shard
 from .redis_common import CONNECT_TIMEOUT, LOST, RECONNECT_FIRST, RECONNECT_MAX, RedisBase, innermost
-from .redis_conn import MultiHostURL, describe, safe
+from .redis_conn import MultiHostURL, describe, safe, tls_context
 from .redis_functions import cluster_channel
 from .slots import Node, SlotMap, keyslot
 
@@ -94,12 +95,15 @@ class ClusterBus(RedisBase):
 
     def __init__(self, url: str, config: Config | None = None) -> None:
         super().__init__(url, config, sharded=True)
+        scheme = "rediss+cluster" if url.startswith("rediss+cluster://") else "redis+cluster"
         try:
-            parsed = MultiHostURL(url, "redis+cluster", 6379)
+            parsed = MultiHostURL(url, scheme, 6379)
             if parsed.path not in ([], ["0"]):
                 raise ValueError("a Redis Cluster has database 0 only")
-            if parsed.query:
-                raise ValueError("no options are known after '?'")
+            if parsed.query and scheme == "redis+cluster":
+                raise ValueError("no options are known after '?' (TLS options need rediss+cluster://)")
+            # TLS to every node, the subscription connections as the client's.
+            self.tls: ssl.SSLContext | None = tls_context(parsed.query) if scheme == "rediss+cluster" else None
         except ValueError as e:
             raise ConfigError(f"bad --bus URL {safe(url)!r}: {e}") from None
         self.seeds: list[Node] = parsed.hosts
@@ -109,6 +113,8 @@ class ClusterBus(RedisBase):
             username=self.username,
             password=self.password,
             connect_timeout=CONNECT_TIMEOUT,
+            ssl=self.tls is not None,
+            ssl_context=self.tls,
         )
         self.library_source = self._library
         self.beat = self._beat
@@ -264,9 +270,11 @@ class ClusterBus(RedisBase):
                         username=self.username,
                         password=self.password,
                         connect_timeout=MAP_TIMEOUT,
+                        ssl=self.tls is not None,
+                        ssl_context=self.tls,
                     )
                     async with client:
-                        return SlotMap.from_shards(await client.cluster_shards())
+                        return SlotMap.from_shards(await client.cluster_shards(), tls=self.tls is not None)
             except (*LOST, ValueError, KeyError, TypeError) as e:
                 errors.append(f"{host}:{port}: {describe(e)}")
         raise BusUnavailable("no node of the cluster answered CLUSTER SHARDS: " + "; ".join(errors))

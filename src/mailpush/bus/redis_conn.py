@@ -7,7 +7,7 @@ from __future__ import annotations
 import ssl
 from collections import deque
 from collections.abc import Callable, Sequence
-from urllib.parse import unquote, urlsplit
+from urllib.parse import parse_qsl, unquote, urlsplit
 
 import trio
 
@@ -329,6 +329,41 @@ class MultiHostURL:
             self.hosts.append((host, int(port)))
         self.path = [unquote(p) for p in parts.path.split("/") if p]
         self.query = parts.query
+
+
+# The TLS options a rediss+cluster:// or rediss+sentinel:// URL may carry
+# after '?', as a rediss:// URL does for coredis.
+TLS_OPTIONS = ("ssl_ca_certs", "ssl_cert_reqs", "ssl_check_hostname")
+
+
+def tls_context(query: str) -> ssl.SSLContext:
+    """The client TLS context of a ``rediss+…://`` URL's query: the server's
+    certificate checked against the system's CAs, or ``ssl_ca_certs`` (a PEM
+    file); ``ssl_cert_reqs=none`` skips the check, ``ssl_check_hostname=false``
+    the host name's.
+
+    Raises:
+      ValueError: an option that is not one of TLS_OPTIONS, or a bad value.
+    """
+    options = dict(parse_qsl(query, keep_blank_values=True))
+    unknown = sorted(set(options) - set(TLS_OPTIONS))
+    if unknown:
+        raise ValueError(f"unknown option {unknown[0]!r} after '?' (known: {', '.join(TLS_OPTIONS)})")
+    try:
+        context = ssl.create_default_context(cafile=options.get("ssl_ca_certs") or None)
+    except OSError as e:
+        raise ValueError(f"cannot read ssl_ca_certs: {e.strerror or e}") from None
+    reqs = options.get("ssl_cert_reqs", "required").lower()
+    if reqs not in ("required", "none"):
+        raise ValueError("ssl_cert_reqs must be required or none")
+    check = options.get("ssl_check_hostname", "true").lower()
+    if check not in ("true", "false"):
+        raise ValueError("ssl_check_hostname must be true or false")
+    if check == "false" or reqs == "none":
+        context.check_hostname = False
+    if reqs == "none":
+        context.verify_mode = ssl.CERT_NONE
+    return context
 
 
 def chunks(channels: list[str]):

@@ -77,8 +77,9 @@ class SlotMap:
         self.masters = masters  # each master and its slot ranges
 
     @classmethod
-    def from_shards(cls, shards: list) -> SlotMap:
-        """The map of a ``CLUSTER SHARDS`` answer.
+    def from_shards(cls, shards: list, *, tls: bool = False) -> SlotMap:
+        """The map of a ``CLUSTER SHARDS`` answer; with ``tls``, the nodes'
+        TLS ports (a node serving TLS only has no plain ``port``).
 
         Raises:
           ValueError: an answer of another shape.
@@ -92,7 +93,7 @@ class SlotMap:
             host = _text(_get(master, "endpoint", None) or b"?")
             if host in ("?", ""):
                 host = _text(_get(master, "ip"))
-            node = (host, int(_get(master, "port")))
+            node = (host, int(_get(master, "tls-port") if tls else _get(master, "port")))
             for i in range(0, len(slots), 2):
                 ranges.append((int(slots[i]), int(slots[i + 1]), node))
         if not ranges:
