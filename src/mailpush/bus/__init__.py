@@ -29,7 +29,15 @@ def make_bus(config: Config) -> Bus:
     if url == "embedded":
         return EmbeddedBus(history_of(config))
     if url.startswith(
-        ("redis://", "rediss://", "unix://", "redis+cluster://", "rediss+cluster://", "redis+sentinel://")
+        (
+            "redis://",
+            "rediss://",
+            "unix://",
+            "redis+cluster://",
+            "rediss+cluster://",
+            "redis+sentinel://",
+            "rediss+sentinel://",
+        )
     ):
         try:
             from .redis import RedisBus
@@ -42,7 +50,7 @@ def make_bus(config: Config) -> Bus:
             ) from None
         if url.startswith(("redis+cluster://", "rediss+cluster://")):
             return ClusterBus(url, config)
-        if url.startswith("redis+sentinel://"):
+        if url.startswith(("redis+sentinel://", "rediss+sentinel://")):
             return SentinelBus(url, config)
         return RedisBus(url, config)
     raise ConfigError(

@@ -28,7 +28,8 @@ the subscriber's history never reached it, a new epoch (``epoch_changed``).
 
 from __future__ import annotations
 
-from urllib.parse import parse_qs
+import ssl
+from urllib.parse import parse_qs, urlencode
 
 import coredis
 import trio
@@ -39,7 +40,7 @@ from ..log import LogLimiter
 from .base import Sink
 from .redis import RedisBus
 from .redis_common import CONNECT_TIMEOUT, RECONNECT_FIRST, RECONNECT_MAX
-from .redis_conn import Address, MultiHostURL, Subscription, describe, safe
+from .redis_conn import TLS_OPTIONS, Address, MultiHostURL, Subscription, describe, safe, tls_context
 from .resp import PushParser, command
 from .slots import Node
 
@@ -66,15 +67,23 @@ class SentinelBus(RedisBus):
 
     def __init__(self, url: str, config: Config | None = None) -> None:
         super().__init__(url, config)
+        scheme = "rediss+sentinel" if url.startswith("rediss+sentinel://") else "redis+sentinel"
         try:
-            parsed = MultiHostURL(url, "redis+sentinel", 26379)
+            parsed = MultiHostURL(url, scheme, 26379)
             if not 1 <= len(parsed.path) <= 2:
                 raise ValueError("name the master: redis+sentinel://HOST:PORT,HOST:PORT/MASTER[/DB]")
             self.db = int(parsed.path[1]) if len(parsed.path) == 2 else 0
             options = {k: v[-1] for k, v in parse_qs(parsed.query, strict_parsing=bool(parsed.query)).items()}
-            unknown = set(options) - {"sentinel_password", "sentinel_username"}
+            auth_options = {"sentinel_password", "sentinel_username"}
+            tls_options = set(TLS_OPTIONS) if scheme == "rediss+sentinel" else set()
+            unknown = set(options) - auth_options - tls_options
             if unknown:
-                raise ValueError(f"unknown options {sorted(unknown)}")
+                hint = " (TLS options need rediss+sentinel://)" if unknown & set(TLS_OPTIONS) else ""
+                raise ValueError(f"unknown options {sorted(unknown)}{hint}")
+            # TLS to the sentinels and to the master they name.
+            self.tls: ssl.SSLContext | None = None
+            if scheme == "rediss+sentinel":
+                self.tls = tls_context(urlencode({k: v for k, v in options.items() if k in tls_options}))
         except ValueError as e:
             raise ConfigError(f"bad --bus URL {safe(url)!r}: {e}") from None
         self.sentinels: list[Node] = parsed.hosts
@@ -119,8 +128,20 @@ class SentinelBus(RedisBus):
             return
         raise ConnectionError(f"no sentinel named the master {self.master_name!r}: " + "; ".join(errors))
 
+    async def _connect(self, host: str, port: int) -> trio.abc.Stream:
+        """A connection to a sentinel (TLS with rediss+sentinel://)."""
+        stream: trio.abc.Stream = await trio.open_tcp_stream(host, port)
+        if self.tls is not None:
+            stream = trio.SSLStream(stream, self.tls, server_hostname=host)
+            try:
+                await stream.do_handshake()
+            except BaseException:
+                await trio.aclose_forcefully(stream)
+                raise
+        return stream
+
     async def _ask(self, host: str, port: int) -> Node | None:
-        stream = await trio.open_tcp_stream(host, port)
+        stream = await self._connect(host, port)
         async with stream:
             conn = Subscription(stream)
             user, password = self._sentinel_auth
@@ -144,8 +165,11 @@ class SentinelBus(RedisBus):
             username=self.username,
             password=self.password,
             connect_timeout=CONNECT_TIMEOUT,
+            ssl=self.tls is not None,
+            ssl_context=self.tls,
         )
-        self._address = Address("redis", master[0], master[1], "", self.username, self.password)
+        scheme = "redis" if self.tls is None else "rediss"
+        self._address = Address(scheme, master[0], master[1], "", self.username, self.password, self.tls)
 
     async def _check(self, sub: Subscription) -> None:
         role = await sub.call(b"ROLE")
@@ -184,7 +208,7 @@ class SentinelBus(RedisBus):
 
     async def _listen(self, host: str, port: int) -> None:
         with trio.fail_after(SENTINEL_TIMEOUT):
-            stream = await trio.open_tcp_stream(host, port)
+            stream = await self._connect(host, port)
         async with stream:
             user, password = self._sentinel_auth
             if password is not None:
