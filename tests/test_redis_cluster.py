@@ -497,3 +497,31 @@ async def test_the_per_subscriber_cap_holds_across_instances_on_a_cluster(cluste
             await first.send_message('{"type":"ping"}')
             assert (await recv(first)) == {"type": "pong"}
     assert b.stats.closes[4008] == len(people)
+
+
+async def test_a_subscriber_that_cannot_be_hash_tagged_is_refused_clearly(cluster_server):
+    """A subscriber id beginning with '}' makes an empty hash tag: its keys
+    would span slots, every history read and publish would fail forever.
+    Refused at the door instead: 403 at the upgrade (close 4003 for a
+    mailpush.v1 client), 400 for a publish."""
+    from test_client_protocol import close_code, frame, raw_upgrade, sub_protocols
+
+    from mailpush.frames import Opcode
+
+    server = cluster_server
+    assert server.bus.check_subscriber("a}b") == "" and server.bus.check_subscriber("alice") == ""
+    tok = token("}x")
+    c, head = await raw_upgrade(server, "", path="/v1/ws?token=" + tok)
+    assert head.startswith(b"HTTP/1.1 403") and b"cannot be hash-tagged" in await trio.to_thread.run_sync(c.read_all)
+    c, head = await raw_upgrade(server, sub_protocols(tok))
+    assert head.startswith(b"HTTP/1.1 101")
+    op, payload = await frame(c)
+    assert op == Opcode.CLOSE and close_code(payload) == 4003 and b"hash-tagged" in payload
+    c.close()
+    body = json.dumps([{"subscriber": "alice", "event": "e"}, {"subscriber": "}x", "event": "e"}]).encode()
+    status, text, _ = await ahttp(server.admin_address, "POST", "/v1/publish", body)
+    assert status == 400 and b"item 1: a subscriber id beginning with '}'" in text, text
+    # Everyone else is served as before.
+    async with trio_websocket.open_websocket_url(ws_url(server, tok=token("a}b"))) as ws:
+        await ws.send_message('{"type":"subscribe"}')
+        assert (await recv(ws))["type"] == "subscribed"

@@ -242,6 +242,10 @@ async def _route(server: Server, request: Request) -> tuple[int, str, bytes, tup
         except PublishError as e:
             server.log.warning("publish_refused", reason=str(e))
             raise AdminHTTPError(400, str(e)) from None
+        if server.bus.restricts_subscribers:
+            for i, item in enumerate(items):
+                if reason := server.bus.check_subscriber(item[0]):
+                    raise AdminHTTPError(400, f"item {i}: {reason}; nothing was published")
         with trio.move_on_after(PUBLISH_TIMEOUT) as waited:
             await server.bus.publish(items)
         if waited.cancelled_caught:

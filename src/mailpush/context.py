@@ -68,6 +68,9 @@ class Context:
     per_subscriber: dict[str, int] = attrs.field(init=False, factory=dict)
     # The cap across instances (a SharedCap), on a bus that shares counts.
     shared_cap: Any = None
+    # Why the bus cannot serve a subscriber ("" when it can), on a bus that
+    # cannot serve every id (a Redis Cluster); None: it can.
+    subscriber_check: Callable[[str], str] | None = None
     nursery: trio.Nursery | None = None  # where connection and writer tasks run
     wait_readable: Callable[[Any], Awaitable[None]] = trio.lowlevel.wait_readable
     # Called by a connection that closes, before its descriptor is closed:
@@ -92,6 +95,13 @@ class Context:
         """``subscriber`` has as many connections here as the cap allows."""
         cap = self.config.max_connections_per_subscriber
         return bool(cap) and self.per_subscriber.get(subscriber, 0) >= cap
+
+    def unservable(self, subscriber: str) -> HandshakeError | None:
+        """A 403 when the bus cannot serve ``subscriber``, else None."""
+        check = self.subscriber_check
+        if check is not None and (reason := check(subscriber)):
+            return HandshakeError(403, reason)
+        return None
 
     def subscriber_cap_error(self) -> HandshakeError:
         """The refusal of a subscriber at ``--max-connections-per-subscriber``."""

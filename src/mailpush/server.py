@@ -100,6 +100,8 @@ class Server:
         expire = self.poller.expire if self.poller else functools.partial(expire_handshake, ctx)
         ctx.timers = Timers(config, self.stats, ctx.connections, expire, ctx.task_failed, self.log)
         self.ctx, self.timers = ctx, ctx.timers
+        if self.bus.restricts_subscribers:
+            ctx.subscriber_check = self.bus.check_subscriber
         if config.max_connections_per_subscriber and self.bus.shares_connections:
             ctx.shared_cap = SharedCap(ctx, self.bus)
         self.acceptor = Acceptor(self.ctx, serve_socket, self.poller.add if self.poller else None)

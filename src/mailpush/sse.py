@@ -172,6 +172,8 @@ def open_sse(ctx: Context, sock: socket.socket, req: hs.Request) -> SSEConnectio
     last = req.last_event_id or hs.query_param(req.query, "last_event_id") or ""
     since = parse_event_id(last) if last else None
     subscriber, expires = ctx.verifier.verify_claims(token_from_request(req))
+    if (err := ctx.unservable(subscriber)) is not None:
+        raise err
     if ctx.at_subscriber_cap(subscriber):
         raise ctx.subscriber_cap_error()
     headers = [

@@ -180,6 +180,11 @@ def _upgrade(ctx: Context, sock: socket.socket, req: hs.Request) -> Connection |
                 raise
             _refuse_in_band(ctx, sock, req, e, CloseCode.TOKEN_EXPIRED if e.expired else CloseCode.UNAUTHORIZED)
             return None
+        if ctx.subscriber_check is not None and (err := ctx.unservable(subscriber)) is not None:
+            if not protocol:
+                raise err
+            _refuse_in_band(ctx, sock, req, err, CloseCode.UNAUTHORIZED)
+            return None
         if ctx.at_subscriber_cap(subscriber):
             err = ctx.subscriber_cap_error()
             if not protocol:

@@ -104,6 +104,14 @@ class Bus(abc.ABC):
     async def unsubscribe(self, subscribers: Sequence[str]) -> None:  # noqa: B027 - optional
         """Stop receiving events for these subscribers."""
 
+    # True when some subscriber ids cannot be served on this bus
+    # (:meth:`check_subscriber` says which).
+    restricts_subscribers: bool = False
+
+    def check_subscriber(self, subscriber: str) -> str:
+        """Why this bus cannot serve ``subscriber`` ("" when it can)."""
+        return ""
+
     def serving(self) -> bool:
         """Whether this instance is of use now (``/healthz``): the bus
         delivers at least part of the events. By default :attr:`up`."""

@@ -162,6 +162,19 @@ class ClusterBus(RedisBase):
     def shard_changed(self) -> None:
         self.up = self._started and bool(self._shards) and all(s.sub is not None for s in self._shards.values())
 
+    restricts_subscribers = True
+
+    def check_subscriber(self, subscriber: str) -> str:
+        """A subscriber id beginning with '}' makes an empty hash tag
+        (``mailpush:meta:{}…}``): its keys would hash whole, each to its own
+        slot, and no function could take them together."""
+        if subscriber.startswith("}"):
+            return (
+                "a subscriber id beginning with '}' cannot be hash-tagged on a Redis Cluster"
+                " (its keys would span slots)"
+            )
+        return ""
+
     def serving(self) -> bool:
         """At least one shard subscribed: its subscribers get their events."""
         return self._started and any(s.sub is not None for s in self._shards.values())
