@@ -279,15 +279,21 @@ def test_an_unknown_bus_url_scheme_is_a_clear_error():
         RedisBus("redis+sentinel://127.0.0.1/0")
 
 
-@pytest.fixture
-def tls_redis(tmp_path):
-    """A Redis speaking only TLS, with a self-signed certificate for 127.0.0.1."""
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+def self_signed_cert(directory):
+    """A certificate for 127.0.0.1 and its key, in ``directory``: (cert, key)."""
+    cert, key = directory / "cert.pem", directory / "key.pem"
     subprocess.run(
         ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert), "-days", "1",
          "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
         check=True, capture_output=True,
     )
+    return cert, key
+
+
+@pytest.fixture
+def tls_redis(tmp_path):
+    """A Redis speaking only TLS, with a self-signed certificate for 127.0.0.1."""
+    cert, key = self_signed_cert(tmp_path)
     port = free_port()
     server = RedisServer(port, "--port", "0", "--tls-port", str(port), "--tls-cert-file", str(cert), "--tls-key-file",
                          str(key), "--tls-ca-cert-file", str(cert), "--tls-auth-clients", "no")

@@ -141,10 +141,18 @@ class Cluster:
             time.sleep(0.05)
         return i
 
+    def port_args(self, port: int) -> list[str]:
+        """How a node listens for clients (TlsCluster: TLS only)."""
+        return ["--port", str(port)]
+
+    def cli_args(self) -> list[str]:
+        """What redis-cli needs to reach the nodes."""
+        return []
+
     def start(self, i: int) -> None:
         port, bus_port = self.nodes[i]
         self.procs[i] = subprocess.Popen(
-            [REDIS, "--port", str(port), "--cluster-port", str(bus_port), "--bind", "127.0.0.1",
+            [REDIS, *self.port_args(port), "--cluster-port", str(bus_port), "--bind", "127.0.0.1",
              "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf", "--cluster-node-timeout", "5000",
              "--cluster-require-full-coverage", "no", "--dir", str(self.dir(i)), "--save", "",
              "--appendonly", "yes", "--appendfsync", "always", "--repl-diskless-sync-delay", "0"],
@@ -167,12 +175,12 @@ class Cluster:
             self.procs[i] = None
 
     def cli(self, i: int, *args: str) -> str:
-        return subprocess.run([REDIS_CLI, "-p", str(self.nodes[i][0]), *args], capture_output=True, text=True, timeout=10, check=True).stdout
+        return subprocess.run([REDIS_CLI, *self.cli_args(), "-p", str(self.nodes[i][0]), *args], capture_output=True, text=True, timeout=10, check=True).stdout
 
     def create(self) -> None:
         for i in range(3):
             self.start(i)
-        subprocess.run([REDIS_CLI, "--cluster", "create", *(f"127.0.0.1:{p}" for p, _ in self.nodes),
+        subprocess.run([REDIS_CLI, *self.cli_args(), "--cluster", "create", *(f"127.0.0.1:{p}" for p, _ in self.nodes),
                         "--cluster-replicas", "0", "--cluster-yes"], capture_output=True, check=True, timeout=30)
         self.wait_ok()
 

@@ -5,15 +5,14 @@ certificate for 127.0.0.1."""
 from __future__ import annotations
 
 import json
-import subprocess
 
 import pytest
 import trio
 import trio_websocket
 from conftest import make_config, token, ws_url
 from test_admin import ahttp
-from test_redis import free_port, startup_error
-from test_redis_cluster import REDIS, REDIS_CLI, Cluster
+from test_redis import free_port, self_signed_cert, startup_error
+from test_redis_cluster import Cluster
 
 from mailpush import Config, Server
 from mailpush.bus import make_bus
@@ -23,57 +22,21 @@ from mailpush.errors import ConfigError
 
 
 class TlsCluster(Cluster):
-    """Cluster's three masters, TLS only."""
+    """Cluster's three masters, TLS only (clients and the cluster bus)."""
 
     def __init__(self, root) -> None:
         super().__init__(root)
-        self.cert, self.key = root / "cert.pem", root / "key.pem"
-        subprocess.run(
-            ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(self.key), "-out",
-             str(self.cert), "-days", "1", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
-            check=True, capture_output=True,
-        )  # fmt: skip
+        self.cert, self.key = self_signed_cert(root)
         seeds = ",".join(f"127.0.0.1:{p}" for p, _ in self.nodes[:2])
         self.url = f"rediss+cluster://{seeds}/?ssl_ca_certs={self.cert}"
 
-    def start(self, i: int) -> None:
-        port, bus_port = self.nodes[i]
-        self.procs[i] = subprocess.Popen(
-            [REDIS, "--port", "0", "--tls-port", str(port), "--tls-cluster", "yes", "--tls-cert-file", str(self.cert),
-             "--tls-key-file", str(self.key), "--tls-ca-cert-file", str(self.cert), "--tls-auth-clients", "no",
-             "--cluster-port", str(bus_port), "--bind", "127.0.0.1", "--cluster-enabled", "yes",
-             "--cluster-config-file", "nodes.conf", "--cluster-node-timeout", "5000", "--dir", str(self.dir(i)),
-             "--save", "", "--appendonly", "no"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )  # fmt: skip
-        self._wait_port(port)
+    def port_args(self, port: int) -> list[str]:
+        return ["--port", "0", "--tls-port", str(port), "--tls-cluster", "yes", "--tls-cert-file", str(self.cert),
+                "--tls-key-file", str(self.key), "--tls-ca-cert-file", str(self.cert),
+                "--tls-auth-clients", "no"]  # fmt: skip
 
-    def _wait_port(self, port: int) -> None:
-        import socket
-        import time
-
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                return
-            except OSError:
-                assert time.monotonic() < deadline, "redis-server did not start"
-                time.sleep(0.02)
-
-    def _tls(self) -> list[str]:
+    def cli_args(self) -> list[str]:
         return ["--tls", "--cacert", str(self.cert)]
-
-    def cli(self, i: int, *args: str) -> str:
-        return subprocess.run([REDIS_CLI, *self._tls(), "-p", str(self.nodes[i][0]), *args],
-                              capture_output=True, text=True, timeout=10, check=True).stdout  # fmt: skip
-
-    def create(self) -> None:
-        for i in range(3):
-            self.start(i)
-        subprocess.run([REDIS_CLI, *self._tls(), "--cluster", "create", *(f"127.0.0.1:{p}" for p, _ in self.nodes),
-                        "--cluster-replicas", "0", "--cluster-yes"], capture_output=True, check=True, timeout=30)  # fmt: skip
-        self.wait_ok()
 
 
 @pytest.fixture(scope="module")

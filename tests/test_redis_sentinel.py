@@ -83,6 +83,17 @@ class Setup:
         self.procs: dict[int, subprocess.Popen] = {}
         self.url = "redis+sentinel://" + ",".join(f"127.0.0.1:{p}" for p in self.sentinels) + f"/{self.NAME}"
 
+    def port_args(self, port: int) -> list[str]:
+        """How a server listens (TlsSetup: TLS only, replication too)."""
+        return ["--port", str(port)]
+
+    def sentinel_port_conf(self, port: int) -> str:
+        """How a sentinel listens, as sentinel.conf lines."""
+        return f"port {port}\n"
+
+    def cli(self, port: int, *args: str) -> str:
+        return cli(port, *args)
+
     def _run(self, port: int, *args: str) -> None:
         self.procs[port] = subprocess.Popen([REDIS, *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         _wait_port(port)
@@ -91,15 +102,15 @@ class Setup:
         for port, extra in ((self.master, []), (self.replica, ["--replicaof", "127.0.0.1", str(self.master)])):
             d = self.root / str(port)
             d.mkdir()
-            self._run(port, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(d), "--save", "", "--appendonly", "no", *extra)
+            self._run(port, *self.port_args(port), "--bind", "127.0.0.1", "--dir", str(d), "--save", "", "--appendonly", "no", *extra)
         deadline = time.monotonic() + 10
-        while "master_link_status:up" not in cli(self.replica, "info", "replication"):
+        while "master_link_status:up" not in self.cli(self.replica, "info", "replication"):
             assert time.monotonic() < deadline, "the replica did not sync"
             time.sleep(0.05)
         for port in self.sentinels:
             conf = self.root / f"sentinel-{port}.conf"
             conf.write_text(
-                f"port {port}\nbind 127.0.0.1\ndir {self.root}\n"
+                f"{self.sentinel_port_conf(port)}bind 127.0.0.1\ndir {self.root}\n"
                 f"sentinel monitor {self.NAME} 127.0.0.1 {self.master} 2\n"
                 f"sentinel down-after-milliseconds {self.NAME} 1000\n"
                 f"sentinel failover-timeout {self.NAME} 10000\n"
@@ -107,7 +118,7 @@ class Setup:
             self._run(port, str(conf), "--sentinel")
         deadline = time.monotonic() + 20  # the sentinels find each other and the replica (hello messages)
         while not all(
-            cli(p, "sentinel", "sentinels", self.NAME).count("name") == 2 and "name" in cli(p, "sentinel", "replicas", self.NAME)
+            self.cli(p, "sentinel", "sentinels", self.NAME).count("name") == 2 and "name" in self.cli(p, "sentinel", "replicas", self.NAME)
             for p in self.sentinels
         ):
             assert time.monotonic() < deadline, "the sentinels did not find each other"
@@ -115,7 +126,7 @@ class Setup:
 
     def named(self) -> int:
         """The master's port as the first sentinel names it."""
-        return int(cli(self.sentinels[0], "sentinel", "get-master-addr-by-name", self.NAME).split()[1])
+        return int(self.cli(self.sentinels[0], "sentinel", "get-master-addr-by-name", self.NAME).split()[1])
 
     def kill(self, port: int) -> None:
         proc = self.procs.pop(port)

@@ -6,81 +6,42 @@ a master, its replica and three sentinels on loopback speaking only TLS
 from __future__ import annotations
 
 import subprocess
-import time
 
 import pytest
 import trio
-from test_redis import REDIS, free_port
+from test_redis import free_port, self_signed_cert
 from test_redis_cluster import REDIS_CLI
-from test_redis_sentinel import Setup, _wait_port, nothing, publish, recv, start, tabs_for
+from test_redis_sentinel import Setup, nothing, publish, recv, start, tabs_for
 
 from mailpush.bus.sentinel import SentinelBus
 from mailpush.errors import ConfigError
 
 
 class TlsSetup(Setup):
-    """Setup's servers and sentinels, TLS only."""
+    """Setup's servers and sentinels, TLS only (replication too)."""
 
     def __init__(self, root) -> None:
         super().__init__(root)
-        self.cert, self.key = root / "cert.pem", root / "key.pem"
-        subprocess.run(
-            ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(self.key), "-out",
-             str(self.cert), "-days", "1", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
-            check=True, capture_output=True,
-        )  # fmt: skip
+        self.cert, self.key = self_signed_cert(root)
         self.url = (
             "rediss+sentinel://" + ",".join(f"127.0.0.1:{p}" for p in self.sentinels) + f"/{self.NAME}"
             f"?ssl_ca_certs={self.cert}"
         )
 
-    def tls_args(self) -> list[str]:
-        return ["--tls-cert-file", str(self.cert), "--tls-key-file", str(self.key), "--tls-ca-cert-file",
-                str(self.cert), "--tls-auth-clients", "no", "--tls-replication", "yes"]  # fmt: skip
+    def port_args(self, port: int) -> list[str]:
+        return ["--port", "0", "--tls-port", str(port), "--tls-cert-file", str(self.cert), "--tls-key-file",
+                str(self.key), "--tls-ca-cert-file", str(self.cert), "--tls-auth-clients", "no",
+                "--tls-replication", "yes"]  # fmt: skip
+
+    def sentinel_port_conf(self, port: int) -> str:
+        return (
+            f"port 0\ntls-port {port}\ntls-cert-file {self.cert}\ntls-key-file {self.key}\n"
+            f"tls-ca-cert-file {self.cert}\ntls-auth-clients no\ntls-replication yes\n"
+        )
 
     def cli(self, port: int, *args: str) -> str:
         return subprocess.run([REDIS_CLI, "--tls", "--cacert", str(self.cert), "-p", str(port), *args],
                               capture_output=True, text=True, timeout=10, check=True).stdout  # fmt: skip
-
-    def start(self) -> None:
-        for port, extra in ((self.master, []), (self.replica, ["--replicaof", "127.0.0.1", str(self.master)])):
-            d = self.root / str(port)
-            d.mkdir()
-            self.procs[port] = subprocess.Popen(
-                [REDIS, "--port", "0", "--tls-port", str(port), *self.tls_args(), "--bind", "127.0.0.1",
-                 "--dir", str(d), "--save", "", "--appendonly", "no", *extra],
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            )  # fmt: skip
-            _wait_port(port)
-        deadline = time.monotonic() + 10
-        while "master_link_status:up" not in self.cli(self.replica, "info", "replication"):
-            assert time.monotonic() < deadline, "the replica did not sync"
-            time.sleep(0.05)
-        for port in self.sentinels:
-            conf = self.root / f"sentinel-{port}.conf"
-            conf.write_text(
-                f"port 0\ntls-port {port}\nbind 127.0.0.1\ndir {self.root}\n"
-                f"tls-cert-file {self.cert}\ntls-key-file {self.key}\ntls-ca-cert-file {self.cert}\n"
-                "tls-auth-clients no\ntls-replication yes\n"
-                f"sentinel monitor {self.NAME} 127.0.0.1 {self.master} 2\n"
-                f"sentinel down-after-milliseconds {self.NAME} 1000\n"
-                f"sentinel failover-timeout {self.NAME} 10000\n"
-            )
-            self.procs[port] = subprocess.Popen(
-                [REDIS, str(conf), "--sentinel"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-            )
-            _wait_port(port)
-        deadline = time.monotonic() + 20
-        while not all(
-            self.cli(p, "sentinel", "sentinels", self.NAME).count("name") == 2
-            and "name" in self.cli(p, "sentinel", "replicas", self.NAME)
-            for p in self.sentinels
-        ):
-            assert time.monotonic() < deadline, "the sentinels did not find each other"
-            time.sleep(0.1)
-
-    def named(self) -> int:
-        return int(self.cli(self.sentinels[0], "sentinel", "get-master-addr-by-name", self.NAME).split()[1])
 
 
 @pytest.fixture

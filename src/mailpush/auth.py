@@ -143,13 +143,26 @@ class Verifier:
         if not hmac.compare_digest(expected, signature):
             raise AuthError("token signature does not verify")
 
+    def _signature(self, h: str, p: str) -> str:
+        """The canonical base64url (unpadded) HMAC-SHA256 of ``h.p``.
+
+        Raises:
+          AuthError: ``h.p`` is not ASCII (not base64url at all).
+        """
+        try:
+            signing_input = f"{h}.{p}".encode("ascii")
+        except UnicodeError:
+            raise AuthError("malformed token: bad base64url or JSON") from None
+        digest = hmac.digest(self._key, signing_input, "sha256")
+        return binascii.b2a_base64(digest, newline=False).rstrip(b"=").translate(_TO_URL).decode("ascii")
+
     def _check_signature(self, h: str, p: str, s: str) -> None:
         """The signature of a token whose header is known good: compared as
         text with the canonical base64url of the expected one (constant
         time; the one padding character some issuers add is allowed), and
         only when it differs decoded strictly, to tell a malformed one from
         a wrong one, as :meth:`_check_header_and_signature` does."""
-        expected = _signature_of(self, h, p)
+        expected = self._signature(h, p)
         if s.isascii() and (hmac.compare_digest(s, expected) or hmac.compare_digest(s, expected + "=")):
             return
         try:
@@ -210,20 +223,6 @@ class Verifier:
         if type(sub) is not str or not sub:
             raise AuthError("token has no 'sub' claim (the subscriber id)")
         return sub, int(exp)
-
-
-def _signature_of(self: Verifier, h: str, p: str) -> str:
-    """The canonical base64url (unpadded) HMAC-SHA256 of ``h.p``.
-
-    Raises:
-      AuthError: ``h.p`` is not ASCII (not base64url at all).
-    """
-    try:
-        signing_input = f"{h}.{p}".encode("ascii")
-    except UnicodeError:
-        raise AuthError("malformed token: bad base64url or JSON") from None
-    digest = hmac.digest(self._key, signing_input, "sha256")
-    return binascii.b2a_base64(digest, newline=False).rstrip(b"=").translate(_TO_URL).decode("ascii")
 
 
 def mint(secret: str | bytes, subscriber: str, ttl: float = 3600.0, now: float | None = None) -> str:

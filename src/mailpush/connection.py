@@ -110,21 +110,7 @@ class Connection:
         The fast path is one non-blocking ``send()``; a writer task is spawned
         only when the socket cannot take the whole frame now.
         """
-        if self.state != OPEN:
-            return False
-        # _push inlined: this is the per-delivery path of every fan-out.
-        if (queue := self.queue) is not None:
-            return self._enqueue(queue, frame)
-        try:
-            n = self.sock.send(frame)
-        except BlockingIOError:
-            n = 0
-        except OSError:
-            self.abort()
-            return False
-        if n < len(frame):
-            self._start_writer(frame, n)
-        return True
+        return self.state == OPEN and self._push(frame)
 
     def _push(self, frame: bytes) -> bool:
         """``send`` without the state check (our own Close frame uses it)."""

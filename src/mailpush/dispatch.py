@@ -81,9 +81,7 @@ class Dispatcher:
         once a second; the rest of the batch and every later one are
         delivered. Only cancellation leaves.
         """
-        # Registry.get inlined (see there): a dict of many tabs is iterated
-        # as a snapshot, the batch checkpoints between its sends.
-        get = self.registry._subs.get
+        get = self.registry.get
         stats = self.stats
         pending = self._pending
         recovery = self.recovery
@@ -100,8 +98,6 @@ class Dispatcher:
                     if conns is None:
                         stats.dropped += 1
                         continue
-                    if type(conns) is dict:
-                        conns = tuple(conns)
                     if pending and sub in pending:
                         # An event for it came through the bus: its subscription
                         # stands, and the waiting tabs are answered before it.

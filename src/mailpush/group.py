@@ -23,11 +23,12 @@ from .bus.base import Read
 from .bus.relay import Relay
 from .config import Config
 from .errors import BusUnavailable
+from .health import bus_health
 from .history import Replay
 from .log import get_logger
 from .metrics import Stats
 
-__all__ = ["Group", "RelayPublisher", "merge_metrics", "SCRAPE_TIMEOUT"]
+__all__ = ["Group", "RelayPublisher", "admin_request", "merge_metrics", "SCRAPE_TIMEOUT"]
 
 # How long the supervisor waits for one worker's /metrics.
 SCRAPE_TIMEOUT = 2.0
@@ -92,11 +93,7 @@ class Group:
         starting = sorted(running - self._ready())
         if starting:
             return 503, f"worker {', '.join(map(str, starting))} starting"
-        if not self.bus.serving():
-            return 503, "bus unavailable: events would not arrive"
-        if degraded := self.bus.degraded():
-            return 200, f"ok, degraded: {degraded}"
-        return 200, "ok"
+        return bus_health(self.bus)
 
     async def metrics(self) -> bytes:
         """Every worker's /metrics, summed, and the supervisor's own."""
@@ -119,8 +116,7 @@ class Group:
         return merge_metrics(texts, own)
 
     async def _scrape(self, address: tuple[str, int], into: list[str]) -> None:
-        headers = f"Authorization: Bearer {self.config.admin_token}\r\n" if self.config.admin_token else ""
-        request = f"GET /metrics HTTP/1.0\r\nHost: 127.0.0.1\r\n{headers}\r\n".encode()
+        request = admin_request(self.config, "/metrics")
         with trio.move_on_after(SCRAPE_TIMEOUT):
             try:
                 stream = await trio.open_tcp_stream(*address)
@@ -134,6 +130,12 @@ class Group:
             head, _, body = bytes(data).partition(b"\r\n\r\n")
             if head.startswith(b"HTTP/1.1 200"):
                 into.append(body.decode("utf-8", "replace"))
+
+
+def admin_request(config: Config, path: str) -> bytes:
+    """A GET of ``path`` on a worker's admin API (with the admin token)."""
+    headers = f"Authorization: Bearer {config.admin_token}\r\n" if config.admin_token else ""
+    return f"GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n{headers}\r\n".encode()
 
 
 def merge_metrics(texts: Sequence[str], own: Sequence[tuple[str, str, str, float]]) -> bytes:

@@ -15,7 +15,18 @@ from .bus import Bus
 from .context import Context
 from .metrics import render
 
-__all__ = ["Health"]
+__all__ = ["Health", "bus_health"]
+
+
+def bus_health(bus: Bus) -> tuple[int, str]:
+    """/healthz as far as the bus decides it: 503 when it delivers nothing,
+    200 saying what is missing when it delivers only part (some Redis
+    Cluster masters unreachable), else 200 ok."""
+    if not bus.serving():
+        return 503, "bus unavailable: events would not arrive"
+    if degraded := bus.degraded():
+        return 200, f"ok, degraded: {degraded}"
+    return 200, "ok"
 
 
 @attrs.define(slots=True, eq=False)
@@ -48,11 +59,7 @@ class Health:
             return 503, "at connection limit"
         if self.acceptor.paused:
             return 503, "overloaded: all handshake slots busy"
-        if not self.bus.serving():
-            return 503, "bus unavailable: events would not arrive"
-        if degraded := self.bus.degraded():
-            return 200, f"ok, degraded: {degraded}"
-        return 200, "ok"
+        return bus_health(self.bus)
 
     async def metrics(self) -> bytes:
         """The Prometheus text of /metrics: the counters and the gauges."""

@@ -39,7 +39,7 @@ from .bus import history_of
 from .bus.relay import Relay
 from .config import Config
 from .errors import ConfigError
-from .group import Group
+from .group import Group, admin_request
 from .log import get_logger, log_sighup
 
 __all__ = ["run_workers", "worker_admin", "die_with_supervisor", "RESTART_FIRST", "RESTART_MAX", "STABLE_AFTER"]
@@ -266,8 +266,7 @@ class _Supervisor:
         if address is None:
             self.ready.add(index)
             return
-        headers = f"Authorization: Bearer {self.config.admin_token}\r\n" if self.config.admin_token else ""
-        request = f"GET /healthz HTTP/1.0\r\nHost: 127.0.0.1\r\n{headers}\r\n".encode()
+        request = admin_request(self.config, "/healthz")
         while True:
             with trio.move_on_after(READY_POLL * 10):
                 try:

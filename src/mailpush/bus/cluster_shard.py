@@ -38,7 +38,7 @@ from .redis_common import (
     innermost,
     read_pushes,
 )
-from .redis_conn import ShardSubscription, describe, safe
+from .redis_conn import ShardSubscription, describe, open_stream, safe
 from .slots import Node
 
 
@@ -170,14 +170,7 @@ class Shard:
         the connection fails or the heartbeats stop."""
         bus = self.bus
         with trio.fail_after(CONNECT_TIMEOUT):
-            stream: trio.abc.Stream = await trio.open_tcp_stream(*self.node)
-            if bus.tls is not None:  # rediss+cluster://
-                stream = trio.SSLStream(stream, bus.tls, server_hostname=self.node[0])
-                try:
-                    await stream.do_handshake()
-                except BaseException:
-                    await trio.aclose_forcefully(stream)
-                    raise
+            stream = await open_stream(*self.node, bus.tls)
         async with stream:
             sub = ShardSubscription(stream, self._dropped)
             with trio.fail_after(CONNECT_TIMEOUT):

@@ -157,6 +157,12 @@ class RedisBase(Bus):
         missing function); a subclass may act on it (Sentinel: READONLY
         means the master is now a replica)."""
 
+    async def _reload_functions(self, error: Exception) -> None:
+        """Load the functions again on a Redis that lost them (``error``:
+        its "Function not found"): restarted empty, or FUNCTION FLUSH."""
+        self.log.warning("bus_functions_reloaded", url=safe(self.url), reason=str(error))
+        await self.client.function_load(self._library, replace=True)
+
     async def _fcall_publish(self, items: Sequence[Item]) -> None:
         """``mailpush_publish`` each item in one pipeline. A node that lost
         the functions (restarted empty) gets them loaded again and only the
@@ -186,8 +192,7 @@ class RedisBase(Bus):
                         failed.append((item, e))
                 if failed and not reloaded and any(_NO_FUNCTION in str(e) for _, e in failed):
                     reloaded = True
-                    self.log.warning("bus_functions_reloaded", url=safe(self.url), reason=str(failed[0][1]))
-                    await self.client.function_load(self._library, replace=True)
+                    await self._reload_functions(failed[0][1])
                     pending = [item for item, _ in failed]
                     continue
             except UNREACHABLE as e:
@@ -230,23 +235,23 @@ class RedisBase(Bus):
         Raises:
           BusUnavailable: Redis is not reachable now, or refused.
         """
+
+        async def count() -> list[int]:
+            async with self.client.pipeline(transaction=False) as pipe:
+                pending = [
+                    pipe.fcall(CONNECTIONS, [connections_key(s)], [instance, kept, wanted, cap, lease_ms])
+                    for s, kept, wanted in counts
+                ]
+            return [int(await p) for p in pending]
+
         try:
-            for attempt in (1, 2):
-                try:
-                    async with self.client.pipeline(transaction=False) as pipe:
-                        pending = [
-                            pipe.fcall(CONNECTIONS, [connections_key(s)], [instance, kept, wanted, cap, lease_ms])
-                            for s, kept, wanted in counts
-                        ]
-                    return [int(await p) for p in pending]
-                except coredis.exceptions.ResponseError as e:
-                    if attempt == 2 or _NO_FUNCTION not in str(e):
-                        raise
-                    # A Redis that lost the functions (restarted empty, or
-                    # FUNCTION FLUSH): load them again, then count once more.
-                    self.log.warning("bus_functions_reloaded", url=safe(self.url), reason=str(e))
-                    await self.client.function_load(self._library, replace=True)
-            raise AssertionError("unreachable")
+            try:
+                return await count()
+            except coredis.exceptions.ResponseError as e:
+                if _NO_FUNCTION not in str(e):
+                    raise
+                await self._reload_functions(e)
+                return await count()
         except UNREACHABLE as e:
             raise BusUnavailable(f"counting connections on Redis failed: {describe(e)}") from None
         except coredis.exceptions.RedisError as e:

@@ -285,13 +285,24 @@ class Address:
     async def connect(self) -> trio.abc.Stream:
         if self.scheme == "unix":
             return await trio.open_unix_socket(self.path)
-        stream = await trio.open_tcp_stream(self.host, self.port)
-        if self.scheme == "redis":
-            return stream
-        assert self.tls is not None  # rediss:// always has a context (parse)
-        tls = trio.SSLStream(stream, self.tls, server_hostname=self.host)
-        await tls.do_handshake()
-        return tls
+        assert self.scheme == "redis" or self.tls is not None  # rediss:// always has a context (parse)
+        return await open_stream(self.host, self.port, self.tls if self.scheme == "rediss" else None)
+
+
+async def open_stream(host: str, port: int, tls: ssl.SSLContext | None) -> trio.abc.Stream:
+    """A TCP connection to a Redis node, a sentinel or a cluster master,
+    with its TLS handshake done when ``tls`` is given (closed again if the
+    handshake fails)."""
+    stream: trio.abc.Stream = await trio.open_tcp_stream(host, port)
+    if tls is None:
+        return stream
+    secure = trio.SSLStream(stream, tls, server_hostname=host)
+    try:
+        await secure.do_handshake()
+    except BaseException:
+        await trio.aclose_forcefully(secure)
+        raise
+    return secure
 
 
 class MultiHostURL:

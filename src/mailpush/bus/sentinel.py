@@ -40,7 +40,7 @@ from ..log import LogLimiter
 from .base import Sink
 from .redis import RedisBus
 from .redis_common import CONNECT_TIMEOUT, RECONNECT_FIRST, RECONNECT_MAX
-from .redis_conn import TLS_OPTIONS, Address, MultiHostURL, Subscription, describe, safe, tls_context
+from .redis_conn import TLS_OPTIONS, Address, MultiHostURL, Subscription, describe, open_stream, safe, tls_context
 from .resp import PushParser, command
 from .slots import Node
 
@@ -128,20 +128,8 @@ class SentinelBus(RedisBus):
             return
         raise ConnectionError(f"no sentinel named the master {self.master_name!r}: " + "; ".join(errors))
 
-    async def _connect(self, host: str, port: int) -> trio.abc.Stream:
-        """A connection to a sentinel (TLS with rediss+sentinel://)."""
-        stream: trio.abc.Stream = await trio.open_tcp_stream(host, port)
-        if self.tls is not None:
-            stream = trio.SSLStream(stream, self.tls, server_hostname=host)
-            try:
-                await stream.do_handshake()
-            except BaseException:
-                await trio.aclose_forcefully(stream)
-                raise
-        return stream
-
     async def _ask(self, host: str, port: int) -> Node | None:
-        stream = await self._connect(host, port)
+        stream = await open_stream(host, port, self.tls)
         async with stream:
             conn = Subscription(stream)
             user, password = self._sentinel_auth
@@ -208,7 +196,7 @@ class SentinelBus(RedisBus):
 
     async def _listen(self, host: str, port: int) -> None:
         with trio.fail_after(SENTINEL_TIMEOUT):
-            stream = await self._connect(host, port)
+            stream = await open_stream(host, port, self.tls)
         async with stream:
             user, password = self._sentinel_auth
             if password is not None:
