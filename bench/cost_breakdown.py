@@ -10,8 +10,8 @@ rounds):
 - ``parse``: the publish body to items (``items.parse_items``);
 - ``record``: offsets, frames and the history (``history.record``);
 - ``deliver``: the dispatcher's loop and one ``send()`` per tab to a Unix
-  socketpair (``Dispatcher.deliver``; the same loop as in the server, with
-  a minimal connection object whose ``send`` is the socket's);
+  socketpair (``Dispatcher.deliver`` and ``Connection.send``, as in the
+  server);
 - ``send only``: the floor's loop, a prebuilt frame ``send()`` to the
   same sockets: what any Python server pays per delivery, most of it the
   kernel's (``deliver`` pays the same; the difference is the dispatcher's).
@@ -36,33 +36,31 @@ import timeit
 
 import trio
 
+from mailpush import log
 from mailpush.auth import Verifier, mint, token_from_request
 from mailpush.bus import history_of
+from mailpush.bus.embedded import EmbeddedBus
 from mailpush.config import Config
+from mailpush.connection import Connection
+from mailpush.context import Context
 from mailpush.dispatch import Dispatcher
-from mailpush.frames import encode_text
+from mailpush.frames import Opcode, encode_text
 from mailpush.handshake import check_upgrade, parse_request, response_101
 from mailpush.history import record
 from mailpush.items import parse_items
 from mailpush.metrics import Stats
 from mailpush.registry import Registry
 from mailpush.runner import _tune_gc
+from mailpush.server import Server
 from mailpush.testing import FakeBus
 
 SECRET = "s" * 32
 
 
-class _Tab:
-    """A connection as the dispatcher sees it, sending straight to its socket."""
-
-    __slots__ = ("sock", "subscriber", "events", "expires")
-
-    def __init__(self, sock: socket.socket, subscriber: str) -> None:
-        self.sock, self.subscriber, self.events, self.expires = sock, subscriber, None, 0
-
-    def send(self, frame: bytes) -> bool:
-        self.sock.send(frame)
-        return True
+def _context() -> Context:
+    """A server's context (no listening, no keepalive), for real connections."""
+    log.configure("warning", "json")
+    return Server(Config(secret=SECRET, listen=("127.0.0.1", 0), admin=None, ping_interval=0), EmbeddedBus()).ctx
 
 
 def _cpu() -> float:
@@ -78,10 +76,11 @@ def delivery(n: int, rounds: int) -> dict:
         b.setblocking(False)
     subs = [f"user{i:06d}" for i in range(n)]
     registry = Registry()
+    ctx = _context()
     for (a, _), s in zip(pairs, subs, strict=True):
-        registry.add(_Tab(a, s))
+        registry.add(Connection(a, ctx, s))
     history = history_of(Config(secret=SECRET))
-    dispatcher = Dispatcher(registry, FakeBus(), Stats())
+    dispatcher = Dispatcher(registry, FakeBus(), Stats(), Connection)
     bodies = [
         json.dumps(
             [{"subscriber": s, "event": "new_letter", "data": {"n": k}} for s in subs], separators=(",", ":")
@@ -145,14 +144,7 @@ def upgrade(repeat: int = 7, number: int = 20_000) -> dict:
     # The subscribe packet that follows the 101: a connection object takes
     # it and answers (history position, ``subscribed`` frame), then is
     # removed; beside it one send and receive of the same sockets alone.
-    from mailpush import log
-    from mailpush.bus.embedded import EmbeddedBus
-    from mailpush.connection import Connection
-    from mailpush.frames import Opcode
-    from mailpush.server import Server
-
-    log.configure("warning", "json")
-    ctx = Server(Config(secret=SECRET, listen=("127.0.0.1", 0), admin=None, ping_interval=0), EmbeddedBus()).ctx
+    ctx = _context()
     mask = b"\x01\x02\x03\x04"
     payload = b'{"type":"subscribe"}'
     packet = (

@@ -26,6 +26,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from .packets import event_frame
+from .speedups import C
 
 __all__ = ["History", "Position", "Replay", "Stored", "record"]
 
@@ -203,22 +204,50 @@ def record(history: History, items: Sequence[tuple[str, str, Any, Any]]) -> list
 
     :meth:`History.append` inlined for the batch (a fan-out publish of
     thousands of items spends its time here): the same steps, with the
-    lookups done once."""
-    out = []
+    lookups done once, in C when the extension is there
+    (:mod:`mailpush.speedups`)."""
     epoch = history.epoch
     now = history.clock()
-    size = history.size
     top = history.top
-    if not size:
+    if not history.size:
+        out = []
         for sub, event, data, _ in items:
             top += 1
             out.append((sub, event, data, top, epoch, event_frame(sub, event, data, top)))
         history.top = top
         return out
     streams = history._streams
-    get, move = streams.get, streams.move_to_end
-    dropped, floor = history._dropped, history._floor
-    held = history.events
+    if type(items) is not list:
+        items = list(items)
+    args = (items, streams, streams.move_to_end, history._dropped, history._floor, history.size, top, now, epoch)
+    if _c_record_loop is not None:
+        out, history.top, held = _c_record_loop(*args, history.events, _Stream, event_frame)
+    else:
+        out, history.top, held = _record_loop(*args, history.events)
+    history.events = held
+    if held > history.max_events:
+        while history.events > history.max_events and streams:
+            history._drop(next(iter(streams)))
+    history.expire(now)
+    return out
+
+
+def _record_loop(
+    items: list[tuple[str, str, Any, Any]],
+    streams: OrderedDict[str, _Stream],
+    move: Callable[[str], None],
+    dropped: OrderedDict[str, int],
+    floor: int,
+    size: int,
+    top: int,
+    now: float,
+    epoch: str,
+    held: int,
+) -> tuple[list[tuple[str, str, Any, int, str, bytes]], int, int]:
+    """:func:`record`'s loop (its C twin: ``_speedups.record_loop``):
+    returns the bus events, the new top offset and the events held."""
+    out = []
+    get = streams.get
     for sub, event, data, state in items:
         top += 1
         frame = event_frame(sub, event, data, top)
@@ -236,10 +265,7 @@ def record(history: History, items: Sequence[tuple[str, str, Any, Any]]) -> list
         else:
             held += 1
         out.append((sub, event, data, top, epoch, frame))
-    history.top = top
-    history.events = held
-    if held > history.max_events:
-        while history.events > history.max_events and streams:
-            history._drop(next(iter(streams)))
-    history.expire(now)
-    return out
+    return out, top, held
+
+
+_c_record_loop = C.record_loop if C is not None else None

@@ -36,6 +36,7 @@ import msgspec
 
 from .errors import PacketError
 from .frames import encode_text
+from .speedups import C
 
 __all__ = [
     "MAX_SUBSCRIBER_LEN",
@@ -285,7 +286,12 @@ def event_frame(subscriber: str, event: str, data: Any, offset: int | None = Non
     """
     if offset is None:
         return encode_text(_encode(_Event(subscriber, event, data)))
+    if _c_event_frame is not None and (frame := _c_event_frame(subscriber, event, data, offset)) is not None:
+        return frame  # the common case, in C: data raw, strings needing no escape
     return encode_text(_encode(_OffsetEvent(subscriber, event, data, offset)))
+
+
+_c_event_frame = C.event_frame if C is not None else None
 
 
 PONG_FRAME = encode_text(b'{"type":"pong"}')

@@ -81,6 +81,12 @@ class Registry:
             return tuple(conns)
         return conns
 
+    @property
+    def table(self) -> dict[str, tuple[Subscription, ...] | dict[Subscription, None]]:
+        """The mapping itself (read only: the dispatcher's C loop reads a
+        subscriber's tabs from it, a tuple, or a dict beyond SMALL)."""
+        return self._subs
+
     def __contains__(self, subscriber: str) -> bool:
         return subscriber in self._subs
 

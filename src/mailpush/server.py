@@ -39,6 +39,7 @@ from .admin import serve_admin
 from .auth import Verifier
 from .bus import Bus, make_bus
 from .config import Config
+from .connection import Connection
 from .context import Context
 from .dispatch import Dispatcher
 from .drain import close_all
@@ -87,7 +88,7 @@ class Server:
         self.log = get_logger().bind()
         self.stats = Stats()
         self.registry = Registry()
-        self.dispatcher = Dispatcher(self.registry, self.bus, self.stats)
+        self.dispatcher = Dispatcher(self.registry, self.bus, self.stats, Connection)
         if not config.secret:
             raise ConfigError("no token secret: set --secret, MAILPUSH_SECRET or --secret-file")
         self.verifier = Verifier(config.secret)

@@ -1,0 +1,590 @@
+/* mailpush._speedups: the fan-out path in C (issue 14).
+ *
+ * A fan-out publish (one event to each of thousands of subscribers) spends
+ * mailpush's own CPU in three Python loops: the publish items out of
+ * msgspec's structs (items._fast_items), offsets, frames and history
+ * (history.record), and the dispatcher's loop with one send() per tab
+ * (Dispatcher.deliver, Connection.send). These are the same three loops,
+ * step for step, without the interpreter between the steps:
+ *
+ *   fast_items(decoded, all_events, empty)      items._fast_items
+ *   event_frame(sub, event, data, offset)       packets.event_frame (None:
+ *                                               not a case done here)
+ *   record_loop(...)                            history.record's loop
+ *   deliver_run(...)                            Dispatcher.deliver's loop
+ *
+ * Each is optional: the Python twin stays, is what runs without a compiler
+ * or with MAILPUSH_SPEEDUPS=0, and the tests hold each pair to the same
+ * results (tests/test_speedups.py). Only the common case is done here;
+ * anything else (a string that needs JSON escaping, a dict as data, a
+ * connection that is not a plain Connection, a subscriber with many tabs)
+ * goes back to the Python code, which does it the one way it always has.
+ *
+ * Plain CPython API, no third-party headers. The two private layouts it
+ * reads (a slotted class's member offsets, a socket object's descriptor)
+ * are checked against the public attribute before they are trusted.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <structmember.h>
+#include <errno.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/types.h>
+
+#ifndef MSG_NOSIGNAL
+#define MSG_NOSIGNAL 0
+#endif
+
+static PyObject *RawType;           /* msgspec.Raw */
+static PyObject *s_data, *s_event, *s_subscriber, *s_state, *s_entries, *s_floor, *s_append, *s_popleft,
+    *s_pop, *s_send, *s_start_writer, *s_abort, *s_fileno, *s_sock, *s_queue, *s_events;
+
+/* The exception being raised, taken (the error indicator cleared). */
+static PyObject *take_exception(void) {
+#if PY_VERSION_HEX >= 0x030C0000
+    return PyErr_GetRaisedException();
+#else
+    PyObject *type, *value, *tb;
+    PyErr_Fetch(&type, &value, &tb);
+    PyErr_NormalizeException(&type, &value, &tb);
+    if (tb && value) PyException_SetTraceback(value, tb);
+    Py_XDECREF(type);
+    Py_XDECREF(tb);
+    return value ? value : Py_NewRef(Py_None);
+#endif
+}
+
+/* ---- JSON pieces ------------------------------------------------------- */
+
+/* The string's bytes when it is ASCII and needs no JSON escape (what
+ * msgspec would write between the quotes), else NULL. */
+static inline const char *plain_ascii(PyObject *s, Py_ssize_t *len) {
+    if (!PyUnicode_CheckExact(s) || !PyUnicode_IS_COMPACT_ASCII(s)) return NULL;
+    const unsigned char *p = (const unsigned char *)PyUnicode_DATA(s);
+    Py_ssize_t n = PyUnicode_GET_LENGTH(s);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        unsigned char c = p[i];
+        if (c < 0x20 || c == '"' || c == '\\') return NULL;
+    }
+    *len = n;
+    return (const char *)p;
+}
+
+static const char P1[] = "{\"type\":\"event\",\"subscriber\":\"";
+static const char P2[] = "\",\"event\":\"";
+static const char P3[] = "\",\"data\":";
+static const char P4[] = ",\"offset\":";
+
+/* The frame of packets.event_frame(sub, event, data, offset) for a Raw
+ * ``data``, plain strings and an offset that fits; Py_None when this case
+ * is not one done here (the caller uses the Python twin); NULL on error. */
+static PyObject *build_frame(PyObject *sub, PyObject *event, PyObject *data, PyObject *offset) {
+    Py_ssize_t ls, le;
+    const char *cs = plain_ascii(sub, &ls);
+    const char *ce = cs ? plain_ascii(event, &le) : NULL;
+    if (!ce || (PyObject *)Py_TYPE(data) != RawType || !PyLong_CheckExact(offset)) Py_RETURN_NONE;
+    int overflow;
+    long long off = PyLong_AsLongLongAndOverflow(offset, &overflow);
+    if (overflow || off < 0) {
+        if (PyErr_Occurred()) return NULL;
+        Py_RETURN_NONE;
+    }
+    char digits[24];
+    int ld = 0;
+    do {
+        digits[sizeof digits - 1 - ld++] = (char)('0' + off % 10);
+        off /= 10;
+    } while (off);
+    Py_buffer view;
+    if (PyObject_GetBuffer(data, &view, PyBUF_SIMPLE) < 0) return NULL;
+    Py_ssize_t n = (Py_ssize_t)(sizeof P1 - 1) + ls + (Py_ssize_t)(sizeof P2 - 1) + le + (Py_ssize_t)(sizeof P3 - 1) +
+                   view.len + (Py_ssize_t)(sizeof P4 - 1) + ld + 1;
+    Py_ssize_t head = n < 126 ? 2 : n < 65536 ? 4 : 10;
+    PyObject *out = PyBytes_FromStringAndSize(NULL, head + n);
+    if (!out) {
+        PyBuffer_Release(&view);
+        return NULL;
+    }
+    unsigned char *w = (unsigned char *)PyBytes_AS_STRING(out);
+    *w++ = 0x81;
+    if (n < 126) {
+        *w++ = (unsigned char)n;
+    } else if (n < 65536) {
+        *w++ = 126;
+        *w++ = (unsigned char)(n >> 8);
+        *w++ = (unsigned char)n;
+    } else {
+        *w++ = 127;
+        for (int k = 7; k >= 0; k--) *w++ = (unsigned char)((unsigned long long)n >> (8 * k));
+    }
+#define PUT(p, l)           \
+    do {                    \
+        memcpy(w, (p), (l)); \
+        w += (l);           \
+    } while (0)
+    PUT(P1, sizeof P1 - 1);
+    PUT(cs, ls);
+    PUT(P2, sizeof P2 - 1);
+    PUT(ce, le);
+    PUT(P3, sizeof P3 - 1);
+    PUT(view.buf, view.len);
+    PUT(P4, sizeof P4 - 1);
+    PUT(digits + sizeof digits - ld, ld);
+    *w = '}';
+#undef PUT
+    PyBuffer_Release(&view);
+    return out;
+}
+
+static PyObject *py_event_frame(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 4) {
+        PyErr_SetString(PyExc_TypeError, "event_frame(subscriber, event, data, offset)");
+        return NULL;
+    }
+    return build_frame(args[0], args[1], args[2], args[3]);
+}
+
+/* ---- items._fast_items ------------------------------------------------- */
+
+/* First byte of a Raw, or -1 (with an error set) */
+static int raw_first(PyObject *raw) {
+    Py_buffer view;
+    if (PyObject_GetBuffer(raw, &view, PyBUF_SIMPLE) < 0) return -1;
+    int c = view.len ? ((unsigned char *)view.buf)[0] : 256;
+    PyBuffer_Release(&view);
+    return c;
+}
+
+static PyObject *py_fast_items(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 3 || !PyList_Check(args[0])) {
+        PyErr_SetString(PyExc_TypeError, "fast_items(decoded: list, all_events, empty)");
+        return NULL;
+    }
+    PyObject *decoded = args[0], *all_events = args[1], *empty = args[2];
+    Py_ssize_t n = PyList_GET_SIZE(decoded);
+    PyObject *out = PyList_New(n);
+    if (!out) return NULL;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *it = PyList_GET_ITEM(decoded, i);
+        PyObject *sub = NULL, *event = NULL, *data = NULL, *state = NULL;
+        if (!(data = PyObject_GetAttr(it, s_data))) goto error;
+        int first = raw_first(data);
+        if (first < 0) goto error;
+        if (first != '{') {
+            if (first != 'n') goto slow; /* not an object */
+            Py_SETREF(data, Py_NewRef(empty));
+        }
+        if (!(event = PyObject_GetAttr(it, s_event))) goto error;
+        int eq = PyObject_RichCompareBool(event, all_events, Py_EQ);
+        if (eq < 0) goto error;
+        if (eq) goto slow;
+        if (!(state = PyObject_GetAttr(it, s_state))) goto error;
+        first = raw_first(state);
+        if (first < 0) goto error;
+        if (first != '{' && first != '"') {
+            if (first != 'n') goto slow; /* neither a string nor an object */
+            Py_SETREF(state, Py_NewRef(Py_None));
+        }
+        if (!(sub = PyObject_GetAttr(it, s_subscriber))) goto error;
+        PyObject *t = PyTuple_New(4);
+        if (!t) goto error;
+        PyTuple_SET_ITEM(t, 0, sub);
+        PyTuple_SET_ITEM(t, 1, event);
+        PyTuple_SET_ITEM(t, 2, data);
+        PyTuple_SET_ITEM(t, 3, state);
+        PyList_SET_ITEM(out, i, t);
+        continue;
+    slow:
+        Py_XDECREF(sub);
+        Py_XDECREF(event);
+        Py_XDECREF(data);
+        Py_XDECREF(state);
+        Py_DECREF(out);
+        Py_RETURN_NONE;
+    error:
+        Py_XDECREF(sub);
+        Py_XDECREF(event);
+        Py_XDECREF(data);
+        Py_XDECREF(state);
+        Py_DECREF(out);
+        return NULL;
+    }
+    return out;
+}
+
+/* ---- history.record ---------------------------------------------------- */
+
+/* record_loop(items, streams, move_to_end, dropped, floor, size, top, now,
+ *             epoch, held, stream_type, frame_fallback) -> (out, top, held)
+ *
+ * history.record's loop for a history that keeps events (size > 0): each
+ * item gets the next offset and its frame, joins its subscriber's stream
+ * (made, or moved to the end of ``streams``), the stream keeps at most
+ * ``size`` entries. The caller writes top and held back and does the
+ * bounds and expiry after it. */
+static PyObject *py_record_loop(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 12 || !PyList_Check(args[0]) || !PyDict_Check(args[1])) {
+        PyErr_SetString(PyExc_TypeError, "record_loop: bad arguments");
+        return NULL;
+    }
+    PyObject *items = args[0], *streams = args[1], *move = args[2], *dropped = args[3], *floor = args[4];
+    Py_ssize_t size = PyLong_AsSsize_t(args[5]);
+    long long top = PyLong_AsLongLong(args[6]);
+    PyObject *now = args[7], *epoch = args[8];
+    Py_ssize_t held = PyLong_AsSsize_t(args[9]);
+    PyObject *stream_type = args[10], *fallback = args[11];
+    if (PyErr_Occurred()) return NULL;
+    Py_ssize_t n = PyList_GET_SIZE(items);
+    PyObject *out = PyList_New(n);
+    if (!out) return NULL;
+    PyObject *zero = PyLong_FromLong(0);
+    if (!zero) goto fail_out;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *item = PyList_GET_ITEM(items, i);
+        if (!PyTuple_CheckExact(item) || PyTuple_GET_SIZE(item) != 4) {
+            PyErr_SetString(PyExc_TypeError, "record_loop: an item is not a 4-tuple");
+            goto fail;
+        }
+        PyObject *sub = PyTuple_GET_ITEM(item, 0), *event = PyTuple_GET_ITEM(item, 1),
+                 *data = PyTuple_GET_ITEM(item, 2), *state = PyTuple_GET_ITEM(item, 3);
+        PyObject *off = PyLong_FromLongLong(++top);
+        if (!off) goto fail;
+        PyObject *frame = build_frame(sub, event, data, off);
+        if (frame == Py_None) {
+            Py_DECREF(frame);
+            PyObject *fargs[4] = {sub, event, data, off};
+            frame = PyObject_Vectorcall(fallback, fargs, 4, NULL);
+        }
+        if (!frame) {
+            Py_DECREF(off);
+            goto fail;
+        }
+        /* its stream: made, or moved to the end */
+        PyObject *stream = PyDict_GetItemWithError(streams, sub); /* borrowed */
+        if (stream) {
+            Py_INCREF(stream);
+            PyObject *r = PyObject_CallOneArg(move, sub);
+            if (!r) goto fail_item;
+            Py_DECREF(r);
+        } else {
+            if (PyErr_Occurred()) goto fail_item0;
+            PyObject *popargs[3] = {dropped, sub, zero};
+            PyObject *lost = PyObject_VectorcallMethod(s_pop, popargs, 3, NULL); /* dropped.pop(sub, 0) */
+            if (!lost) goto fail_item0;
+            int gt = PyObject_RichCompareBool(lost, floor, Py_GT);
+            if (gt < 0) {
+                Py_DECREF(lost);
+                goto fail_item0;
+            }
+            stream = PyObject_CallOneArg(stream_type, gt ? lost : floor);
+            Py_DECREF(lost);
+            if (!stream) goto fail_item0;
+            if (PyObject_SetItem(streams, sub, stream) < 0) goto fail_item;
+        }
+        if (state != Py_None && PyObject_SetAttr(stream, s_state, state) < 0) goto fail_item;
+        PyObject *entries = PyObject_GetAttr(stream, s_entries);
+        if (!entries) goto fail_item;
+        PyObject *entry = PyTuple_Pack(4, off, event, frame, now);
+        if (!entry) {
+            Py_DECREF(entries);
+            goto fail_item;
+        }
+        PyObject *r = PyObject_CallMethodOneArg(entries, s_append, entry);
+        Py_DECREF(entry);
+        if (!r) {
+            Py_DECREF(entries);
+            goto fail_item;
+        }
+        Py_DECREF(r);
+        Py_ssize_t len = PyObject_Size(entries);
+        if (len < 0) {
+            Py_DECREF(entries);
+            goto fail_item;
+        }
+        if (len > size) {
+            PyObject *old = PyObject_CallMethodNoArgs(entries, s_popleft);
+            if (!old) {
+                Py_DECREF(entries);
+                goto fail_item;
+            }
+            int ok = PyTuple_Check(old) && PyTuple_GET_SIZE(old) > 0 &&
+                     PyObject_SetAttr(stream, s_floor, PyTuple_GET_ITEM(old, 0)) == 0;
+            Py_DECREF(old);
+            if (!ok) {
+                if (!PyErr_Occurred()) PyErr_SetString(PyExc_TypeError, "record_loop: a bad history entry");
+                Py_DECREF(entries);
+                goto fail_item;
+            }
+        } else {
+            held++;
+        }
+        Py_DECREF(entries);
+        Py_DECREF(stream);
+        PyObject *o = PyTuple_New(6);
+        if (!o) {
+            Py_DECREF(off);
+            Py_DECREF(frame);
+            goto fail;
+        }
+        Py_INCREF(sub);
+        Py_INCREF(event);
+        Py_INCREF(data);
+        Py_INCREF(epoch);
+        PyTuple_SET_ITEM(o, 0, sub);
+        PyTuple_SET_ITEM(o, 1, event);
+        PyTuple_SET_ITEM(o, 2, data);
+        PyTuple_SET_ITEM(o, 3, off);
+        PyTuple_SET_ITEM(o, 4, epoch);
+        PyTuple_SET_ITEM(o, 5, frame);
+        PyList_SET_ITEM(out, i, o);
+        continue;
+    fail_item:
+        Py_DECREF(stream);
+    fail_item0:
+        Py_DECREF(off);
+        Py_DECREF(frame);
+        goto fail;
+    }
+    Py_DECREF(zero);
+    return Py_BuildValue("(NLn)", out, top, held);
+fail:
+    Py_DECREF(zero);
+fail_out:
+    Py_DECREF(out);
+    return NULL;
+}
+
+/* ---- Dispatcher.deliver ------------------------------------------------ */
+
+/* Where a slotted class keeps one attribute (its member descriptor's
+ * offset), or -1 when it is not a plain object slot. */
+static Py_ssize_t slot_offset(PyObject *type, PyObject *name) {
+    PyObject *d = PyObject_GetAttr(type, name);
+    if (!d) {
+        PyErr_Clear();
+        return -1;
+    }
+    Py_ssize_t off = -1;
+    if (Py_IS_TYPE(d, &PyMemberDescr_Type)) {
+        PyMemberDef *m = ((PyMemberDescrObject *)d)->d_member;
+        if (m->type == T_OBJECT_EX && !(m->flags & READONLY)) off = m->offset;
+    }
+    Py_DECREF(d);
+    return off;
+}
+
+/* The connection class whose sends are done here, and where it keeps what
+ * send() reads; a class without these slots is sent to by its own send(). */
+static PyObject *conn_type;
+static Py_ssize_t off_sock = -1, off_events = -1, off_queue = -1, off_state = -1;
+static int conn_fast;
+
+static void learn_conn_type(PyObject *type) {
+    Py_XSETREF(conn_type, Py_NewRef(type));
+    off_sock = slot_offset(type, s_sock);
+    off_events = slot_offset(type, s_events);
+    off_queue = slot_offset(type, s_queue);
+    off_state = slot_offset(type, s_state);
+    conn_fast = PyType_Check(type) && off_sock >= 0 && off_events >= 0 && off_queue >= 0 && off_state >= 0;
+}
+
+#define SLOT(obj, off) (*(PyObject **)((char *)(obj) + (off)))
+
+/* A socket object's descriptor, read from the object where CPython keeps
+ * it (the int after the object header) once that place has been checked
+ * against fileno() for the socket's class; -2 when it cannot be. */
+static PyTypeObject *sock_type;
+static int sock_layout_ok;
+
+static int sock_fd(PyObject *sock) {
+    if (Py_TYPE(sock) != sock_type) {
+        PyObject *r = PyObject_CallMethodNoArgs(sock, s_fileno);
+        if (!r) {
+            PyErr_Clear();
+            return -2;
+        }
+        long fd = PyLong_AsLong(r);
+        Py_DECREF(r);
+        if (fd < 0) {
+            PyErr_Clear();
+            return -2;
+        }
+        sock_type = Py_TYPE(sock);
+        sock_layout_ok = *(int *)((char *)sock + sizeof(PyObject)) == (int)fd;
+        return sock_layout_ok ? (int)fd : -2;
+    }
+    return sock_layout_ok ? *(int *)((char *)sock + sizeof(PyObject)) : -2;
+}
+
+/* Connection.send(frame) for a plain Connection: 1 sent or queued, 0 not
+ * (closed, or aborted on a socket error), -1 Python error. */
+static int conn_send(PyObject *conn, PyObject *frame) {
+    if (conn_fast && Py_TYPE(conn) == (PyTypeObject *)conn_type) {
+        PyObject *state = SLOT(conn, off_state), *queue = SLOT(conn, off_queue), *sock = SLOT(conn, off_sock);
+        if (state && queue == Py_None && sock && PyLong_CheckExact(state)) {
+            int overflow;
+            long st = PyLong_AsLongAndOverflow(state, &overflow);
+            if (st != 0 || overflow) return 0; /* not OPEN */
+            int fd = sock_fd(sock);
+            if (fd >= 0) {
+                const char *buf = PyBytes_AS_STRING(frame);
+                Py_ssize_t len = PyBytes_GET_SIZE(frame);
+                ssize_t n;
+                do n = send(fd, buf, (size_t)len, MSG_DONTWAIT | MSG_NOSIGNAL);
+                while (n < 0 && errno == EINTR);
+                if (n == len) return 1;
+                if (n < 0 && errno != EAGAIN && errno != EWOULDBLOCK) {
+                    PyObject *r = PyObject_CallMethodNoArgs(conn, s_abort);
+                    if (!r) return -1;
+                    Py_DECREF(r);
+                    return 0;
+                }
+                /* the socket took part of it or none: a writer sends the rest */
+                PyObject *sent = PyLong_FromSsize_t(n < 0 ? 0 : (Py_ssize_t)n);
+                if (!sent) return -1;
+                PyObject *wargs[3] = {conn, frame, sent};
+                PyObject *r = PyObject_VectorcallMethod(s_start_writer, wargs, 3, NULL); /* conn._start_writer(frame, sent) */
+                Py_DECREF(sent);
+                if (!r) return -1;
+                Py_DECREF(r);
+                return 1;
+            }
+        }
+    }
+    PyObject *r = PyObject_CallMethodOneArg(conn, s_send, frame);
+    if (!r) return -1;
+    int ok = PyObject_IsTrue(r);
+    Py_DECREF(r);
+    return ok;
+}
+
+/* deliver_run(batch, start, subs, budget, conn_type, pending, resuming)
+ *   -> (next, budget, delivered, dropped, exception or None)
+ *
+ * Dispatcher.deliver's loop from ``batch[start]``, while ``pending`` and
+ * ``resuming`` are empty, for items whose frame is built and whose
+ * subscriber has its tabs as a tuple (``subs`` is the registry's dict).
+ * Returns before the first item it leaves to the caller (a checkpoint is
+ * due, budget <= 0; or the item is one of the others: the caller does it
+ * the Python way), or after an item that raised (its exception is
+ * returned, the rest of that item's tabs skipped, as in the Python loop). */
+static PyObject *py_deliver_run(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 7 || !PyDict_Check(args[2]) || !PyDict_Check(args[5]) || !PyDict_Check(args[6])) {
+        PyErr_SetString(PyExc_TypeError, "deliver_run: bad arguments");
+        return NULL;
+    }
+    PyObject *batch = args[0], *subs = args[2], *pending = args[5], *resuming = args[6];
+    Py_ssize_t i = PyLong_AsSsize_t(args[1]);
+    long budget = PyLong_AsLong(args[3]);
+    if (PyErr_Occurred()) return NULL;
+    if (args[4] != conn_type) learn_conn_type(args[4]);
+    PyObject *seq = PySequence_Fast(batch, "deliver_run: the batch is not a sequence");
+    if (!seq) return NULL;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    Py_ssize_t delivered = 0, dropped = 0;
+    PyObject *exc = NULL;
+    while (i < n && budget > 0 && !PyDict_GET_SIZE(pending) && !PyDict_GET_SIZE(resuming)) {
+        PyObject *item = PySequence_Fast_GET_ITEM(seq, i);
+        if (!PyTuple_CheckExact(item) || PyTuple_GET_SIZE(item) != 6) break;
+        PyObject *sub = PyTuple_GET_ITEM(item, 0), *event = PyTuple_GET_ITEM(item, 1),
+                 *frame = PyTuple_GET_ITEM(item, 5);
+        if (!PyBytes_CheckExact(frame)) break;
+        PyObject *conns = PyDict_GetItemWithError(subs, sub);
+        if (!conns) {
+            if (PyErr_Occurred()) {
+                exc = take_exception();
+                i++;
+                break;
+            }
+            dropped++;
+            i++;
+            continue;
+        }
+        if (!PyTuple_CheckExact(conns)) break;
+        Py_INCREF(conns);
+        Py_INCREF(item);
+        Py_ssize_t m = PyTuple_GET_SIZE(conns);
+        for (Py_ssize_t k = 0; k < m; k++) {
+            PyObject *conn = PyTuple_GET_ITEM(conns, k);
+            PyObject *events;
+            if (conn_fast && Py_TYPE(conn) == (PyTypeObject *)conn_type) {
+                events = Py_XNewRef(SLOT(conn, off_events));
+                if (!events) PyErr_SetObject(PyExc_AttributeError, s_events);
+            } else {
+                events = PyObject_GetAttr(conn, s_events);
+            }
+            if (!events) {
+                exc = take_exception();
+                break;
+            }
+            if (events != Py_None) {
+                int in = PySequence_Contains(events, event);
+                Py_DECREF(events);
+                if (in < 0) {
+                    exc = take_exception();
+                    break;
+                }
+                if (!in) continue;
+            } else {
+                Py_DECREF(events);
+            }
+            int ok = conn_send(conn, frame);
+            if (ok < 0) {
+                exc = take_exception();
+                break;
+            }
+            delivered += ok;
+            budget--;
+        }
+        Py_DECREF(item);
+        Py_DECREF(conns);
+        i++;
+        if (exc) break;
+    }
+    Py_DECREF(seq);
+    if (!exc) exc = Py_NewRef(Py_None);
+    return Py_BuildValue("(nlnnN)", i, budget, delivered, dropped, exc);
+}
+
+/* ---- the module -------------------------------------------------------- */
+
+static PyMethodDef methods[] = {
+    {"event_frame", (PyCFunction)(void (*)(void))py_event_frame, METH_FASTCALL,
+     "packets.event_frame for a Raw data and plain strings; None for any other case."},
+    {"fast_items", (PyCFunction)(void (*)(void))py_fast_items, METH_FASTCALL, "items._fast_items."},
+    {"record_loop", (PyCFunction)(void (*)(void))py_record_loop, METH_FASTCALL, "history.record's loop."},
+    {"deliver_run", (PyCFunction)(void (*)(void))py_deliver_run, METH_FASTCALL, "Dispatcher.deliver's loop."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "mailpush._speedups",
+                                    "The fan-out path in C (see _speedups.c).", -1, methods};
+
+PyMODINIT_FUNC PyInit__speedups(void) {
+#define INTERN(var, text) \
+    if (!(var = PyUnicode_InternFromString(text))) return NULL
+    INTERN(s_data, "data");
+    INTERN(s_event, "event");
+    INTERN(s_subscriber, "subscriber");
+    INTERN(s_state, "state");
+    INTERN(s_entries, "entries");
+    INTERN(s_floor, "floor");
+    INTERN(s_append, "append");
+    INTERN(s_popleft, "popleft");
+    INTERN(s_pop, "pop");
+    INTERN(s_send, "send");
+    INTERN(s_start_writer, "_start_writer");
+    INTERN(s_abort, "abort");
+    INTERN(s_fileno, "fileno");
+    INTERN(s_sock, "sock");
+    INTERN(s_queue, "queue");
+    INTERN(s_events, "events");
+#undef INTERN
+    PyObject *msgspec = PyImport_ImportModule("msgspec");
+    if (!msgspec) return NULL;
+    RawType = PyObject_GetAttrString(msgspec, "Raw");
+    Py_DECREF(msgspec);
+    if (!RawType) return NULL;
+    return PyModule_Create(&module);
+}
