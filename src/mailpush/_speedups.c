@@ -55,6 +55,21 @@ static PyObject *take_exception(void) {
 #endif
 }
 
+/* What CPython's collector does to such a tuple the first time it looks
+ * (_PyTuple_MaybeUntrack), done at once: a tuple of strings, bytes,
+ * numbers, None and Raw values can be in no cycle, so the collections a
+ * fan-out's tens of thousands of tuples set off need not walk them. */
+static inline PyObject *untracked(PyObject *t) {
+    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(t); i++) {
+        PyObject *o = PyTuple_GET_ITEM(t, i);
+        if (!(o == Py_None || PyUnicode_CheckExact(o) || PyBytes_CheckExact(o) || PyLong_CheckExact(o) ||
+              PyFloat_CheckExact(o) || (PyObject *)Py_TYPE(o) == RawType))
+            return t;
+    }
+    PyObject_GC_UnTrack(t);
+    return t;
+}
+
 /* ---- JSON pieces ------------------------------------------------------- */
 
 /* The string's bytes when it is ASCII and needs no JSON escape (what
@@ -193,7 +208,7 @@ static PyObject *py_fast_items(PyObject *self, PyObject *const *args, Py_ssize_t
         PyTuple_SET_ITEM(t, 1, event);
         PyTuple_SET_ITEM(t, 2, data);
         PyTuple_SET_ITEM(t, 3, state);
-        PyList_SET_ITEM(out, i, t);
+        PyList_SET_ITEM(out, i, untracked(t));
         continue;
     slow:
         Py_XDECREF(sub);
@@ -286,6 +301,7 @@ static PyObject *py_record_loop(PyObject *self, PyObject *const *args, Py_ssize_
         PyObject *entries = PyObject_GetAttr(stream, s_entries);
         if (!entries) goto fail_item;
         PyObject *entry = PyTuple_Pack(4, off, event, frame, now);
+        if (entry) untracked(entry);
         if (!entry) {
             Py_DECREF(entries);
             goto fail_item;
@@ -337,7 +353,7 @@ static PyObject *py_record_loop(PyObject *self, PyObject *const *args, Py_ssize_
         PyTuple_SET_ITEM(o, 3, off);
         PyTuple_SET_ITEM(o, 4, epoch);
         PyTuple_SET_ITEM(o, 5, frame);
-        PyList_SET_ITEM(out, i, o);
+        PyList_SET_ITEM(out, i, untracked(o));
         continue;
     fail_item:
         Py_DECREF(stream);

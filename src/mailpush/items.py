@@ -142,7 +142,7 @@ if C is not None:
     _c_fast_items = C.fast_items
 
     def _fast_items(decoded: list[_Item]) -> list[Item] | None:
-        return _c_fast_items(decoded, ALL_EVENTS, _EMPTY)  # type: ignore[no-any-return]
+        return _c_fast_items(decoded, ALL_EVENTS, _EMPTY)
 
 else:
     _fast_items = _py_fast_items

@@ -1,0 +1,409 @@
+"""The C fan-out path (mailpush._speedups) against its Python twins: every
+function gives what the Python code gives, for generated input and for the
+cases the C code hands back (strings that need escaping, dicts as data,
+tabs that are not plain Connections, full sockets, closed peers).
+
+The extension must be built here: without a C compiler the install falls
+back to the Python twins silently, and this suite says so instead."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import subprocess
+import sys
+import urllib.request
+from collections import OrderedDict
+
+import msgspec
+import pytest
+import trio
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from conftest import make_config, server_process, token
+from mailpush import dispatch, history, items, packets
+from mailpush.bus import EmbeddedBus
+from mailpush.connection import CLOSED, Connection
+from mailpush.dispatch import DELIVERIES_PER_CHECKPOINT, Dispatcher
+from mailpush.frames import encode_text
+from mailpush.history import History, record
+from mailpush.metrics import Stats
+from mailpush.packets import ALL_EVENTS, _encode, _OffsetEvent
+from mailpush.registry import Registry
+from mailpush.server import Server
+from mailpush.speedups import C
+from mailpush.testing import FakeBus
+
+pytestmark = pytest.mark.skipif(
+    os.environ.get("MAILPUSH_SPEEDUPS", "1").strip() == "0", reason="MAILPUSH_SPEEDUPS=0: the C path is off"
+)
+
+
+def test_the_extension_is_built():
+    assert C is not None, (
+        "mailpush._speedups is not built: install a C compiler and Python's headers "
+        "(gcc, python3-dev; `make system-deps` does) and reinstall (`make venv`)"
+    )
+    assert packets._c_event_frame is C.event_frame
+    assert history._c_record_loop is C.record_loop
+    assert dispatch._c_deliver_run is C.deliver_run
+
+
+# -- event frames ---------------------------------------------------------------
+
+json_objects = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
+    max_leaves=8,
+).map(lambda v: {"v": v})
+
+
+def python_frame(sub, event, data, offset) -> bytes:
+    return encode_text(_encode(_OffsetEvent(sub, event, data, offset)))
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    sub=st.text(max_size=40),
+    event=st.text(max_size=20),
+    obj=json_objects,
+    offset=st.integers(0, 2**70),
+    pad=st.integers(0, 70_000),
+)
+def test_an_event_frame_is_the_one_msgspec_builds(sub, event, obj, offset, pad):
+    data = msgspec.Raw(json.dumps({**obj, "pad": "x" * (pad if pad > 60_000 else pad % 300)}).encode())
+    got = C.event_frame(sub, event, data, offset)
+    want = python_frame(sub, event, data, offset)
+    plain = all(0x20 <= ord(c) < 0x80 and c not in '"\\' for c in sub + event)
+    if plain and offset < 2**63:
+        assert got == want  # the common case is done in C
+    else:
+        assert got is None or got == want
+    assert packets.event_frame(sub, event, data, offset) == want
+
+
+def test_frames_of_every_length_class_and_the_cases_left_to_python():
+    for n in (0, 50, 125, 126, 127, 65535, 65536, 70_000):
+        data = msgspec.Raw(b'{"p":"' + b"x" * n + b'"}')
+        assert C.event_frame("u", "e", data, 7) == python_frame("u", "e", data, 7)
+    raw = msgspec.Raw(b"{}")
+    assert C.event_frame("u", "e", {"a": 1}, 1) is None  # a dict: msgspec encodes it
+    assert C.event_frame('u"', "e", raw, 1) is None  # needs escaping
+    assert C.event_frame("é", "e", raw, 1) is None  # not ASCII
+    assert C.event_frame("u", "e", raw, None) is None
+    assert C.event_frame("u", "e", raw, 2**64) is None
+
+
+# -- publish items -----------------------------------------------------------------
+
+item_values = st.fixed_dictionaries(
+    {"subscriber": st.text(min_size=1, max_size=12), "event": st.sampled_from(["new", "moved", ALL_EVENTS])},
+    optional={
+        "data": st.one_of(
+            st.none(), json_objects, st.integers(), st.text(max_size=4), st.lists(st.integers(), max_size=2)
+        ),
+        "state": st.one_of(st.none(), st.text(max_size=6), json_objects, st.integers(), st.booleans()),
+    },
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(batch=st.lists(item_values, min_size=1, max_size=8))
+def test_publish_items_are_the_python_ones(batch):
+    try:
+        decoded = items._decode_batch(json.dumps(batch).encode())
+    except msgspec.ValidationError:
+        return  # refused before either loop
+    want = items._py_fast_items(decoded)
+    got = C.fast_items(decoded, ALL_EVENTS, items._EMPTY)
+    if want is None:
+        assert got is None
+    else:
+        assert got == want
+        assert all(type(t) is tuple and len(t) == 4 for t in got)
+
+
+# -- the history -------------------------------------------------------------------
+
+
+class Clock:
+    now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def state_of(h: History) -> tuple:
+    return (
+        h.top,
+        h.events,
+        h._floor,
+        list(h._dropped.items()),
+        [(sub, list(s.entries), s.floor, s.state) for sub, s in h._streams.items()],
+    )
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    size=st.integers(1, 4),
+    max_events=st.integers(1, 12),
+    batches=st.lists(
+        st.lists(
+            st.tuples(
+                st.sampled_from(["a", "b", "c", "d", "é", 'q"']),
+                st.booleans(),
+                st.one_of(st.none(), st.just(msgspec.Raw(b'"s"'))),
+            ),
+            max_size=10,
+        ),
+        max_size=8,
+    ),
+)
+def test_recording_in_c_is_recording_in_python(size, max_events, batches):
+    clock = Clock()
+    fast, slow = History(size, 60, max_events, clock), History(size, 60, max_events, clock)
+    slow.epoch = fast.epoch
+    for k, batch in enumerate(batches):
+        clock.now += 7  # some streams expire (ttl 60) and come back from the dropped map
+        batch_items = [
+            (sub, f"e{k}", msgspec.Raw(b'{"k":%d}' % k) if raw else {"k": k}, state) for sub, raw, state in batch
+        ]
+        got = record(fast, batch_items)
+        saved, history._c_record_loop = history._c_record_loop, None
+        try:
+            want = record(slow, tuple(batch_items))  # a tuple too: the loop takes any sequence
+        finally:
+            history._c_record_loop = saved
+        assert got == want
+        assert state_of(fast) == state_of(slow)
+
+
+def test_a_bad_item_is_a_type_error_not_a_crash():
+    h = History(4, 60, 100)
+    with pytest.raises(TypeError):
+        C.record_loop(
+            [("a", "e", {})], h._streams, h._streams.move_to_end, OrderedDict(), 0, 4, 0, 1.0, "x", 0, object, None
+        )
+
+
+# -- the dispatcher ---------------------------------------------------------------
+
+
+async def deliver_scenario(use_c: bool) -> dict:
+    """One fan-out through real Connections on socketpairs: one tab, two
+    tabs (one filtered), twenty tabs (the registry's dict), a closed tab, a
+    tab whose peer is gone, a tab whose socket fills (a writer takes the
+    rest), a subscriber nobody has, an item without its frame, a tab that
+    is not a Connection."""
+    saved = dispatch._c_deliver_run
+    dispatch._c_deliver_run = C.deliver_run if use_c else None
+    try:
+        async with trio.open_nursery() as nursery:
+            ctx = Server(make_config(), EmbeddedBus()).ctx
+            ctx.nursery = nursery
+            registry = Registry()
+            peers: dict[str, socket.socket] = {}
+            conns: dict[str, Connection] = {}
+
+            def tab(name: str, sub: str, events=None, sndbuf: int | None = None) -> Connection:
+                a, b = socket.socketpair()
+                if sndbuf:
+                    a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)
+                a.setblocking(False)
+                b.setblocking(False)
+                conn = Connection(a, ctx, sub, events)
+                registry.add(conn)
+                peers[name], conns[name] = b, conn
+                return conn
+
+            class Other:
+                subscriber, expires, events = "other", 0, None
+
+                def __init__(self):
+                    self.frames = []
+
+                def send(self, frame):
+                    self.frames.append(frame)
+                    return True
+
+            tab("one", "u1")
+            tab("two-all", "u2")
+            tab("two-x", "u2", frozenset({"x"}))
+            for i in range(20):
+                tab(f"many{i}", "crowd")
+            tab("closed", "u3").abort()
+            tab("gone", "u4")
+            peers["gone"].close()
+            tab("full", "u5", sndbuf=4096)
+            other = Other()
+            registry.add(other)
+            stats = Stats()
+            d = Dispatcher(registry, FakeBus(), stats, Connection)
+            h = History(10, 60, 10_000)
+            batch = record(
+                h,
+                [("u1", "x", msgspec.Raw(b'{"n":1}'), None)]
+                + [("u2", e, msgspec.Raw(b'{"n":2}'), None) for e in ("x", "y")]
+                + [("crowd", "x", {"n": 3}, None), ("nobody", "x", msgspec.Raw(b"{}"), None)]
+                + [("u3", "x", msgspec.Raw(b"{}"), None), ("u4", "x", msgspec.Raw(b"{}"), None)]
+                + [("u5", "x", msgspec.Raw(b'{"p":"' + b"y" * 3000 + b'"}'), None) for _ in range(15)]
+                + [("other", "x", msgspec.Raw(b"{}"), None)],
+            )
+            batch.insert(1, ("u1", "late", {"n": 0}, 99, h.epoch, None))  # no frame yet
+            await d.deliver(batch)
+            writers = ctx.stats.writers
+            received = {}
+            for name, b in peers.items():
+                if name == "gone":
+                    continue
+                chunks = []
+                with trio.move_on_after(5):
+                    while True:
+                        try:
+                            chunk = b.recv(1 << 20)
+                        except BlockingIOError:
+                            if conns[name].queue is None:
+                                break  # all of it (a writer, if any, is done)
+                            await trio.sleep(0.001)
+                            continue
+                        if not chunk:
+                            break
+                        chunks.append(chunk)
+                        await trio.lowlevel.checkpoint()  # a writer may be waiting for room
+                received[name] = b"".join(chunks)
+            out = {
+                "received": received,
+                "other": other.frames,
+                "counts": (stats.received, stats.delivered, stats.dropped, stats.bad_items),
+                "writers": writers,
+                "states": {name: c.state for name, c in conns.items()},
+            }
+            for c in conns.values():
+                c.abort()
+            nursery.cancel_scope.cancel()
+        return out
+    finally:
+        dispatch._c_deliver_run = saved
+
+
+async def test_delivering_in_c_is_delivering_in_python():
+    fast = await deliver_scenario(True)
+    slow = await deliver_scenario(False)
+
+    # the offsets and epochs differ between the two runs: compare frames by their packets
+    def packets_of(data: bytes) -> list:
+        out, i = [], 0
+        while i < len(data):
+            n = data[i + 1]
+            head = 2 if n < 126 else 4
+            if n == 126:
+                n = int.from_bytes(data[i + 2 : i + 4], "big")
+            p = json.loads(data[i + head : i + head + n])
+            p.pop("offset", None)
+            out.append(p)
+            i += head + n
+        return out
+
+    assert {k: packets_of(v) for k, v in fast["received"].items()} == {
+        k: packets_of(v) for k, v in slow["received"].items()
+    }
+    assert fast["counts"] == slow["counts"]
+    assert fast["states"] == slow["states"]
+    assert fast["writers"] == slow["writers"] >= 1  # the full socket got a writer
+    assert len(fast["other"]) == len(slow["other"]) == 1
+    got = {k: packets_of(v) for k, v in fast["received"].items()}
+    assert [p["event"] for p in got["one"]] == ["x", "late"]
+    assert len(got["two-all"]) == 2 and len(got["two-x"]) == 1
+    assert all(len(got[f"many{i}"]) == 1 for i in range(20))
+    assert got["closed"] == [] and fast["states"]["gone"] == CLOSED
+    assert len(got["full"]) == 15 and fast["states"]["full"] != CLOSED
+    # received: every item; delivered: one (2), two (2 + 1), the crowd, full, other; dropped: nobody
+    assert fast["counts"] == (24, 2 + 3 + 20 + 15 + 1, 1, 0)
+
+
+async def test_a_large_fan_out_in_c_lets_the_rest_of_the_server_run():
+    async with trio.open_nursery() as nursery:
+        ctx = Server(make_config(), EmbeddedBus()).ctx
+        ctx.nursery = nursery
+        registry, pairs = Registry(), []
+        for i in range(4 * DELIVERIES_PER_CHECKPOINT):
+            a, b = socket.socketpair()
+            a.setblocking(False)
+            pairs.append((a, b))
+            registry.add(Connection(a, ctx, f"s{i}"))
+        ticks = 0
+
+        async def other_task():
+            nonlocal ticks
+            while True:
+                ticks += 1
+                await trio.lowlevel.checkpoint()
+
+        nursery.start_soon(other_task)
+        await trio.lowlevel.checkpoint()
+        before = ticks
+        batch = record(History(10, 60, 100_000), [(f"s{i}", "x", msgspec.Raw(b"{}"), None) for i in range(len(pairs))])
+        stats = Stats()
+        await Dispatcher(registry, FakeBus(), stats, Connection).deliver(batch)
+        assert stats.delivered == len(pairs)
+        assert ticks - before >= 3  # it ran between the checkpoints
+        nursery.cancel_scope.cancel()
+    for a, b in pairs:
+        a.close()
+        b.close()
+
+
+async def test_a_tab_whose_send_raises_loses_its_item_only():
+    class Bad:
+        subscriber, expires, events = "bad", 0, None
+
+        def send(self, frame):
+            raise RuntimeError("boom")
+
+    class Good:
+        subscriber, expires, events = "good", 0, None
+        frames: list = []
+
+        def send(self, frame):
+            self.frames.append(frame)
+            return True
+
+    registry = Registry()
+    registry.add(Bad())
+    good = Good()
+    registry.add(good)
+    stats = Stats()
+    batch = record(History(10, 60, 100), [(s, "x", msgspec.Raw(b"{}"), None) for s in ("bad", "good", "bad", "good")])
+    await Dispatcher(registry, FakeBus(), stats).deliver(batch)
+    assert len(good.frames) == 2
+    assert (stats.delivered, stats.bad_items) == (2, 2)
+
+
+# -- the server without it -----------------------------------------------------------
+
+
+def test_the_server_without_the_extension_delivers_the_same():
+    """MAILPUSH_SPEEDUPS=0: the Python twins serve a fan-out end to end."""
+    from websockets.sync.client import connect
+
+    env = {**os.environ, "MAILPUSH_SPEEDUPS": "0"}
+    with server_process(env=env) as (proc, listen, admin):
+        check = subprocess.run(
+            [sys.executable, "-c", "from mailpush.speedups import C; print(C)"], env=env, capture_output=True, text=True
+        )
+        assert check.stdout.strip() == "None"
+        host, port = listen
+        with contextlib.ExitStack() as stack:
+            tabs = [stack.enter_context(connect(f"ws://{host}:{port}/v1/ws?token={token(f'w{i}')}")) for i in range(3)]
+            for t in tabs:
+                t.send(json.dumps({"type": "subscribe"}))
+                assert json.loads(t.recv(timeout=5))["type"] == "subscribed"
+            body = json.dumps([{"subscriber": f"w{i}", "event": "new", "data": {"i": i}} for i in range(3)]).encode()
+            req = urllib.request.Request(f"http://{admin[0]}:{admin[1]}/v1/publish", data=body, method="POST")
+            assert urllib.request.urlopen(req, timeout=5).status == 202
+            for i, t in enumerate(tabs):
+                p = json.loads(t.recv(timeout=5))
+                assert (p["type"], p["subscriber"], p["data"]) == ("event", f"w{i}", {"i": i})
