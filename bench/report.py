@@ -18,7 +18,7 @@ from scenarios import SCENARIOS
 from servers import SERVERS
 
 # Fixed colours per server so every plot reads the same way.
-COLORS = {"mailpush": "#d62728", "mailpush_shared": "#ff7f0e", "triows": "#1f77b4", "websockets": "#2ca02c",
+COLORS = {"mailpush": "#d62728", "mailpush_shared": "#ff7f0e", "mailpush_py": "#e377c2", "triows": "#1f77b4", "websockets": "#2ca02c",
           "picows": "#9467bd", "node_ws": "#8c564b", "socketify": "#17becf", "floor": "#7f7f7f"}
 
 # One line style per latency run of a server (bus x rate).

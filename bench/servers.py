@@ -197,6 +197,7 @@ class ServerSpec:
     extra_args: list[str] = field(default_factory=list)
     runtime: str = "python"   # reference servers: "python" (this venv) or "node"
     needs: tuple[str, ...] = ()  # Python modules a reference server imports beyond the bench's own
+    env: dict[str, str] = field(default_factory=dict)  # added to the server's environment
 
     def argv(self, port: int, aport: int) -> list[str]:
         if self.kind == "mailpush":
@@ -229,6 +230,8 @@ class ServerSpec:
 SERVERS: dict[str, ServerSpec] = {s.name: s for s in [
     ServerSpec("mailpush", "mailpush", "mailpush"),
     ServerSpec("mailpush_shared", "mailpush --poller shared", "mailpush", extra_args=["--poller", "shared"]),
+    # The same server without its C fan-out path (mailpush.speedups): what the C code saves, in one run.
+    ServerSpec("mailpush_py", "mailpush, MAILPUSH_SPEEDUPS=0", "mailpush", env={"MAILPUSH_SPEEDUPS": "0"}),
     ServerSpec("mailpush_w2", "mailpush --workers 2", "mailpush", extra_args=["--workers", "2"]),
     ServerSpec("triows", "trio-websocket (task per connection)", "ref", "ref_triows"),
     ServerSpec("websockets", "websockets 17 asyncio, broadcast()", "ref", "ref_websockets"),
@@ -295,7 +298,7 @@ class Server:
                 preexec = lambda: os.sched_setaffinity(0, cpus)  # noqa: E731
         log.write(f"$ {' '.join(argv)}\n".encode())
         log.flush()
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        env = dict(os.environ, PYTHONUNBUFFERED="1", **self.spec.env)
         self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                                      start_new_session=True, cwd=ROOT, env=env, preexec_fn=preexec)
         log.close()
