@@ -337,22 +337,10 @@ static PyObject *py_record_loop(PyObject *self, PyObject *const *args, Py_ssize_
         }
         Py_DECREF(entries);
         Py_DECREF(stream);
-        PyObject *o = PyTuple_New(6);
-        if (!o) {
-            Py_DECREF(off);
-            Py_DECREF(frame);
-            goto fail;
-        }
-        Py_INCREF(sub);
-        Py_INCREF(event);
-        Py_INCREF(data);
-        Py_INCREF(epoch);
-        PyTuple_SET_ITEM(o, 0, sub);
-        PyTuple_SET_ITEM(o, 1, event);
-        PyTuple_SET_ITEM(o, 2, data);
-        PyTuple_SET_ITEM(o, 3, off);
-        PyTuple_SET_ITEM(o, 4, epoch);
-        PyTuple_SET_ITEM(o, 5, frame);
+        PyObject *o = PyTuple_Pack(6, sub, event, data, off, epoch, frame);
+        Py_DECREF(off);
+        Py_DECREF(frame);
+        if (!o) goto fail;
         PyList_SET_ITEM(out, i, untracked(o));
         continue;
     fail_item:
