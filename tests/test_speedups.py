@@ -407,3 +407,102 @@ def test_the_server_without_the_extension_delivers_the_same():
             for i, t in enumerate(tabs):
                 p = json.loads(t.recv(timeout=5))
                 assert (p["type"], p["subscriber"], p["data"]) == ("event", f"w{i}", {"i": i})
+
+
+# -- the upgrade request's head -----------------------------------------------------------
+
+_NAMES = [
+    b"Host",
+    b"host",
+    b"Upgrade",
+    b"Connection",
+    b"Sec-WebSocket-Key",
+    b"Sec-WebSocket-Version",
+    b"Cookie",
+    b"Authorization",
+    b"Origin",
+    b"Sec-WebSocket-Protocol",
+    b"Last-Event-ID",
+    b"User-Agent",
+    b"X-Y",
+    b" Host",
+    b"Host ",
+    b"",
+    b"UPGRADE",
+    b"x" * 70,
+]
+_VALUE_BYTES = st.sampled_from(
+    [
+        b"websocket",
+        b"WebSocket",
+        b"upgrade",
+        b"keep-alive",
+        b",",
+        b" ",
+        b"\t",
+        b"\x0b",
+        b"a=1",
+        b"\xe9",
+        b"13",
+        b"dGhlIHNhbXBsZSBub25jZQ==",
+        b"\r",
+        b"\n",
+        b"\0",
+        b":",
+    ]
+)
+_LINES = st.sampled_from(
+    [
+        b"GET /v1/ws?token=t HTTP/1.1",
+        b"GET / HTTP/1.0",
+        b"POST /x HTTP/1.1",
+        b"GET  / HTTP/1.1",
+        b"GET /a HTTP/2.0",
+        b"G@T / HTTP/1.1",
+        b"GET x HTTP/1.1",
+        b"GET /\x7f HTTP/1.1",
+        b"GET / HTTP/1.1 x",
+        b" / HTTP/1.1",
+        b"GET /?a?b HTTP/1.1",
+        b"GET",
+    ]
+)
+
+
+@settings(max_examples=1500, deadline=None)
+@given(
+    line=_LINES,
+    headers=st.lists(st.tuples(st.sampled_from(_NAMES), st.lists(_VALUE_BYTES, max_size=4).map(b"".join)), max_size=12),
+    sep=st.sampled_from([b": ", b":", b" : ", b""]),
+    end=st.sampled_from([b"\r\n\r\n", b"\r\n", b""]),
+)
+def test_a_request_head_parses_as_the_python_parser_parses_it(line, headers, sep, end):
+    from mailpush import handshake as hs
+    from mailpush.errors import HandshakeError
+
+    head = b"\r\n".join([line, *(name + sep + value for name, value in headers)]) + end
+    got = C.parse_request(head, hs.Request, hs._FIELDS)
+    saved, hs._c_parse_request = hs._c_parse_request, None
+    try:
+        want = hs.parse_request(head)
+    except HandshakeError:
+        assert got is None  # refused: the Python parser says why
+        return
+    finally:
+        hs._c_parse_request = saved
+    plain = all(
+        b"\r" not in v and b"\n" not in v and b"\0" not in v and n not in (b"", b" Host", b"Host ") for n, v in headers
+    )
+    if plain and sep != b"" and line.startswith(b"GET /") and line.count(b" ") == 2:
+        assert got is not None  # the common case is done in C (unless a duplicate Host or key sends it back)
+    if got is not None:
+        assert {k: getattr(got, k) for k in hs.Request.__slots__} == {k: getattr(want, k) for k in hs.Request.__slots__}
+
+
+def test_the_header_bits_are_handshake_pys():
+    from mailpush import handshake as hs
+
+    assert (hs._HOST, hs._UPGRADE, hs._CONNECTION, hs._KEY, hs._VERSION) == (1, 2, 4, 8, 16)
+    assert (hs._COOKIE, hs._AUTHORIZATION, hs._ORIGIN, hs._PROTOCOL, hs._LAST_EVENT_ID) == (32, 64, 128, 256, 512)
+    assert set(hs._FIELDS.values()) == {1 << k for k in range(10)}
+    assert hs._c_parse_request is C.parse_request

@@ -551,6 +551,211 @@ static PyObject *py_deliver_run(PyObject *self, PyObject *const *args, Py_ssize_
     return Py_BuildValue("(nlnnN)", i, budget, delivered, dropped, exc);
 }
 
+/* ---- handshake.parse_request --------------------------------------------- */
+
+/* The bits of handshake.py's header mask (tests/test_speedups.py checks
+ * them against the Python constants). */
+enum { H_HOST = 1, H_UPGRADE = 2, H_CONNECTION = 4, H_KEY = 8, H_VERSION = 16, H_COOKIE = 32,
+       H_AUTHORIZATION = 64, H_ORIGIN = 128, H_PROTOCOL = 256, H_LAST_EVENT_ID = 512 };
+#define MAX_HEADERS 64
+
+static PyObject *s_method, *s_path, *s_query, *s_cookie, *s_authorization, *s_origin, *s_protocols,
+    *s_last_event_id, *s_key, *s_seen, *s_upgrade, *s_version, *s_connection_upgrade, *s_http10;
+
+static inline int is_tchar(unsigned char c) { /* RFC 9110 token character */
+    return (c >= '0' && c <= '9') || (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') ||
+           (c && strchr("!#$%&'*+-.^_`|~", c));
+}
+
+static inline int is_pyspace(unsigned char c) { /* what bytes.strip() strips */
+    return c == ' ' || c == '\t' || c == '\n' || c == '\r' || c == 0x0b || c == 0x0c;
+}
+
+/* ``token`` is one of the comma-separated items of the value (each
+ * lowercased and stripped as bytes.strip() does). */
+static int has_token(const unsigned char *v, Py_ssize_t n, const char *token) {
+    size_t tl = strlen(token);
+    Py_ssize_t i = 0;
+    while (i <= n) {
+        Py_ssize_t j = i;
+        while (j < n && v[j] != ',') j++;
+        Py_ssize_t a = i, b = j;
+        while (a < b && is_pyspace(v[a])) a++;
+        while (b > a && is_pyspace(v[b - 1])) b--;
+        if ((size_t)(b - a) == tl) {
+            size_t k = 0;
+            while (k < tl && Py_TOLOWER(v[a + k]) == (unsigned char)token[k]) k++;
+            if (k == tl) return 1;
+        }
+        i = j + 1;
+    }
+    return 0;
+}
+
+static int set_str(PyObject *req, PyObject *name, const char *p, Py_ssize_t n) {
+    PyObject *v = PyUnicode_DecodeLatin1(p, n, NULL);
+    if (!v) return -1;
+    int r = PyObject_SetAttr(req, name, v);
+    Py_DECREF(v);
+    return r;
+}
+
+/* Join a repeated header's value to what came before with ``sep``. */
+static int join_str(PyObject *req, PyObject *name, const char *sep, const char *p, Py_ssize_t n) {
+    PyObject *old = PyObject_GetAttr(req, name);
+    if (!old) return -1;
+    if (!PyUnicode_GET_LENGTH(old)) {
+        Py_DECREF(old);
+        return set_str(req, name, p, n);
+    }
+    PyObject *v = PyUnicode_DecodeLatin1(p, n, NULL);
+    PyObject *joined = v ? PyUnicode_FromFormat("%U%s%U", old, sep, v) : NULL;
+    Py_DECREF(old);
+    Py_XDECREF(v);
+    if (!joined) return -1;
+    int r = PyObject_SetAttr(req, name, joined);
+    Py_DECREF(joined);
+    return r;
+}
+
+/* parse_request(head, Request, fields) -> Request, or None for any head
+ * the Python parser must look at (it raises the precise error). */
+static PyObject *py_parse_request(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 3 || !PyBytes_Check(args[0]) || !PyType_Check(args[1]) || !PyDict_Check(args[2])) {
+        PyErr_SetString(PyExc_TypeError, "parse_request(head: bytes, Request, fields: dict)");
+        return NULL;
+    }
+    const unsigned char *h = (const unsigned char *)PyBytes_AS_STRING(args[0]);
+    Py_ssize_t n = PyBytes_GET_SIZE(args[0]);
+    PyTypeObject *type = (PyTypeObject *)args[1];
+    PyObject *fields = args[2];
+    /* CR and LF only as CRLF, no NUL; the request line */
+    Py_ssize_t lines = 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        unsigned char c = h[i];
+        if (c == '\r') {
+            if (i + 1 >= n || h[i + 1] != '\n') Py_RETURN_NONE;
+            lines++;
+            i++;
+        } else if (c == '\n' || c == 0) {
+            Py_RETURN_NONE;
+        }
+    }
+    if (lines + 1 - 3 > MAX_HEADERS) Py_RETURN_NONE;
+    Py_ssize_t eol = 0;
+    while (eol < n && h[eol] != '\r') eol++;
+    Py_ssize_t sp1 = 0;
+    while (sp1 < eol && h[sp1] != ' ') sp1++;
+    Py_ssize_t sp2 = sp1 + 1;
+    while (sp2 < eol && h[sp2] != ' ') sp2++;
+    if (sp1 >= eol || sp2 >= eol || sp1 == 0) Py_RETURN_NONE;
+    for (Py_ssize_t i = sp2 + 1; i < eol; i++)
+        if (h[i] == ' ') Py_RETURN_NONE; /* a fourth part */
+    for (Py_ssize_t i = 0; i < sp1; i++)
+        if (!is_tchar(h[i])) Py_RETURN_NONE;
+    if (sp2 - sp1 - 1 < 1 || h[sp1 + 1] != '/') Py_RETURN_NONE;
+    for (Py_ssize_t i = sp1 + 1; i < sp2; i++)
+        if (h[i] < 0x21 || h[i] > 0x7e) Py_RETURN_NONE;
+    Py_ssize_t vl = eol - sp2 - 1;
+    if (vl != 8 || memcmp(h + sp2 + 1, "HTTP/1.", 7) || (h[sp2 + 8] != '1' && h[sp2 + 8] != '0')) Py_RETURN_NONE;
+    int http10 = h[sp2 + 8] == '0';
+
+    PyObject *req = type->tp_alloc(type, 0);
+    if (!req) return NULL;
+    PyObject *empty = PyUnicode_New(0, 0);
+    Py_ssize_t q = sp1 + 1;
+    while (q < sp2 && h[q] != '?') q++;
+    if (!empty || set_str(req, s_method, (const char *)h, sp1) < 0 ||
+        set_str(req, s_path, (const char *)h + sp1 + 1, q - sp1 - 1) < 0 ||
+        set_str(req, s_query, (const char *)h + (q < sp2 ? q + 1 : sp2), q < sp2 ? sp2 - q - 1 : 0) < 0 ||
+        PyObject_SetAttr(req, s_cookie, empty) < 0 || PyObject_SetAttr(req, s_authorization, empty) < 0 ||
+        PyObject_SetAttr(req, s_origin, empty) < 0 || PyObject_SetAttr(req, s_protocols, empty) < 0 ||
+        PyObject_SetAttr(req, s_last_event_id, empty) < 0 || PyObject_SetAttr(req, s_key, empty) < 0 ||
+        PyObject_SetAttr(req, s_version, empty) < 0 || PyObject_SetAttr(req, s_upgrade, Py_False) < 0 ||
+        PyObject_SetAttr(req, s_connection_upgrade, Py_False) < 0 ||
+        PyObject_SetAttr(req, s_http10, http10 ? Py_True : Py_False) < 0)
+        goto error;
+    long seen = 0;
+    char lower[64];
+    Py_ssize_t i = eol + 2;
+    while (i < n) {
+        Py_ssize_t e = i;
+        while (e < n && h[e] != '\r') e++;
+        if (e == i) { /* a blank line */
+            i = e + 2;
+            continue;
+        }
+        Py_ssize_t colon = i;
+        while (colon < e && h[colon] != ':') colon++;
+        if (colon == e || colon == i || h[i] == ' ' || h[i] == '\t' || h[colon - 1] == ' ' || h[colon - 1] == '\t')
+            goto python; /* malformed: the Python parser says so */
+        Py_ssize_t nl = colon - i;
+        long bit = 0;
+        if (nl <= (Py_ssize_t)sizeof lower) {
+            for (Py_ssize_t k = 0; k < nl; k++) lower[k] = (char)Py_TOLOWER(h[i + k]);
+            PyObject *name = PyBytes_FromStringAndSize(lower, nl);
+            if (!name) goto error;
+            PyObject *b = PyDict_GetItemWithError(fields, name);
+            Py_DECREF(name);
+            if (!b) {
+                if (PyErr_Occurred()) goto error;
+            } else {
+                bit = PyLong_AsLong(b);
+                if (bit == -1 && PyErr_Occurred()) goto error;
+            }
+        } /* a longer name is none of ours */
+        if (bit) {
+            Py_ssize_t a = colon + 1, z = e;
+            while (a < z && (h[a] == ' ' || h[a] == '\t')) a++;
+            while (z > a && (h[z - 1] == ' ' || h[z - 1] == '\t')) z--;
+            const char *v = (const char *)h + a;
+            Py_ssize_t len = z - a;
+            int r = 0;
+            switch (bit) {
+            case H_HOST:
+                if (seen & H_HOST) goto python; /* duplicate */
+                break;
+            case H_UPGRADE:
+                r = PyObject_SetAttr(req, s_upgrade, has_token(h + a, len, "websocket") ? Py_True : Py_False);
+                break;
+            case H_CONNECTION:
+                if (has_token(h + a, len, "upgrade")) r = PyObject_SetAttr(req, s_connection_upgrade, Py_True);
+                break;
+            case H_KEY:
+                if (seen & H_KEY) goto python; /* duplicate */
+                r = set_str(req, s_key, v, len);
+                break;
+            case H_VERSION: r = set_str(req, s_version, v, len); break;
+            case H_COOKIE: r = join_str(req, s_cookie, "; ", v, len); break;
+            case H_AUTHORIZATION: r = set_str(req, s_authorization, v, len); break;
+            case H_ORIGIN: r = set_str(req, s_origin, v, len); break;
+            case H_PROTOCOL: r = join_str(req, s_protocols, ", ", v, len); break;
+            case H_LAST_EVENT_ID: r = set_str(req, s_last_event_id, v, len); break;
+            default: goto python; /* a bit this code does not know */
+            }
+            if (r < 0) goto error;
+            seen |= bit;
+        }
+        i = e + 2;
+    }
+    PyObject *seen_obj = PyLong_FromLong(seen);
+    if (!seen_obj || PyObject_SetAttr(req, s_seen, seen_obj) < 0) {
+        Py_XDECREF(seen_obj);
+        goto error;
+    }
+    Py_DECREF(seen_obj);
+    Py_DECREF(empty);
+    return req;
+python:
+    Py_DECREF(req);
+    Py_DECREF(empty);
+    Py_RETURN_NONE;
+error:
+    Py_DECREF(req);
+    Py_XDECREF(empty);
+    return NULL;
+}
+
 /* ---- the module -------------------------------------------------------- */
 
 static PyMethodDef methods[] = {
@@ -559,6 +764,8 @@ static PyMethodDef methods[] = {
     {"fast_items", (PyCFunction)(void (*)(void))py_fast_items, METH_FASTCALL, "items._fast_items."},
     {"record_loop", (PyCFunction)(void (*)(void))py_record_loop, METH_FASTCALL, "history.record's loop."},
     {"deliver_run", (PyCFunction)(void (*)(void))py_deliver_run, METH_FASTCALL, "Dispatcher.deliver's loop."},
+    {"parse_request", (PyCFunction)(void (*)(void))py_parse_request, METH_FASTCALL,
+     "handshake.parse_request for a well-formed head; None for any other."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -584,6 +791,20 @@ PyMODINIT_FUNC PyInit__speedups(void) {
     INTERN(s_sock, "sock");
     INTERN(s_queue, "queue");
     INTERN(s_events, "events");
+    INTERN(s_method, "method");
+    INTERN(s_path, "path");
+    INTERN(s_query, "query");
+    INTERN(s_cookie, "cookie");
+    INTERN(s_authorization, "authorization");
+    INTERN(s_origin, "origin");
+    INTERN(s_protocols, "protocols");
+    INTERN(s_last_event_id, "last_event_id");
+    INTERN(s_key, "key");
+    INTERN(s_seen, "seen");
+    INTERN(s_upgrade, "upgrade");
+    INTERN(s_version, "version");
+    INTERN(s_connection_upgrade, "connection_upgrade");
+    INTERN(s_http10, "http10");
 #undef INTERN
     PyObject *msgspec = PyImport_ImportModule("msgspec");
     if (!msgspec) return NULL;

@@ -19,6 +19,7 @@ from http import HTTPStatus
 from urllib.parse import unquote
 
 from .errors import HandshakeError
+from .speedups import C
 
 __all__ = [
     "MAX_HEAD_BYTES",
@@ -131,6 +132,8 @@ def parse_request(head: bytes) -> Request:
     Raises:
       HandshakeError: 400 malformed, 431 too many headers, 505 not HTTP/1.x.
     """
+    if _c_parse_request is not None and (req := _c_parse_request(head, Request, _FIELDS)) is not None:
+        return req  # a well-formed head, parsed in C the same way; any other is looked at below
     # RFC 9110 §5.5: a field value with NUL, CR or LF is refused. CR and LF
     # may only appear as the CRLF ending a line; four scans in C, no loop.
     crlf = head.count(b"\r\n")
@@ -327,3 +330,6 @@ def cookie_value(cookie: str, name: str) -> str | None:
                 v = v[1:-1]
             return v
     return None
+
+
+_c_parse_request = C.parse_request if C is not None else None
