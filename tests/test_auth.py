@@ -525,3 +525,12 @@ def test_deeply_nested_token_json_is_a_401_not_a_recursion_error():
         assert len(tok) <= MAX_TOKEN_BYTES
         with pytest.raises(AuthError):
             Verifier(SECRET).verify(tok)
+
+
+@settings(max_examples=300, deadline=None)
+@given(key=st.binary(min_size=32, max_size=200), message=st.binary(max_size=300))
+def test_the_precomputed_hmac_is_hmac_sha256(key, message):
+    """Verifier keeps HMAC-SHA256's two keyed states and copies them per
+    token: the same digest as the standard library's, for every key length
+    (longer than a block: hashed first)."""
+    assert Verifier(key)._hmac(message) == hmac.digest(key, message, "sha256")

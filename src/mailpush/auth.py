@@ -16,6 +16,7 @@ The token never appears in an error message or a log line.
 from __future__ import annotations
 
 import binascii
+import hashlib
 import hmac
 import time
 from collections.abc import Callable
@@ -63,6 +64,10 @@ TOKEN_PROTOCOL_PREFIX = "mailpush.token."
 _TO_STD = bytes.maketrans(b"-_+/", b"+/!!")
 _TO_URL = bytes.maketrans(b"+/", b"-_")
 _json = msgspec.json.decode
+# HMAC (RFC 2104): the key padded to SHA-256's block, XORed with these.
+_SHA256_BLOCK = 64
+_IPAD = bytes(b ^ 0x36 for b in range(256))
+_OPAD = bytes(b ^ 0x5C for b in range(256))
 # Header segments already checked (every token of one issuer has the same
 # one): at most this many are remembered, the first ones seen.
 _HEADER_CACHE = 16
@@ -103,7 +108,7 @@ def _number(claims: dict, name: str) -> int | None:
 class Verifier:
     """Checks HS256 tokens signed with one secret; returns the subscriber."""
 
-    __slots__ = ("_key", "_clock", "leeway", "_headers")
+    __slots__ = ("_inner", "_outer", "_clock", "leeway", "_headers")
 
     def __init__(
         self, secret: str | bytes, clock: Callable[[], float] = time.time, leeway: float = LEEWAY_SECONDS
@@ -113,7 +118,11 @@ class Verifier:
             raise ConfigError(
                 f"the token secret must be at least {MIN_SECRET_BYTES} bytes (RFC 7518 §3.2), got {len(key)}"
             )
-        self._key = key
+        # HMAC-SHA256's two keyed hash states (RFC 2104), hashed once: each
+        # token copies them instead of keying a new HMAC (2.1 → 0.7 µs here).
+        block = (hashlib.sha256(key).digest() if len(key) > _SHA256_BLOCK else key).ljust(_SHA256_BLOCK, b"\0")
+        self._inner = hashlib.sha256(block.translate(_IPAD))
+        self._outer = hashlib.sha256(block.translate(_OPAD))
         self._clock = clock
         self.leeway = leeway
         # Header segments that passed the header checks: a token with one of
@@ -139,9 +148,17 @@ class Verifier:
             raise AuthError("token 'kid' header is not a string")
         if len(self._headers) < _HEADER_CACHE:
             self._headers.add(h)
-        expected = hmac.digest(self._key, signing_input, "sha256")
+        expected = self._hmac(signing_input)
         if not hmac.compare_digest(expected, signature):
             raise AuthError("token signature does not verify")
+
+    def _hmac(self, message: bytes) -> bytes:
+        """HMAC-SHA256 of ``message`` under the secret (``hmac.digest``'s result)."""
+        inner = self._inner.copy()
+        inner.update(message)
+        outer = self._outer.copy()
+        outer.update(inner.digest())
+        return outer.digest()
 
     def _signature(self, h: str, p: str) -> str:
         """The canonical base64url (unpadded) HMAC-SHA256 of ``h.p``.
@@ -153,7 +170,7 @@ class Verifier:
             signing_input = f"{h}.{p}".encode("ascii")
         except UnicodeError:
             raise AuthError("malformed token: bad base64url or JSON") from None
-        digest = hmac.digest(self._key, signing_input, "sha256")
+        digest = self._hmac(signing_input)
         return binascii.b2a_base64(digest, newline=False).rstrip(b"=").translate(_TO_URL).decode("ascii")
 
     def _check_signature(self, h: str, p: str, s: str) -> None:
