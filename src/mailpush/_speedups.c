@@ -756,6 +756,64 @@ error:
     return NULL;
 }
 
+/* ---- frames.Decoder, for one small frame ---------------------------------- */
+
+/* one_frame(data, max_size) -> (opcode, payload), or None.
+ *
+ * What a fresh frames.Decoder makes of ``data`` when it is exactly one
+ * whole, unfragmented, masked frame of at most 125 payload bytes with a
+ * known opcode, and a text frame's payload valid UTF-8 (a subscribe, a
+ * ping or pong, a close: nearly all a browser sends); None for anything
+ * else, which the decoder then reads. */
+static PyObject *py_one_frame(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "one_frame(data, max_size)");
+        return NULL;
+    }
+    Py_ssize_t max_size = PyLong_AsSsize_t(args[1]);
+    if (max_size == -1 && PyErr_Occurred()) return NULL;
+    Py_buffer view;
+    if (PyObject_GetBuffer(args[0], &view, PyBUF_SIMPLE) < 0) return NULL;
+    const unsigned char *d = (const unsigned char *)view.buf;
+    PyObject *out = NULL;
+    if (view.len >= 6) {
+        unsigned char b0 = d[0], b1 = d[1];
+        int opcode = b0 & 0x0F;
+        Py_ssize_t length = b1 & 0x7F;
+        int known = opcode == 1 || opcode == 2 || opcode == 8 || opcode == 9 || opcode == 10;
+        if ((b0 & 0xF0) == 0x80 && (b1 & 0x80) && length <= 125 && known && view.len == 6 + length &&
+            (opcode >= 8 || length <= max_size)) {
+            PyObject *payload = PyBytes_FromStringAndSize(NULL, length);
+            if (payload) {
+                unsigned char *w = (unsigned char *)PyBytes_AS_STRING(payload);
+                const unsigned char *mask = d + 2;
+                for (Py_ssize_t i = 0; i < length; i++) w[i] = d[6 + i] ^ mask[i & 3];
+                int ok = 1;
+                if (opcode == 1) {
+                    PyObject *text = PyUnicode_DecodeUTF8((const char *)w, length, NULL);
+                    if (text) {
+                        Py_DECREF(text);
+                    } else if (PyErr_ExceptionMatches(PyExc_UnicodeDecodeError)) {
+                        PyErr_Clear();
+                        ok = 0; /* the decoder closes with 1007 */
+                    } else {
+                        Py_CLEAR(payload);
+                    }
+                }
+                if (payload && ok) out = Py_BuildValue("(iN)", opcode, payload);
+                else if (payload) Py_DECREF(payload);
+                if (!out && !PyErr_Occurred()) out = Py_NewRef(Py_None);
+            }
+        } else {
+            out = Py_NewRef(Py_None);
+        }
+    } else {
+        out = Py_NewRef(Py_None);
+    }
+    PyBuffer_Release(&view);
+    return out;
+}
+
 /* ---- the module -------------------------------------------------------- */
 
 static PyMethodDef methods[] = {
@@ -764,6 +822,8 @@ static PyMethodDef methods[] = {
     {"fast_items", (PyCFunction)(void (*)(void))py_fast_items, METH_FASTCALL, "items._fast_items."},
     {"record_loop", (PyCFunction)(void (*)(void))py_record_loop, METH_FASTCALL, "history.record's loop."},
     {"deliver_run", (PyCFunction)(void (*)(void))py_deliver_run, METH_FASTCALL, "Dispatcher.deliver's loop."},
+    {"one_frame", (PyCFunction)(void (*)(void))py_one_frame, METH_FASTCALL,
+     "A fresh frames.Decoder's messages for one small whole frame; None for any other input."},
     {"parse_request", (PyCFunction)(void (*)(void))py_parse_request, METH_FASTCALL,
      "handshake.parse_request for a well-formed head; None for any other."},
     {NULL, NULL, 0, NULL},

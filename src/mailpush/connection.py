@@ -40,6 +40,7 @@ from .packets import (
     refreshed_frame,
     unsubscribed_frame,
 )
+from .speedups import C
 
 if TYPE_CHECKING:
     from .context import Context
@@ -194,20 +195,27 @@ class Connection:
         """Handle bytes read from the socket (any number of frames)."""
         self.flags = (self.flags | F_SEEN) & ~F_PING
         dec = self.decoder
-        if dec is None:
-            dec = Decoder(self.ctx.config.max_message_size)
         error = None
-        try:
-            messages = dec.feed(data)
-        except ProtocolError as e:
-            # Only what is needed: the exception itself would hold this
-            # frame through its traceback, and this frame the exception, a
-            # cycle only a full collection frees (~16 objects a violation).
-            error = (e.code, e.reason)
-            messages = e.messages
-            self.decoder = None
+        if (
+            dec is None
+            and _c_one_frame is not None
+            and (one := _c_one_frame(data, self.ctx.config.max_message_size)) is not None
+        ):
+            messages = [one]  # one small whole frame, read in C as a fresh Decoder reads it
         else:
-            self.decoder = None if dec.idle else dec
+            if dec is None:
+                dec = Decoder(self.ctx.config.max_message_size)
+            try:
+                messages = dec.feed(data)
+            except ProtocolError as e:
+                # Only what is needed: the exception itself would hold this
+                # frame through its traceback, and this frame the exception, a
+                # cycle only a full collection frees (~16 objects a violation).
+                error = (e.code, e.reason)
+                messages = e.messages
+                self.decoder = None
+            else:
+                self.decoder = None if dec.idle else dec
         for opcode, payload in messages:
             if opcode == Opcode.TEXT or opcode == Opcode.BINARY:
                 if self.state != OPEN:
@@ -334,3 +342,6 @@ async def _writer(conn: Connection) -> None:
     conn.queued = 0
     if conn.flags & F_CLOSE_AFTER_FLUSH:
         conn.abort()
+
+
+_c_one_frame = C.one_frame if C is not None else None
