@@ -32,6 +32,7 @@ from mailpush.frames import encode_text
 from mailpush.history import History, record
 from mailpush.metrics import Stats
 from mailpush.packets import ALL_EVENTS, _encode, _OffsetEvent
+from mailpush.recovery import _Resume
 from mailpush.registry import Registry
 from mailpush.server import Server
 from mailpush.speedups import C
@@ -234,6 +235,8 @@ async def deliver_scenario(use_c: bool) -> dict:
             tab("two-x", "u2", frozenset({"x"}))
             for i in range(20):
                 tab(f"many{i}", "crowd")
+            for i in range(600):  # more than a checkpoint's worth of one subscriber's tabs
+                tab(f"wall{i}", "wall")
             tab("closed", "u3").abort()
             tab("gone", "u4")
             peers["gone"].close()
@@ -242,18 +245,33 @@ async def deliver_scenario(use_c: bool) -> dict:
             registry.add(other)
             stats = Stats()
             d = Dispatcher(registry, FakeBus(), stats, Connection)
+            resume = _Resume(None, False)
+            d.recovery.resuming[conns["wall7"]] = resume  # being caught up: its frames are held back
             h = History(10, 60, 10_000)
             batch = record(
                 h,
                 [("u1", "x", msgspec.Raw(b'{"n":1}'), None)]
                 + [("u2", e, msgspec.Raw(b'{"n":2}'), None) for e in ("x", "y")]
                 + [("crowd", "x", {"n": 3}, None), ("nobody", "x", msgspec.Raw(b"{}"), None)]
+                + [("wall", "x", msgspec.Raw(b'{"n":4}'), None), ("wall", "x", msgspec.Raw(b'{"n":5}'), None)]
                 + [("u3", "x", msgspec.Raw(b"{}"), None), ("u4", "x", msgspec.Raw(b"{}"), None)]
                 + [("u5", "x", msgspec.Raw(b'{"p":"' + b"y" * 3000 + b'"}'), None) for _ in range(15)]
                 + [("other", "x", msgspec.Raw(b"{}"), None)],
             )
             batch.insert(1, ("u1", "late", {"n": 0}, 99, h.epoch, None))  # no frame yet
+            ticks = 0
+
+            async def beside():
+                nonlocal ticks
+                while True:
+                    ticks += 1
+                    await trio.lowlevel.checkpoint()
+
+            nursery.start_soon(beside)
+            await trio.lowlevel.checkpoint()
+            before = ticks
             await d.deliver(batch)
+            ran_beside = ticks - before
             writers = ctx.stats.writers
             received = {}
             for name, b in peers.items():
@@ -279,7 +297,9 @@ async def deliver_scenario(use_c: bool) -> dict:
                 "other": other.frames,
                 "counts": (stats.received, stats.delivered, stats.dropped, stats.bad_items),
                 "writers": writers,
+                "ran_beside": ran_beside,
                 "states": {name: c.state for name, c in conns.items()},
+                "held": [json.loads(f[2:])["data"] for _, f in resume.held],
             }
             for c in conns.values():
                 c.abort()
@@ -320,8 +340,11 @@ async def test_delivering_in_c_is_delivering_in_python():
     assert all(len(got[f"many{i}"]) == 1 for i in range(20))
     assert got["closed"] == [] and fast["states"]["gone"] == CLOSED
     assert len(got["full"]) == 15 and fast["states"]["full"] != CLOSED
+    assert all(len(got[f"wall{i}"]) == (0 if i == 7 else 2) for i in range(600))
+    assert fast["held"] == slow["held"] == [{"n": 4}, {"n": 5}]  # the tab being caught up gets them later
+    assert fast["ran_beside"] >= 4 and slow["ran_beside"] >= 4  # checkpoints inside the wall's tabs too
     # received: every item; delivered: one (2), two (2 + 1), the crowd, full, other; dropped: nobody
-    assert fast["counts"] == (24, 2 + 3 + 20 + 15 + 1, 1, 0)
+    assert fast["counts"] == (26, 2 + 3 + 20 + 2 * 599 + 15 + 1, 1, 0)
 
 
 async def test_a_large_fan_out_in_c_lets_the_rest_of_the_server_run():

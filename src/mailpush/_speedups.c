@@ -463,53 +463,77 @@ static int conn_send(PyObject *conn, PyObject *frame) {
     return ok;
 }
 
-/* deliver_run(batch, start, subs, budget, conn_type, pending, resuming)
- *   -> (next, budget, delivered, dropped, exception or None)
+/* deliver_run(batch, start, subs, budget, conn_type, pending, resuming,
+ *             hold, held, k)
+ *   -> (next, budget, delivered, dropped, exception or None, held, k)
  *
- * Dispatcher.deliver's loop from ``batch[start]``, while ``pending`` and
- * ``resuming`` are empty, for items whose frame is built and whose
- * subscriber has its tabs as a tuple (``subs`` is the registry's dict).
- * Returns before the first item it leaves to the caller (a checkpoint is
- * due, budget <= 0; or the item is one of the others: the caller does it
- * the Python way), or after an item that raised (its exception is
- * returned, the rest of that item's tabs skipped, as in the Python loop). */
+ * Dispatcher.deliver's loop from ``batch[start]``: while ``pending`` is
+ * empty, for items whose frame is built (``subs`` is the registry's dict:
+ * a subscriber's tabs, a tuple, or a dict beyond a few, taken as a tuple
+ * as Registry.get does). A tab being caught up (in ``resuming``) has the
+ * frame held for it (``hold(resume, offset, frame)``), as in the Python
+ * loop. Returns when a checkpoint is due (budget <= 0): if in the middle
+ * of an item's tabs, with them (``held``) and the index of the next one
+ * (``k``), to be passed back after the checkpoint; before an item it
+ * leaves to the caller (frame not built, or a tab waits for its
+ * subscription: the caller does it the Python way); or after an item that
+ * raised (its exception is returned, the rest of that item's tabs
+ * skipped, as in the Python loop). */
 static PyObject *py_deliver_run(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 7 || !PyDict_Check(args[2]) || !PyDict_Check(args[5]) || !PyDict_Check(args[6])) {
+    if (nargs != 10 || !PyDict_Check(args[2]) || !PyDict_Check(args[5]) || !PyDict_Check(args[6]) ||
+        (args[8] != Py_None && !PyTuple_CheckExact(args[8]))) {
         PyErr_SetString(PyExc_TypeError, "deliver_run: bad arguments");
         return NULL;
     }
-    PyObject *batch = args[0], *subs = args[2], *pending = args[5], *resuming = args[6];
+    PyObject *batch = args[0], *subs = args[2], *pending = args[5], *resuming = args[6], *hold = args[7];
     Py_ssize_t i = PyLong_AsSsize_t(args[1]);
     long budget = PyLong_AsLong(args[3]);
+    Py_ssize_t k = PyLong_AsSsize_t(args[9]);
     if (PyErr_Occurred()) return NULL;
     if (args[4] != conn_type) learn_conn_type(args[4]);
     PyObject *seq = PySequence_Fast(batch, "deliver_run: the batch is not a sequence");
     if (!seq) return NULL;
     Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
     Py_ssize_t delivered = 0, dropped = 0;
-    PyObject *exc = NULL;
-    while (i < n && budget > 0 && !PyDict_GET_SIZE(pending) && !PyDict_GET_SIZE(resuming)) {
+    PyObject *exc = NULL, *held = args[8] == Py_None ? NULL : Py_NewRef(args[8]); /* the tabs of batch[i] */
+    while (i < n) {
         PyObject *item = PySequence_Fast_GET_ITEM(seq, i);
         if (!PyTuple_CheckExact(item) || PyTuple_GET_SIZE(item) != 6) break;
         PyObject *sub = PyTuple_GET_ITEM(item, 0), *event = PyTuple_GET_ITEM(item, 1),
-                 *frame = PyTuple_GET_ITEM(item, 5);
+                 *offset = PyTuple_GET_ITEM(item, 3), *frame = PyTuple_GET_ITEM(item, 5);
         if (!PyBytes_CheckExact(frame)) break;
-        PyObject *conns = PyDict_GetItemWithError(subs, sub);
-        if (!conns) {
-            if (PyErr_Occurred()) {
+        PyObject *conns = held;
+        if (!conns) { /* a new item */
+            if (budget <= 0 || PyDict_GET_SIZE(pending)) break;
+            k = 0;
+            conns = PyDict_GetItemWithError(subs, sub);
+            if (!conns) {
+                if (PyErr_Occurred()) {
+                    exc = take_exception();
+                    i++;
+                    break;
+                }
+                dropped++;
+                i++;
+                continue;
+            }
+            if (PyTuple_CheckExact(conns)) conns = Py_NewRef(conns);
+            else if (PyDict_CheckExact(conns)) conns = PySequence_Tuple(conns); /* a snapshot of its keys */
+            else break;
+            if (!conns) {
                 exc = take_exception();
                 i++;
                 break;
             }
-            dropped++;
-            i++;
-            continue;
         }
-        if (!PyTuple_CheckExact(conns)) break;
-        Py_INCREF(conns);
+        held = NULL;
         Py_INCREF(item);
         Py_ssize_t m = PyTuple_GET_SIZE(conns);
-        for (Py_ssize_t k = 0; k < m; k++) {
+        for (; k < m; k++) {
+            if (budget <= 0) { /* a checkpoint is due in the middle of this item's tabs */
+                held = Py_NewRef(conns);
+                break;
+            }
             PyObject *conn = PyTuple_GET_ITEM(conns, k);
             PyObject *events;
             if (conn_fast && Py_TYPE(conn) == (PyTypeObject *)conn_type) {
@@ -533,6 +557,23 @@ static PyObject *py_deliver_run(PyObject *self, PyObject *const *args, Py_ssize_
             } else {
                 Py_DECREF(events);
             }
+            if (PyDict_GET_SIZE(resuming)) { /* being caught up: the frame waits for it */
+                PyObject *resume = PyDict_GetItemWithError(resuming, conn);
+                if (resume) {
+                    PyObject *hargs[3] = {resume, offset, frame};
+                    PyObject *r = PyObject_Vectorcall(hold, hargs, 3, NULL);
+                    if (!r) {
+                        exc = take_exception();
+                        break;
+                    }
+                    Py_DECREF(r);
+                    continue;
+                }
+                if (PyErr_Occurred()) {
+                    exc = take_exception();
+                    break;
+                }
+            }
             int ok = conn_send(conn, frame);
             if (ok < 0) {
                 exc = take_exception();
@@ -543,12 +584,14 @@ static PyObject *py_deliver_run(PyObject *self, PyObject *const *args, Py_ssize_
         }
         Py_DECREF(item);
         Py_DECREF(conns);
+        if (held) break; /* batch[i] goes on after the checkpoint */
         i++;
         if (exc) break;
     }
     Py_DECREF(seq);
     if (!exc) exc = Py_NewRef(Py_None);
-    return Py_BuildValue("(nlnnN)", i, budget, delivered, dropped, exc);
+    if (!held) held = Py_NewRef(Py_None);
+    return Py_BuildValue("(nlnnNNn)", i, budget, delivered, dropped, exc, held, held == Py_None ? (Py_ssize_t)0 : k);
 }
 
 /* ---- handshake.parse_request --------------------------------------------- */

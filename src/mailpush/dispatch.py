@@ -97,15 +97,18 @@ class Dispatcher:
         budget = DELIVERIES_PER_CHECKPOINT
         delivered = 0
         # The C loop (mailpush.speedups) takes every item it can while no
-        # tab waits for its answer; the loop below does the rest, one item
-        # at a time, the same way.
+        # tab waits for its subscription to be acknowledged; the loop below
+        # does the rest, one item at a time, the same way.
         run = _c_deliver_run if not track else None
         subs = self.registry.table
+        held, k = None, 0  # the tabs of an item the C loop is in the middle of, and the next one's index
         i, n = 0, len(batch)
         try:
             while i < n:
-                if run is not None and not pending and not resuming:
-                    i, budget, sent, lost, error = run(batch, i, subs, budget, self._sends_in_c, pending, resuming)
+                if run is not None and (held is not None or not pending):
+                    i, budget, sent, lost, error, held, k = run(
+                        batch, i, subs, budget, self._sends_in_c, pending, resuming, recovery.hold, held, k
+                    )
                     delivered += sent
                     stats.dropped += lost
                     if error is not None:  # batch[i - 1] raised: dropped, as below
