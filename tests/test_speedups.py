@@ -342,7 +342,7 @@ async def test_delivering_in_c_is_delivering_in_python():
     assert len(got["full"]) == 15 and fast["states"]["full"] != CLOSED
     assert all(len(got[f"wall{i}"]) == (0 if i == 7 else 2) for i in range(600))
     assert fast["held"] == slow["held"] == [{"n": 4}, {"n": 5}]  # the tab being caught up gets them later
-    assert fast["ran_beside"] >= 4 and slow["ran_beside"] >= 4  # checkpoints inside the wall's tabs too
+    assert fast["ran_beside"] >= 2 and slow["ran_beside"] >= 2  # checkpoints inside the wall's tabs too
     # received: every item; delivered: one (2), two (2 + 1), the crowd, full, other; dropped: nobody
     assert fast["counts"] == (26, 2 + 3 + 20 + 2 * 599 + 15 + 1, 1, 0)
 
@@ -372,7 +372,7 @@ async def test_a_large_fan_out_in_c_lets_the_rest_of_the_server_run():
         stats = Stats()
         await Dispatcher(registry, FakeBus(), stats, Connection).deliver(batch)
         assert stats.delivered == len(pairs)
-        assert ticks - before >= 3  # it ran between the checkpoints
+        assert ticks - before >= 2  # it ran between the checkpoints
         nursery.cancel_scope.cancel()
     for a, b in pairs:
         a.close()
@@ -571,3 +571,19 @@ def test_one_small_frame_reads_as_a_fresh_decoder_reads_it(b0, masked, payload, 
     if want and dec.idle and len(want) == 1 and len(data) <= 131 and data[1] & 0x7F <= 125:
         assert got == want[0]  # the common case is done in C
     assert C.one_frame(memoryview(data), max_size) == got  # the shared poller's buffer
+
+
+def test_the_history_keeps_one_string_per_event_name():
+    """Each kept event holds its name: one string for all of them (interned),
+    not one per event (~64 bytes each), in C and in Python."""
+    for c_loop in (C.record_loop, None):
+        saved, history._c_record_loop = history._c_record_loop, c_loop
+        try:
+            h = History(100, 600, 10_000)
+            for k in range(3):
+                body = json.dumps([{"subscriber": f"s{i}", "event": "new_letter", "data": {"k": k}} for i in range(50)])
+                record(h, items.parse_items(body.encode()))
+            names = {id(e[1]) for s in h._streams.values() for e in s.entries}
+            assert len(names) == 1 and h.events == 150
+        finally:
+            history._c_record_loop = saved

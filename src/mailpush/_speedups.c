@@ -263,6 +263,12 @@ static PyObject *py_record_loop(PyObject *self, PyObject *const *args, Py_ssize_
         }
         PyObject *sub = PyTuple_GET_ITEM(item, 0), *event = PyTuple_GET_ITEM(item, 1),
                  *data = PyTuple_GET_ITEM(item, 2), *state = PyTuple_GET_ITEM(item, 3);
+        if (PyUnicode_CheckExact(event)) {
+            /* one string per event name, not one per event kept (sys.intern) */
+            Py_INCREF(event);
+            PyUnicode_InternInPlace(&event);
+            Py_DECREF(event); /* alive: an interned string is in that dict only while held; the tuples below take refs */
+        }
         PyObject *off = PyLong_FromLongLong(++top);
         if (!off) goto fail;
         PyObject *frame = build_frame(sub, event, data, off);

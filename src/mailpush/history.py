@@ -23,6 +23,7 @@ import secrets
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
+from sys import intern
 from typing import Any
 
 from .packets import event_frame
@@ -250,6 +251,8 @@ def _record_loop(
     get = streams.get
     for sub, event, data, state in items:
         top += 1
+        if type(event) is str:
+            event = intern(event)  # one string per event name, not one per event kept
         frame = event_frame(sub, event, data, top)
         stream = get(sub)
         if stream is None:
