@@ -268,3 +268,18 @@ def bare(packet: dict) -> dict:
     """A packet without the history's fields (offset, epoch, recovered) and
     the token's expiry (expires_at), for tests about everything else."""
     return {k: v for k, v in packet.items() if k not in HISTORY_FIELDS}
+
+@pytest.fixture(scope="module", params=["c", "python"])
+def deliver_loops(request):
+    """The module's tests once with the dispatcher's C loop
+    (mailpush._speedups) and once with its Python twin: a module opts in
+    with ``pytestmark = pytest.mark.usefixtures("deliver_loops")``."""
+    from mailpush import dispatch
+
+    saved = dispatch._c_deliver_run
+    if request.param == "python":
+        dispatch._c_deliver_run = None
+    elif saved is None:
+        pytest.skip("mailpush._speedups is not built (tests/test_speedups.py says why)")
+    yield request.param
+    dispatch._c_deliver_run = saved

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import trio
 import trio.testing
 
@@ -13,6 +14,9 @@ from mailpush.testing import FakeBus
 from mailpush.dispatch import DELIVERIES_PER_CHECKPOINT, Dispatcher
 from mailpush.metrics import Stats
 from mailpush.registry import Registry
+
+# Every test here once with the dispatcher's C loop and once with its Python twin.
+pytestmark = pytest.mark.usefixtures("deliver_loops")
 
 
 def ev(sub: str, event: str, data, offset=None):

@@ -27,6 +27,9 @@ from mailpush.packets import Since
 from mailpush.registry import Registry
 from mailpush.testing import FakeBus
 
+# Every test here once with the dispatcher's C loop and once with its Python twin.
+pytestmark = pytest.mark.usefixtures("deliver_loops")
+
 
 class Tab:
     """Stands in for a Connection: what the dispatcher and recovery touch."""

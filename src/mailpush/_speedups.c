@@ -470,28 +470,36 @@ static int conn_send(PyObject *conn, PyObject *frame) {
 }
 
 /* deliver_run(batch, start, subs, budget, conn_type, pending, resuming,
- *             hold, held, k)
+ *             hooks, held, k)
  *   -> (next, budget, delivered, dropped, exception or None, held, k)
  *
- * Dispatcher.deliver's loop from ``batch[start]``: while ``pending`` is
- * empty, for items whose frame is built (``subs`` is the registry's dict:
- * a subscriber's tabs, a tuple, or a dict beyond a few, taken as a tuple
- * as Registry.get does). A tab being caught up (in ``resuming``) has the
- * frame held for it (``hold(resume, offset, frame)``), as in the Python
- * loop. Returns when a checkpoint is due (budget <= 0): if in the middle
- * of an item's tabs, with them (``held``) and the index of the next one
- * (``k``), to be passed back after the checkpoint; before an item it
- * leaves to the caller (frame not built, or a tab waits for its
- * subscription: the caller does it the Python way); or after an item that
- * raised (its exception is returned, the rest of that item's tabs
- * skipped, as in the Python loop). */
+ * Dispatcher.deliver's loop from ``batch[start]``, while ``pending`` is
+ * empty (``subs`` is the registry's dict: a subscriber's tabs, a tuple, or
+ * a dict beyond a few, taken as a tuple as Registry.get does). ``hooks`` is
+ * (recovery.hold, recovery.moved or None, recovery.epoch_changed,
+ * packets.event_frame): with ``moved`` (a bus that may lose its history)
+ * each event with an offset is checked against its subscriber's epoch
+ * first, as in the Python loop; a frame not built yet is built for the
+ * first tab that wants it; a tab being caught up (in ``resuming``) has the
+ * frame held for it. Returns when a checkpoint is due (budget <= 0): if in
+ * the middle of an item's tabs, with them (``held``) and the index of the
+ * next one (``k``), to be passed back after the checkpoint; before an item
+ * it leaves to the caller (a tab waits for its subscription: the caller
+ * does it the Python way); or after an item that raised (its exception is
+ * returned, the rest of that item's tabs skipped, as in the Python loop). */
 static PyObject *py_deliver_run(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     if (nargs != 10 || !PyDict_Check(args[2]) || !PyDict_Check(args[5]) || !PyDict_Check(args[6]) ||
         (args[8] != Py_None && !PyTuple_CheckExact(args[8]))) {
         PyErr_SetString(PyExc_TypeError, "deliver_run: bad arguments");
         return NULL;
     }
-    PyObject *batch = args[0], *subs = args[2], *pending = args[5], *resuming = args[6], *hold = args[7];
+    PyObject *batch = args[0], *subs = args[2], *pending = args[5], *resuming = args[6], *hooks = args[7];
+    if (!PyTuple_CheckExact(hooks) || PyTuple_GET_SIZE(hooks) != 4) {
+        PyErr_SetString(PyExc_TypeError, "deliver_run: hooks is (hold, moved, epoch_changed, event_frame)");
+        return NULL;
+    }
+    PyObject *hold = PyTuple_GET_ITEM(hooks, 0), *moved = PyTuple_GET_ITEM(hooks, 1),
+             *epoch_changed = PyTuple_GET_ITEM(hooks, 2), *frame_of = PyTuple_GET_ITEM(hooks, 3);
     Py_ssize_t i = PyLong_AsSsize_t(args[1]);
     long budget = PyLong_AsLong(args[3]);
     Py_ssize_t k = PyLong_AsSsize_t(args[9]);
@@ -507,7 +515,7 @@ static PyObject *py_deliver_run(PyObject *self, PyObject *const *args, Py_ssize_
         if (!PyTuple_CheckExact(item) || PyTuple_GET_SIZE(item) != 6) break;
         PyObject *sub = PyTuple_GET_ITEM(item, 0), *event = PyTuple_GET_ITEM(item, 1),
                  *offset = PyTuple_GET_ITEM(item, 3), *frame = PyTuple_GET_ITEM(item, 5);
-        if (!PyBytes_CheckExact(frame)) break;
+        if (frame != Py_None && !PyBytes_CheckExact(frame)) break;
         PyObject *conns = held;
         if (!conns) { /* a new item */
             if (budget <= 0 || PyDict_GET_SIZE(pending)) break;
@@ -531,9 +539,27 @@ static PyObject *py_deliver_run(PyObject *self, PyObject *const *args, Py_ssize_
                 i++;
                 break;
             }
+            if (moved != Py_None && offset != Py_None) { /* from the epoch its tabs have? */
+                PyObject *margs[3] = {sub, offset, PyTuple_GET_ITEM(item, 4)};
+                PyObject *r = PyObject_Vectorcall(moved, margs, 3, NULL);
+                int same = r ? PyObject_IsTrue(r) : -1;
+                Py_XDECREF(r);
+                if (same == 0) { /* its tabs resync; this event is held for after */
+                    r = PyObject_CallOneArg(epoch_changed, sub);
+                    same = r ? 1 : -1;
+                    Py_XDECREF(r);
+                }
+                if (same < 0) {
+                    exc = take_exception();
+                    Py_DECREF(conns);
+                    i++;
+                    break;
+                }
+            }
         }
         held = NULL;
         Py_INCREF(item);
+        Py_XINCREF(frame); /* ours: built below if it was not */
         Py_ssize_t m = PyTuple_GET_SIZE(conns);
         for (; k < m; k++) {
             if (budget <= 0) { /* a checkpoint is due in the middle of this item's tabs */
@@ -563,6 +589,25 @@ static PyObject *py_deliver_run(PyObject *self, PyObject *const *args, Py_ssize_
             } else {
                 Py_DECREF(events);
             }
+            if (frame == Py_None) { /* the first tab that wants it: built once for all */
+                PyObject *built = build_frame(sub, event, PyTuple_GET_ITEM(item, 2), offset);
+                if (built == Py_None) {
+                    Py_DECREF(built);
+                    PyObject *fargs[4] = {sub, event, PyTuple_GET_ITEM(item, 2), offset};
+                    built = PyObject_Vectorcall(frame_of, fargs, 4, NULL);
+                }
+                if (!built) {
+                    exc = take_exception();
+                    break;
+                }
+                if (!PyBytes_CheckExact(built)) {
+                    Py_DECREF(built);
+                    PyErr_SetString(PyExc_TypeError, "deliver_run: event_frame did not give bytes");
+                    exc = take_exception();
+                    break;
+                }
+                Py_SETREF(frame, built);
+            }
             if (PyDict_GET_SIZE(resuming)) { /* being caught up: the frame waits for it */
                 PyObject *resume = PyDict_GetItemWithError(resuming, conn);
                 if (resume) {
@@ -588,9 +633,10 @@ static PyObject *py_deliver_run(PyObject *self, PyObject *const *args, Py_ssize_
             delivered += ok;
             budget--;
         }
+        Py_DECREF(frame);
         Py_DECREF(item);
         Py_DECREF(conns);
-        if (held) break; /* batch[i] goes on after the checkpoint */
+        if (held) break; /* batch[i] goes on after the checkpoint (its frame built again if it was not) */
         i++;
         if (exc) break;
     }

@@ -99,15 +99,16 @@ class Dispatcher:
         # The C loop (mailpush.speedups) takes every item it can while no
         # tab waits for its subscription to be acknowledged; the loop below
         # does the rest, one item at a time, the same way.
-        run = _c_deliver_run if not track else None
+        run = _c_deliver_run
         subs = self.registry.table
+        hooks = (recovery.hold, recovery.moved if track else None, recovery.epoch_changed, event_frame)
         held, k = None, 0  # the tabs of an item the C loop is in the middle of, and the next one's index
         i, n = 0, len(batch)
         try:
             while i < n:
                 if run is not None and (held is not None or not pending):
                     i, budget, sent, lost, error, held, k = run(
-                        batch, i, subs, budget, self._sends_in_c, pending, resuming, recovery.hold, held, k
+                        batch, i, subs, budget, self._sends_in_c, pending, resuming, hooks, held, k
                     )
                     delivered += sent
                     stats.dropped += lost
