@@ -15,7 +15,10 @@ Checks:
   125 bytes, only known opcodes;
 - differential: the stream fed whole, cut at points derived from the input,
   and (when short) byte by byte gives the same messages, the same error and
-  the same idle state.
+  the same idle state;
+- differential: where the C reader (``mailpush._speedups.one_frame``) takes
+  the stream as one small whole frame, a fresh Decoder gives that one
+  message, no error, and is idle.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from _harness import expect, main, own, pieces, rng_for, split_points
 with atheris.instrument_imports(include=["mailpush.frames"]):
     from mailpush.errors import ProtocolError
     from mailpush.frames import MAX_CONTROL_PAYLOAD, Decoder, Opcode, parse_close
+    from mailpush.speedups import C
 
 NAME = "frames"
 MAX_LEN = 4096
@@ -79,6 +83,10 @@ def check(data: bytes) -> None:
                     expect(err.code in CLOSE_CODES, f"parse_close: close code {err.code}")
                 else:
                     expect(type(got[1]) is str, "parse_close: reason not a str")
+    if C is not None:  # the C reading of one small whole frame is a fresh Decoder's
+        one = C.one_frame(stream, limit)
+        if one is not None:
+            expect(whole == ([one], None, True), f"C read {one!r}, the Decoder {whole!r}")
     rng = rng_for(data)
     split = decode(pieces(stream, split_points(rng, len(stream))), limit)
     expect(split == whole, "a different result when the stream is split")

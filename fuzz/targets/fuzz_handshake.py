@@ -15,7 +15,10 @@ Checks:
   always 400 (RFC 9110 §5.5);
 - differential: the end of the head found on the bytes read so far (the
   server calls ``find_head_end`` after every read) only ever changes from
-  "not yet" to the one end found on the whole input.
+  "not yet" to the one end found on the whole input;
+- differential: the C parser (``mailpush._speedups.parse_request``) gives
+  the Python parser's Request, or hands the head back (None); it never
+  accepts a head the Python parser refuses.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from _harness import expect, main, own, rng_for
 with atheris.instrument_imports(include=["mailpush.handshake"]):
     from mailpush import handshake as hs
     from mailpush.errors import HandshakeError
+    from mailpush.speedups import C
 
 NAME = "handshake"
 MAX_LEN = 9000  # past MAX_HEAD_BYTES (8192), so 431 is reachable
@@ -66,11 +70,29 @@ def poisoned(head: bytes) -> bool:
     return head.count(b"\r") != crlf or head.count(b"\n") != crlf
 
 
+def c_agrees(head: bytes) -> None:
+    """The C parser against the Python one on the same head."""
+    if C is None:
+        return
+    got = C.parse_request(head, hs.Request, hs._FIELDS)
+    saved, hs._c_parse_request = hs._c_parse_request, None
+    try:
+        want, err = own(HandshakeError, hs.parse_request, head)
+    finally:
+        hs._c_parse_request = saved
+    if err is not None:
+        expect(got is None, f"C accepted a head Python refuses with {err.status}: {err.reason}")
+    elif got is not None:
+        for name in hs.Request.__slots__:
+            expect(getattr(got, name) == getattr(want, name), f"C and Python differ on {name}")
+
+
 def check(data: bytes) -> None:
     result = handshake(data)
     whole, whole_err = own(HandshakeError, hs.find_head_end, data, len(data))
     if whole_err is None:
         head = data[:whole] if whole >= 0 else data + b"\r\n\r\n"
+        c_agrees(head)
         if poisoned(head):
             expect(isinstance(result, HandshakeError) and result.status == 400, f"NUL/CR/LF in a field: {result!r}")
     # The same data read in steps: a few prefixes, in order.
