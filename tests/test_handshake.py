@@ -14,7 +14,7 @@ import urllib.parse
 import pytest
 import trio
 from conftest import SECRET, AsyncRaw, b64key, token
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from mailpush import handshake as hs
@@ -610,3 +610,24 @@ async def test_frames_pipelined_after_the_head_are_not_lost(start_server) -> Non
             raw.buf += await raw.stream.receive_some(65536)
     assert b'"subscriber":"eager"' in raw.buf
     await raw.stream.aclose()
+
+
+@settings(max_examples=1000, deadline=None)
+@given(key=st.text(alphabet=st.sampled_from(list("AQgwZz09+/=-_ é\t\n")), min_size=0, max_size=27))
+@example(key="dGhlIHNhbXBsZSBub25jZQ==")
+@example(key="AAAAAAAAAAAAAAAAAAAAAB==")  # not canonical, still 16 bytes
+@example(key="AAAAAAAAAAAAAAAAAAAAAA=")
+@example(key="AAAAAAAAAAAAAAAAAAAAAAA=")
+@example(key="AAAAAAAAAAAAAAAAAAAAAA==\n")
+@example(key="AAAAAAAAAAAAAAAAAAAAA===")
+def test_the_key_check_is_base64_of_16_bytes(key):
+    """check_upgrade's pattern accepts exactly the keys that decode
+    (strictly: alphabet only) to 16 bytes."""
+    import base64
+    import binascii
+
+    try:
+        ok = len(base64.b64decode(key, validate=True)) == 16
+    except (binascii.Error, ValueError):
+        ok = False
+    assert bool(hs._KEY16.fullmatch(key)) == ok

@@ -50,7 +50,7 @@ def test_refusal_answers_then_closes_cleanly_with_the_request_unread(listener):
 
 def test_an_accepted_descriptor_becomes_a_nonblocking_socket(listener):
     client = socket.create_connection(listener.getsockname())
-    sock = rawsock.socket_for(listener, _accept_when_ready(listener))
+    sock = rawsock.socket_for(listener.family, _accept_when_ready(listener))
     assert sock.gettimeout() == 0.0 and not os.get_blocking(sock.fileno())
     assert sock.family == socket.AF_INET and sock.type == socket.SOCK_STREAM
     with pytest.raises(BlockingIOError):

@@ -109,6 +109,7 @@ class Acceptor:
         assert nursery is not None
         max_conns = ctx.config.max_connections
         stats = ctx.stats
+        family = int(listener.family)
         while not ctx.draining:
             await trio.lowlevel.wait_readable(listener)
             # Before taking more: refuse what cannot be served in time.
@@ -128,7 +129,7 @@ class Acceptor:
                     stats.rejections["full"] += 1
                     refuse_fd(fd, _RESPONSE_FULL)
                     continue
-                sock = socket_for(listener, fd)
+                sock = socket_for(family, fd)
                 self._seq += 1
                 slot = self._seq
                 try:

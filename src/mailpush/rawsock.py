@@ -51,10 +51,12 @@ def accept_fd(listener: socket.socket) -> int:
     return fd
 
 
-def socket_for(listener: socket.socket, fd: int) -> socket.socket:
-    """The socket object for a descriptor from :func:`accept_fd`
-    (non-blocking already: no system call)."""
-    return socket.socket(listener.family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK, 0, fd)
+def socket_for(family: int, fd: int) -> socket.socket:
+    """The socket object for a descriptor from :func:`accept_fd` on a
+    listener of ``family`` (non-blocking already: no system call). The
+    caller reads the listener's family once: ``listener.family`` converts
+    it to an enum on every read (0.9 µs here)."""
+    return socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK, 0, fd)
 
 
 def refuse_fd(fd: int, response: bytes) -> None:
