@@ -582,3 +582,51 @@ def test_the_history_keeps_one_string_per_event_name():
             assert len(names) == 1 and h.events == 150
         finally:
             history._c_record_loop = saved
+
+
+# -- no references kept ------------------------------------------------------------------
+
+
+def test_the_c_functions_keep_nothing_behind():
+    """Thousands of calls of every C function (the common cases and the
+    ones handed back) leave no memory behind: a reference kept by mistake
+    is at least one small object a call (3,000 calls: 96 KB or more)."""
+    import gc
+    import tracemalloc
+
+    from mailpush import handshake as hs
+
+    head = (
+        b"GET /v1/ws?token=abc HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\nCookie: a=1\r\nCookie: b=2\r\n\r\n"
+    )
+    duplicate = b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n"
+    subscribe = _frame(0x81, 0x80 | 20, b"\x01\x02\x03\x04", b'{"type":"subscribe"}')
+    bad_utf8 = _frame(0x81, 0x82, b"\x01\x02\x03\x04", b"\xc3\x28")
+    body = json.dumps([{"subscriber": f"s{i}", "event": "e", "data": {"i": i}, "state": "x"} for i in range(20)])
+    h = History(3, 600, 50)  # its bounds are hit: streams dropped, entries popped
+
+    def calls() -> None:
+        C.parse_request(head, hs.Request, hs._FIELDS)
+        C.parse_request(duplicate, hs.Request, hs._FIELDS)
+        C.one_frame(subscribe, 65536)
+        C.one_frame(bad_utf8, 65536)
+        C.one_frame(memoryview(subscribe), 65536)
+        C.fast_items(items._decode_batch(body.encode()), ALL_EVENTS, items._EMPTY)
+        C.event_frame("u", "e", msgspec.Raw(b"{}"), 5)
+        C.event_frame('u"', "e", msgspec.Raw(b"{}"), 5)
+        record(h, items.parse_items(body.encode()))
+
+    for _ in range(300):
+        calls()
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for _ in range(3000):
+            calls()
+        gc.collect()
+        grown = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert grown < 64 * 1024, f"{grown} bytes kept over 3,000 rounds"
