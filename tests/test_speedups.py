@@ -598,7 +598,8 @@ def test_the_c_functions_keep_nothing_behind():
 
     head = (
         b"GET /v1/ws?token=abc HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\nCookie: a=1\r\nCookie: b=2\r\n\r\n"
+        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+        b"Cookie: a=1\r\nCookie: b=2\r\n\r\n"
     )
     duplicate = b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n"
     subscribe = _frame(0x81, 0x80 | 20, b"\x01\x02\x03\x04", b'{"type":"subscribe"}')
