@@ -631,3 +631,55 @@ def test_the_c_functions_keep_nothing_behind():
     finally:
         tracemalloc.stop()
     assert grown < 64 * 1024, f"{grown} bytes kept over 3,000 rounds"
+
+
+async def test_delivering_in_c_keeps_nothing_behind():
+    """The dispatcher's C loop over thousands of batches (filters, a
+    subscriber's many tabs with checkpoints among them, frames built on the
+    way, nobody's events) leaves no memory behind."""
+    import gc
+    import tracemalloc
+
+    async with trio.open_nursery() as nursery:
+        ctx = Server(make_config(), EmbeddedBus()).ctx
+        ctx.nursery = nursery
+        registry, peers = Registry(), []
+        for i in range(40):
+            a, b = socket.socketpair()
+            a.setblocking(False)
+            b.setblocking(False)
+            peers.append((a, b))
+            registry.add(Connection(a, ctx, "wall" if i >= 5 else f"u{i}", frozenset({"x"}) if i == 1 else None))
+        d = Dispatcher(registry, FakeBus(), Stats(), Connection)
+        h = History(3, 600, 1000)
+        raw = msgspec.Raw(b"{}")
+        batch_items = [("u0", "x", raw, None), ("u1", "y", raw, None), ("nobody", "x", raw, None)]
+        batch_items += [("wall", "x", raw, None)] * 10  # 350 sends: checkpoints in the middle of the wall's tabs
+
+        async def rounds(n: int) -> None:
+            for _ in range(n):
+                batch = record(h, batch_items)
+                batch.append(("u0", "late", {"k": 1}, None, None, None))  # its frame built in the loop
+                await d.deliver(batch)
+                for _, b in peers:
+                    try:
+                        while b.recv(1 << 16):
+                            pass
+                    except BlockingIOError:
+                        pass
+
+        await rounds(200)
+        gc.collect()
+        tracemalloc.start()
+        try:
+            before = tracemalloc.get_traced_memory()[0]
+            await rounds(2000)
+            gc.collect()
+            grown = tracemalloc.get_traced_memory()[0] - before
+        finally:
+            tracemalloc.stop()
+        assert grown < 64 * 1024, f"{grown} bytes kept over 2,000 batches"
+        for a, b in peers:
+            a.close()
+            b.close()
+        nursery.cancel_scope.cancel()
