@@ -1,12 +1,15 @@
-"""The optional C fan-out path (``mailpush._speedups``, built from
-``_speedups.c`` at install when a C compiler is there).
+"""The optional C paths (``mailpush._speedups``, built from ``_speedups.c``
+at install when a C compiler is there): the fan-out (publish items, event
+frames, the history's record loop, the dispatcher's send loop) and the
+upgrade (the request head, one small frame from the browser).
 
 :data:`C` is the extension module, or None: not built, or turned off with
 ``MAILPUSH_SPEEDUPS=0`` in the environment (to compare, or to rule it out).
 Each of its functions has a Python twin that does the same step for step
-(``items._py_fast_items``, ``packets.event_frame``'s own path,
-``history.record``'s loop, ``Dispatcher.deliver``'s loop); the twins run
-when :data:`C` is None, and for every case the C code leaves to them.
+(``items._py_fast_items``, ``packets.event_frame``'s msgspec path,
+``history._record_loop``, ``Dispatcher.deliver``'s loop,
+``handshake.parse_request``, ``frames.Decoder``); the twins run when
+:data:`C` is None, and for every case the C code leaves to them.
 """
 
 from __future__ import annotations
