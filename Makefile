@@ -4,7 +4,7 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 
-.PHONY: run test lint bench bench-quick bench-deps soak fuzz system-deps build-deps node-deps venv clean
+.PHONY: run test lint sanitize bench bench-quick bench-deps soak fuzz fuzz-c system-deps build-deps node-deps venv clean
 
 $(STAMP): pyproject.toml setup.py src/mailpush/_speedups.c | build-deps
 	$(PY) -m venv $(VENV)
@@ -67,10 +67,22 @@ node-deps:
 run: $(STAMP)
 	$(BIN)/mailpush serve --demo
 
-# The browser client's Node tests first, then the whole Python suite.
+# The browser client's Node tests first, the C extension's tests under
+# the sanitizers, then the whole Python suite.
 test: lint system-deps node-deps
 	cd $(JS_DIR) && npm test --silent
+	$(BIN)/python tools/sanitize.py test
 	$(BIN)/python -m pytest
+
+# The C extension (src/mailpush/_speedups.c) under AddressSanitizer and
+# UBSan: the tests of every C function (part of make test), and fuzzing
+# guided into the C code (clang, installed when missing), FUZZ_SECONDS per
+# target. See tools/sanitize.py.
+sanitize: $(STAMP)
+	$(BIN)/python tools/sanitize.py test
+
+fuzz-c: $(STAMP)
+	$(BIN)/python tools/sanitize.py fuzz -- --seconds $(FUZZ_SECONDS) --only handshake frames items packets
 
 # The lint gate, part of make test: ruff (lint and format) and mypy on src/,
 # and no import cycle among mailpush's modules.
