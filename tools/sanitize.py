@@ -63,13 +63,14 @@ def fail(message: str) -> None:
     sys.exit(2)
 
 
-def build(compiler: str, sanitizers: str, into: Path) -> None:
-    """A copy of src/ in ``into`` whose extension is built instrumented."""
+def build(compiler: str, sanitizers: str, into: Path, source: Path = SOURCE) -> None:
+    """A copy of src/ in ``into`` whose extension is built instrumented
+    (from ``source``: the tests build a broken one on purpose)."""
     shutil.copytree(ROOT / "src", into, ignore=shutil.ignore_patterns("*.so", "__pycache__", "*.egg-info"))
     suffix = sysconfig.get_config_var("EXT_SUFFIX")
     include = sysconfig.get_paths()["include"]
     out = into / "mailpush" / f"_speedups{suffix}"
-    cmd = [compiler, *FLAGS, f"-fsanitize={sanitizers}", f"-I{include}", str(SOURCE), "-o", str(out)]
+    cmd = [compiler, *FLAGS, f"-fsanitize={sanitizers}", f"-I{include}", str(source), "-o", str(out)]
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode:
         fail(f"building the instrumented extension failed:\n{' '.join(cmd)}\n{r.stderr}")
@@ -91,9 +92,15 @@ if C is not m:
 """
 
 
-def run(cmd: list[str], src: Path, preload: str) -> int:
+def sanitized_env(src: Path, preload: str) -> dict[str, str]:
+    """The environment of an interpreter that loads the instrumented copy."""
     env = dict(os.environ, PYTHONPATH=str(src), LD_PRELOAD=preload, **ENV)
     env.pop("MAILPUSH_SPEEDUPS", None)
+    return env
+
+
+def run(cmd: list[str], src: Path, preload: str) -> int:
+    env = sanitized_env(src, preload)
     check = subprocess.run([sys.executable, "-c", CHECK, str(src)], env=env)
     if check.returncode:
         fail("the instrumented extension is not the one loaded (see above)")
@@ -123,8 +130,9 @@ def ensure_clang() -> None:
         return
     print("sanitize: installing clang (the fuzz mode's compiler)", file=sys.stderr)
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-    if subprocess.run(["apt-get", "install", "-y", "-qq", "clang"], env=env, stdout=subprocess.DEVNULL).returncode:
-        fail("clang is not installed and apt-get could not install it")
+    for cmd in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", "clang"]):
+        if subprocess.run(cmd, env=env, stdout=subprocess.DEVNULL).returncode:
+            fail("clang is not installed and apt-get could not install it")
 
 
 def main() -> None:
