@@ -66,6 +66,8 @@ def fail(message: str) -> None:
 def build(compiler: str, sanitizers: str, into: Path, source: Path = SOURCE) -> None:
     """A copy of src/ in ``into`` whose extension is built instrumented
     (from ``source``: the tests build a broken one on purpose)."""
+    if not shutil.which(compiler):
+        fail(f"{compiler} is not installed: apt-get install {compiler}")
     shutil.copytree(ROOT / "src", into, ignore=shutil.ignore_patterns("*.so", "__pycache__", "*.egg-info"))
     suffix = sysconfig.get_config_var("EXT_SUFFIX")
     include = sysconfig.get_paths()["include"]
