@@ -86,6 +86,26 @@ def test_an_event_frame_is_the_one_msgspec_builds(sub, event, obj, offset, pad):
     assert packets.event_frame(sub, event, data, offset) == want
 
 
+def test_every_ascii_character_at_every_place_is_judged_as_json_would():
+    """build_frame checks eight bytes at a time for characters JSON must
+    escape (controls, '"', '\\'): each ASCII character, at each place of
+    ids up to 17 long (two words and a padded tail), in the subscriber and
+    in the event name, is either done in C exactly as msgspec writes it, or
+    left to Python when it needs escaping."""
+    raw = msgspec.Raw(b"{}")
+    for n in range(1, 18):
+        for at in range(n):
+            for c in map(chr, range(128)):
+                s = "a" * at + c + "b" * (n - at - 1)
+                plain = c >= " " and c not in '"\\'
+                for sub, event in ((s, "e"), ("u", s)):
+                    got = C.event_frame(sub, event, raw, 9)
+                    if plain:
+                        assert got == python_frame(sub, event, raw, 9), (sub, event)
+                    else:
+                        assert got is None, (sub, event)
+
+
 def test_frames_of_every_length_class_and_the_cases_left_to_python():
     for n in (0, 50, 125, 126, 127, 65535, 65536, 70_000):
         data = msgspec.Raw(b'{"p":"' + b"x" * n + b'"}')
@@ -125,6 +145,17 @@ def test_publish_items_are_the_python_ones(batch):
     else:
         assert got == want
         assert all(type(t) is tuple and len(t) == 4 for t in got)
+
+
+def test_items_of_one_publish_share_each_event_name():
+    """An item naming the same event as the one before it shares its string
+    (and skips the checks that one passed); another name is its own."""
+    body = json.dumps([{"subscriber": f"s{i}", "event": e} for i, e in enumerate(["new", "new", "moved", "new", "new"])])
+    got = C.fast_items(items._decode_batch(body.encode()), ALL_EVENTS, items._EMPTY)
+    assert [t[1] for t in got] == ["new", "new", "moved", "new", "new"]
+    assert got[0][1] is got[1][1] and got[3][1] is got[4][1] and got[2][1] is not got[1][1]
+    star = json.dumps([{"subscriber": "a", "event": "new"}, {"subscriber": "b", "event": ALL_EVENTS}])
+    assert C.fast_items(items._decode_batch(star.encode()), ALL_EVENTS, items._EMPTY) is None
 
 
 # -- the history -------------------------------------------------------------------

@@ -28,6 +28,7 @@
 #include <Python.h>
 #include <structmember.h>
 #include <errno.h>
+#include <stdint.h>
 #include <string.h>
 #include <sys/socket.h>
 #include <sys/types.h>
@@ -72,15 +73,34 @@ static inline PyObject *untracked(PyObject *t) {
 
 /* ---- JSON pieces ------------------------------------------------------- */
 
+/* Some byte of v (eight ASCII bytes) is a control character, '"' or '\\'
+ * (the bytes are below 0x80, so each test below is exact: the borrow
+ * from a byte that matches can only mark a byte above it, never make a
+ * word with no match look like one). */
+static inline int needs_escape8(uint64_t v) {
+    const uint64_t ones = 0x0101010101010101ULL, high = 0x8080808080808080ULL;
+    uint64_t ctl = (v - 0x20 * ones) & ~v & high;
+    uint64_t q = v ^ ('"' * ones), b = v ^ ('\\' * ones);
+    q = (q - ones) & ~q & high;
+    b = (b - ones) & ~b & high;
+    return (ctl | q | b) != 0;
+}
+
 /* The string's bytes when it is ASCII and needs no JSON escape (what
  * msgspec would write between the quotes), else NULL. */
 static inline const char *plain_ascii(PyObject *s, Py_ssize_t *len) {
     if (!PyUnicode_CheckExact(s) || !PyUnicode_IS_COMPACT_ASCII(s)) return NULL;
     const unsigned char *p = (const unsigned char *)PyUnicode_DATA(s);
-    Py_ssize_t n = PyUnicode_GET_LENGTH(s);
-    for (Py_ssize_t i = 0; i < n; i++) {
-        unsigned char c = p[i];
-        if (c < 0x20 || c == '"' || c == '\\') return NULL;
+    Py_ssize_t n = PyUnicode_GET_LENGTH(s), i = 0;
+    uint64_t v;
+    for (; i + 8 <= n; i += 8) {
+        memcpy(&v, p + i, 8);
+        if (needs_escape8(v)) return NULL;
+    }
+    if (i < n) {
+        v = 0x6161616161616161ULL; /* the rest, padded with 'a' (a plain byte) */
+        memcpy(&v, p + i, (size_t)(n - i));
+        if (needs_escape8(v)) return NULL;
     }
     *len = n;
     return (const char *)p;
@@ -160,6 +180,27 @@ static PyObject *py_event_frame(PyObject *self, PyObject *const *args, Py_ssize_
     return build_frame(args[0], args[1], args[2], args[3]);
 }
 
+/* ---- slotted classes ---------------------------------------------------- */
+
+/* Where a slotted class keeps one attribute (its member descriptor's
+ * offset), or -1 when it is not a plain object slot. */
+static Py_ssize_t slot_offset(PyObject *type, PyObject *name) {
+    PyObject *d = PyObject_GetAttr(type, name);
+    if (!d) {
+        PyErr_Clear();
+        return -1;
+    }
+    Py_ssize_t off = -1;
+    if (Py_IS_TYPE(d, &PyMemberDescr_Type)) {
+        PyMemberDef *m = ((PyMemberDescrObject *)d)->d_member;
+        if (m->type == T_OBJECT_EX && !(m->flags & READONLY)) off = m->offset;
+    }
+    Py_DECREF(d);
+    return off;
+}
+
+#define SLOT(obj, off) (*(PyObject **)((char *)(obj) + (off)))
+
 /* ---- items._fast_items ------------------------------------------------- */
 
 /* First byte of a Raw, or -1 (with an error set) */
@@ -171,6 +212,40 @@ static int raw_first(PyObject *raw) {
     return c;
 }
 
+/* The struct type fast_items last read (msgspec's, items._Item) and where
+ * it keeps each field: member offsets, -1 for one that is not a plain slot
+ * (then read by name). Read by name the first time, the offsets are
+ * checked against it. */
+static PyObject *item_type;
+static Py_ssize_t off_it_sub = -1, off_it_event = -1, off_it_data = -1, off_it_state = -1;
+
+static void learn_item_type(PyObject *type) {
+    Py_XSETREF(item_type, Py_NewRef(type));
+    off_it_sub = slot_offset(type, s_subscriber);
+    off_it_event = slot_offset(type, s_event);
+    off_it_data = slot_offset(type, s_data);
+    off_it_state = slot_offset(type, s_state);
+}
+
+/* A field of a decoded item (a new reference), from its slot when the
+ * type's layout is known, else by name. */
+static inline PyObject *item_field(PyObject *it, Py_ssize_t off, PyObject *name) {
+    if (off >= 0 && (PyObject *)Py_TYPE(it) == item_type) {
+        PyObject *v = SLOT(it, off);
+        if (v) return Py_NewRef(v);
+    }
+    return PyObject_GetAttr(it, name);
+}
+
+/* a and b are str objects of the same text */
+static inline int same_text(PyObject *a, PyObject *b) {
+    if (!PyUnicode_CheckExact(a) || !PyUnicode_CheckExact(b)) return 0;
+    Py_ssize_t n = PyUnicode_GET_LENGTH(a);
+    int kind = PyUnicode_KIND(a);
+    return n == PyUnicode_GET_LENGTH(b) && kind == (int)PyUnicode_KIND(b) &&
+           memcmp(PyUnicode_DATA(a), PyUnicode_DATA(b), (size_t)n * (size_t)kind) == 0;
+}
+
 static PyObject *py_fast_items(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     if (nargs != 3 || !PyList_Check(args[0])) {
         PyErr_SetString(PyExc_TypeError, "fast_items(decoded: list, all_events, empty)");
@@ -180,30 +255,41 @@ static PyObject *py_fast_items(PyObject *self, PyObject *const *args, Py_ssize_t
     Py_ssize_t n = PyList_GET_SIZE(decoded);
     PyObject *out = PyList_New(n);
     if (!out) return NULL;
+    /* The previous item's event name (borrowed: its tuple is in out). A
+     * publish names a handful of events, mostly one: an item with the same
+     * name shares that string (one per name, not one per event kept) and
+     * skips the checks it passed. */
+    PyObject *prev_event = NULL;
     for (Py_ssize_t i = 0; i < n; i++) {
         PyObject *it = PyList_GET_ITEM(decoded, i);
+        if ((PyObject *)Py_TYPE(it) != item_type) learn_item_type((PyObject *)Py_TYPE(it));
         PyObject *sub = NULL, *event = NULL, *data = NULL, *state = NULL;
-        if (!(data = PyObject_GetAttr(it, s_data))) goto error;
+        if (!(data = item_field(it, off_it_data, s_data))) goto error;
         int first = raw_first(data);
         if (first < 0) goto error;
         if (first != '{') {
             if (first != 'n') goto slow; /* not an object */
             Py_SETREF(data, Py_NewRef(empty));
         }
-        if (!(event = PyObject_GetAttr(it, s_event))) goto error;
-        int eq = PyObject_RichCompareBool(event, all_events, Py_EQ);
-        if (eq < 0) goto error;
-        if (eq) goto slow;
-        if (!(state = PyObject_GetAttr(it, s_state))) goto error;
+        if (!(event = item_field(it, off_it_event, s_event))) goto error;
+        if (prev_event && (event == prev_event || same_text(event, prev_event))) {
+            Py_SETREF(event, Py_NewRef(prev_event));
+        } else {
+            int eq = PyObject_RichCompareBool(event, all_events, Py_EQ);
+            if (eq < 0) goto error;
+            if (eq) goto slow;
+        }
+        if (!(state = item_field(it, off_it_state, s_state))) goto error;
         first = raw_first(state);
         if (first < 0) goto error;
         if (first != '{' && first != '"') {
             if (first != 'n') goto slow; /* neither a string nor an object */
             Py_SETREF(state, Py_NewRef(Py_None));
         }
-        if (!(sub = PyObject_GetAttr(it, s_subscriber))) goto error;
+        if (!(sub = item_field(it, off_it_sub, s_subscriber))) goto error;
         PyObject *t = PyTuple_New(4);
         if (!t) goto error;
+        prev_event = event;
         PyTuple_SET_ITEM(t, 0, sub);
         PyTuple_SET_ITEM(t, 1, event);
         PyTuple_SET_ITEM(t, 2, data);
@@ -238,6 +324,49 @@ static PyObject *py_fast_items(PyObject *self, PyObject *const *args, Py_ssize_t
  * (made, or moved to the end of ``streams``), the stream keeps at most
  * ``size`` entries. The caller writes top and held back and does the
  * bounds and expiry after it. */
+/* The stream class record_loop last met (history._Stream) and where it
+ * keeps entries, floor and state (-1: read by name); and the class of
+ * its entries (collections.deque) with that class's append and popleft,
+ * called without looking them up on every event. */
+static PyObject *stream_type_seen, *entries_type, *entries_append, *entries_popleft;
+static Py_ssize_t off_st_entries = -1, off_st_floor = -1, off_st_state = -1;
+
+static void learn_stream_type(PyObject *type) {
+    Py_XSETREF(stream_type_seen, Py_NewRef(type));
+    off_st_entries = slot_offset(type, s_entries);
+    off_st_floor = slot_offset(type, s_floor);
+    off_st_state = slot_offset(type, s_state);
+}
+
+/* Set a stream's attribute: its slot, or by name. 0, or -1 on error. */
+static inline int stream_set(PyObject *stream, Py_ssize_t off, PyObject *name, PyObject *value) {
+    if (off >= 0 && (PyObject *)Py_TYPE(stream) == stream_type_seen) {
+        Py_XSETREF(SLOT(stream, off), Py_NewRef(value));
+        return 0;
+    }
+    return PyObject_SetAttr(stream, name, value);
+}
+
+/* entries.<name>(*args) through the cached method of its class when it is
+ * that class (a new reference, or NULL on error). */
+static inline PyObject *entries_call(PyObject *entries, PyObject *method, PyObject *name, PyObject *arg) {
+    if ((PyObject *)Py_TYPE(entries) != entries_type) {
+        PyObject *type = (PyObject *)Py_TYPE(entries);
+        PyObject *a = PyObject_GetAttr(type, s_append), *p = a ? PyObject_GetAttr(type, s_popleft) : NULL;
+        if (!p) {
+            Py_XDECREF(a);
+            PyErr_Clear();
+            return arg ? PyObject_CallMethodOneArg(entries, name, arg) : PyObject_CallMethodNoArgs(entries, name);
+        }
+        Py_XSETREF(entries_type, Py_NewRef(type));
+        Py_XSETREF(entries_append, a);
+        Py_XSETREF(entries_popleft, p);
+        method = name == s_append ? entries_append : entries_popleft;
+    }
+    PyObject *argv[2] = {entries, arg};
+    return PyObject_Vectorcall(method, argv, arg ? 2 : 1, NULL);
+}
+
 static PyObject *py_record_loop(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     if (nargs != 12 || !PyList_Check(args[0]) || !PyDict_Check(args[1])) {
         PyErr_SetString(PyExc_TypeError, "record_loop: bad arguments");
@@ -250,11 +379,16 @@ static PyObject *py_record_loop(PyObject *self, PyObject *const *args, Py_ssize_
     Py_ssize_t held = PyLong_AsSsize_t(args[9]);
     PyObject *stream_type = args[10], *fallback = args[11];
     if (PyErr_Occurred()) return NULL;
+    if (stream_type != stream_type_seen) learn_stream_type(stream_type);
     Py_ssize_t n = PyList_GET_SIZE(items);
     PyObject *out = PyList_New(n);
     if (!out) return NULL;
     PyObject *zero = PyLong_FromLong(0);
     if (!zero) goto fail_out;
+    /* The previous item's event name as it came, and the interned string
+     * it stands for (both borrowed: held by the items and the tuples made):
+     * fast_items hands one string per name, interned here once. */
+    PyObject *prev_raw = NULL, *prev_event = NULL;
     for (Py_ssize_t i = 0; i < n; i++) {
         PyObject *item = PyList_GET_ITEM(items, i);
         if (!PyTuple_CheckExact(item) || PyTuple_GET_SIZE(item) != 4) {
@@ -263,11 +397,15 @@ static PyObject *py_record_loop(PyObject *self, PyObject *const *args, Py_ssize_
         }
         PyObject *sub = PyTuple_GET_ITEM(item, 0), *event = PyTuple_GET_ITEM(item, 1),
                  *data = PyTuple_GET_ITEM(item, 2), *state = PyTuple_GET_ITEM(item, 3);
-        if (PyUnicode_CheckExact(event)) {
+        if (event == prev_raw) {
+            event = prev_event;
+        } else if (PyUnicode_CheckExact(event)) {
             /* one string per event name, not one per event kept (sys.intern) */
+            prev_raw = event;
             Py_INCREF(event);
             PyUnicode_InternInPlace(&event);
             Py_DECREF(event); /* alive: an interned string is in that dict only while held; the tuples below take refs */
+            prev_event = event;
         }
         PyObject *off = PyLong_FromLongLong(++top);
         if (!off) goto fail;
@@ -303,16 +441,20 @@ static PyObject *py_record_loop(PyObject *self, PyObject *const *args, Py_ssize_
             if (!stream) goto fail_item0;
             if (PyObject_SetItem(streams, sub, stream) < 0) goto fail_item;
         }
-        if (state != Py_None && PyObject_SetAttr(stream, s_state, state) < 0) goto fail_item;
-        PyObject *entries = PyObject_GetAttr(stream, s_entries);
-        if (!entries) goto fail_item;
+        if (state != Py_None && stream_set(stream, off_st_state, s_state, state) < 0) goto fail_item;
+        PyObject *entries;
+        if (off_st_entries >= 0 && (PyObject *)Py_TYPE(stream) == stream_type_seen && SLOT(stream, off_st_entries)) {
+            entries = Py_NewRef(SLOT(stream, off_st_entries));
+        } else if (!(entries = PyObject_GetAttr(stream, s_entries))) {
+            goto fail_item;
+        }
         PyObject *entry = PyTuple_Pack(4, off, event, frame, now);
         if (entry) untracked(entry);
         if (!entry) {
             Py_DECREF(entries);
             goto fail_item;
         }
-        PyObject *r = PyObject_CallMethodOneArg(entries, s_append, entry);
+        PyObject *r = entries_call(entries, entries_append, s_append, entry);
         Py_DECREF(entry);
         if (!r) {
             Py_DECREF(entries);
@@ -325,13 +467,13 @@ static PyObject *py_record_loop(PyObject *self, PyObject *const *args, Py_ssize_
             goto fail_item;
         }
         if (len > size) {
-            PyObject *old = PyObject_CallMethodNoArgs(entries, s_popleft);
+            PyObject *old = entries_call(entries, entries_popleft, s_popleft, NULL);
             if (!old) {
                 Py_DECREF(entries);
                 goto fail_item;
             }
             int ok = PyTuple_Check(old) && PyTuple_GET_SIZE(old) > 0 &&
-                     PyObject_SetAttr(stream, s_floor, PyTuple_GET_ITEM(old, 0)) == 0;
+                     stream_set(stream, off_st_floor, s_floor, PyTuple_GET_ITEM(old, 0)) == 0;
             Py_DECREF(old);
             if (!ok) {
                 if (!PyErr_Occurred()) PyErr_SetString(PyExc_TypeError, "record_loop: a bad history entry");
@@ -367,23 +509,6 @@ fail_out:
 
 /* ---- Dispatcher.deliver ------------------------------------------------ */
 
-/* Where a slotted class keeps one attribute (its member descriptor's
- * offset), or -1 when it is not a plain object slot. */
-static Py_ssize_t slot_offset(PyObject *type, PyObject *name) {
-    PyObject *d = PyObject_GetAttr(type, name);
-    if (!d) {
-        PyErr_Clear();
-        return -1;
-    }
-    Py_ssize_t off = -1;
-    if (Py_IS_TYPE(d, &PyMemberDescr_Type)) {
-        PyMemberDef *m = ((PyMemberDescrObject *)d)->d_member;
-        if (m->type == T_OBJECT_EX && !(m->flags & READONLY)) off = m->offset;
-    }
-    Py_DECREF(d);
-    return off;
-}
-
 /* The connection class whose sends are done here, and where it keeps what
  * send() reads; a class without these slots is sent to by its own send(). */
 static PyObject *conn_type;
@@ -398,8 +523,6 @@ static void learn_conn_type(PyObject *type) {
     off_state = slot_offset(type, s_state);
     conn_fast = PyType_Check(type) && off_sock >= 0 && off_events >= 0 && off_queue >= 0 && off_state >= 0;
 }
-
-#define SLOT(obj, off) (*(PyObject **)((char *)(obj) + (off)))
 
 /* A socket object's descriptor, read from the object where CPython keeps
  * it (the int after the object header) once that place has been checked
