@@ -548,6 +548,24 @@ def test_a_request_head_parses_as_the_python_parser_parses_it(line, headers, sep
         assert {k: getattr(got, k) for k in hs.Request.__slots__} == {k: getattr(want, k) for k in hs.Request.__slots__}
 
 
+def test_a_fields_table_it_cannot_hold_is_looked_up_line_by_line():
+    """parse_request keeps the header names of the ``fields`` it is given in
+    a table of its own; a dict it cannot hold there (a key that is not
+    bytes) is looked up line by line, with the same result, and the next
+    call with handshake.py's own dict uses the table again."""
+    from mailpush import handshake as hs
+
+    head = (
+        b"GET /v1/ws?token=t HTTP/1.1\r\nHOST: a\r\nupgrade: WebSocket\r\nConnection: keep-alive, Upgrade\r\n"
+        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nCookie: a=1\r\nCookie: b=2\r\nX-Other: 1\r\n\r\n"
+    )
+    fields = lambda r: {k: getattr(r, k) for k in hs.Request.__slots__}  # noqa: E731
+    table = fields(C.parse_request(head, hs.Request, hs._FIELDS))
+    odd = fields(C.parse_request(head, hs.Request, {**hs._FIELDS, "not bytes": 1 << 20}))
+    assert odd == table and table["cookie"] == "a=1; b=2" and table["upgrade"] and table["connection_upgrade"]
+    assert fields(C.parse_request(head, hs.Request, hs._FIELDS)) == table
+
+
 def test_the_header_bits_are_handshake_pys():
     from mailpush import handshake as hs
 

@@ -810,30 +810,109 @@ static int has_token(const unsigned char *v, Py_ssize_t n, const char *token) {
     return 0;
 }
 
-static int set_str(PyObject *req, PyObject *name, const char *p, Py_ssize_t n) {
+/* The Request class parse_request last made and where it keeps each field
+ * (-1: set by name); the header names it looks for, from the ``fields``
+ * dict last passed (lowercase bytes -> bit), so a header line is matched
+ * by comparing bytes, without a bytes object and a dict lookup each. */
+static PyObject *req_type;
+enum { R_METHOD, R_PATH, R_QUERY, R_COOKIE, R_AUTHORIZATION, R_ORIGIN, R_PROTOCOLS, R_LAST_EVENT_ID, R_KEY, R_SEEN,
+       R_UPGRADE, R_VERSION, R_CONNECTION_UPGRADE, R_HTTP10, R_COUNT };
+static Py_ssize_t req_off[R_COUNT];
+static PyObject **req_names[R_COUNT] = {&s_method, &s_path, &s_query, &s_cookie, &s_authorization, &s_origin,
+                                        &s_protocols, &s_last_event_id, &s_key, &s_seen, &s_upgrade, &s_version,
+                                        &s_connection_upgrade, &s_http10};
+#define MAX_FIELDS 16
+#define MAX_FIELD_NAME 64
+static PyObject *fields_seen;
+static int n_fields = -1; /* -1: the dict is not one this table can hold (then: a lookup per line) */
+static struct {
+    Py_ssize_t len;
+    char name[MAX_FIELD_NAME];
+    long bit;
+} field_table[MAX_FIELDS];
+
+static void learn_req_type(PyObject *type) {
+    Py_XSETREF(req_type, Py_NewRef(type));
+    for (int k = 0; k < R_COUNT; k++) req_off[k] = slot_offset(type, *req_names[k]);
+}
+
+static void learn_fields(PyObject *fields) {
+    Py_XSETREF(fields_seen, Py_NewRef(fields));
+    n_fields = 0;
+    PyObject *key, *value;
+    Py_ssize_t pos = 0;
+    while (PyDict_Next(fields, &pos, &key, &value)) {
+        long bit = PyLong_Check(value) ? PyLong_AsLong(value) : -1;
+        if (n_fields >= MAX_FIELDS || !PyBytes_CheckExact(key) || PyBytes_GET_SIZE(key) > MAX_FIELD_NAME || bit <= 0) {
+            PyErr_Clear();
+            n_fields = -1;
+            return;
+        }
+        field_table[n_fields].len = PyBytes_GET_SIZE(key);
+        memcpy(field_table[n_fields].name, PyBytes_AS_STRING(key), (size_t)PyBytes_GET_SIZE(key));
+        field_table[n_fields].bit = bit;
+        n_fields++;
+    }
+}
+
+/* Set a Request field: its slot, or by name. 0, or -1 on error. */
+static inline int req_set(PyObject *req, int field, PyObject *value) {
+    Py_ssize_t off = req_off[field];
+    if (off >= 0 && (PyObject *)Py_TYPE(req) == req_type) {
+        Py_XSETREF(SLOT(req, off), Py_NewRef(value));
+        return 0;
+    }
+    return PyObject_SetAttr(req, *req_names[field], value);
+}
+
+static int set_field_str(PyObject *req, int field, const char *p, Py_ssize_t n) {
     PyObject *v = PyUnicode_DecodeLatin1(p, n, NULL);
     if (!v) return -1;
-    int r = PyObject_SetAttr(req, name, v);
+    int r = req_set(req, field, v);
     Py_DECREF(v);
     return r;
 }
 
 /* Join a repeated header's value to what came before with ``sep``. */
-static int join_str(PyObject *req, PyObject *name, const char *sep, const char *p, Py_ssize_t n) {
-    PyObject *old = PyObject_GetAttr(req, name);
+static int join_field_str(PyObject *req, int field, const char *sep, const char *p, Py_ssize_t n) {
+    PyObject *old = PyObject_GetAttr(req, *req_names[field]);
     if (!old) return -1;
     if (!PyUnicode_GET_LENGTH(old)) {
         Py_DECREF(old);
-        return set_str(req, name, p, n);
+        return set_field_str(req, field, p, n);
     }
     PyObject *v = PyUnicode_DecodeLatin1(p, n, NULL);
     PyObject *joined = v ? PyUnicode_FromFormat("%U%s%U", old, sep, v) : NULL;
     Py_DECREF(old);
     Py_XDECREF(v);
     if (!joined) return -1;
-    int r = PyObject_SetAttr(req, name, joined);
+    int r = req_set(req, field, joined);
     Py_DECREF(joined);
     return r;
+}
+
+/* The bit of the header name h[0:nl] (any case), 0 for none of ours, -1
+ * on error. */
+static long field_bit(PyObject *fields, const unsigned char *h, Py_ssize_t nl) {
+    if (nl > MAX_FIELD_NAME) return 0; /* a longer name is none of ours */
+    if (n_fields >= 0) {
+        for (int f = 0; f < n_fields; f++) {
+            if (field_table[f].len != nl) continue;
+            Py_ssize_t k = 0;
+            while (k < nl && Py_TOLOWER(h[k]) == (unsigned char)field_table[f].name[k]) k++;
+            if (k == nl) return field_table[f].bit;
+        }
+        return 0;
+    }
+    char lower[MAX_FIELD_NAME];
+    for (Py_ssize_t k = 0; k < nl; k++) lower[k] = (char)Py_TOLOWER(h[k]);
+    PyObject *name = PyBytes_FromStringAndSize(lower, nl);
+    if (!name) return -1;
+    PyObject *b = PyDict_GetItemWithError(fields, name);
+    Py_DECREF(name);
+    if (!b) return PyErr_Occurred() ? -1 : 0;
+    long bit = PyLong_AsLong(b);
+    return bit == -1 && PyErr_Occurred() ? -1 : bit;
 }
 
 /* parse_request(head, Request, fields) -> Request, or None for any head
@@ -878,23 +957,23 @@ static PyObject *py_parse_request(PyObject *self, PyObject *const *args, Py_ssiz
     if (vl != 8 || memcmp(h + sp2 + 1, "HTTP/1.", 7) || (h[sp2 + 8] != '1' && h[sp2 + 8] != '0')) Py_RETURN_NONE;
     int http10 = h[sp2 + 8] == '0';
 
+    if ((PyObject *)type != req_type) learn_req_type((PyObject *)type);
+    if (fields != fields_seen) learn_fields(fields);
     PyObject *req = type->tp_alloc(type, 0);
     if (!req) return NULL;
     PyObject *empty = PyUnicode_New(0, 0);
     Py_ssize_t q = sp1 + 1;
     while (q < sp2 && h[q] != '?') q++;
-    if (!empty || set_str(req, s_method, (const char *)h, sp1) < 0 ||
-        set_str(req, s_path, (const char *)h + sp1 + 1, q - sp1 - 1) < 0 ||
-        set_str(req, s_query, (const char *)h + (q < sp2 ? q + 1 : sp2), q < sp2 ? sp2 - q - 1 : 0) < 0 ||
-        PyObject_SetAttr(req, s_cookie, empty) < 0 || PyObject_SetAttr(req, s_authorization, empty) < 0 ||
-        PyObject_SetAttr(req, s_origin, empty) < 0 || PyObject_SetAttr(req, s_protocols, empty) < 0 ||
-        PyObject_SetAttr(req, s_last_event_id, empty) < 0 || PyObject_SetAttr(req, s_key, empty) < 0 ||
-        PyObject_SetAttr(req, s_version, empty) < 0 || PyObject_SetAttr(req, s_upgrade, Py_False) < 0 ||
-        PyObject_SetAttr(req, s_connection_upgrade, Py_False) < 0 ||
-        PyObject_SetAttr(req, s_http10, http10 ? Py_True : Py_False) < 0)
+    if (!empty || set_field_str(req, R_METHOD, (const char *)h, sp1) < 0 ||
+        set_field_str(req, R_PATH, (const char *)h + sp1 + 1, q - sp1 - 1) < 0 ||
+        set_field_str(req, R_QUERY, (const char *)h + (q < sp2 ? q + 1 : sp2), q < sp2 ? sp2 - q - 1 : 0) < 0 ||
+        req_set(req, R_COOKIE, empty) < 0 || req_set(req, R_AUTHORIZATION, empty) < 0 ||
+        req_set(req, R_ORIGIN, empty) < 0 || req_set(req, R_PROTOCOLS, empty) < 0 ||
+        req_set(req, R_LAST_EVENT_ID, empty) < 0 || req_set(req, R_KEY, empty) < 0 ||
+        req_set(req, R_VERSION, empty) < 0 || req_set(req, R_UPGRADE, Py_False) < 0 ||
+        req_set(req, R_CONNECTION_UPGRADE, Py_False) < 0 || req_set(req, R_HTTP10, http10 ? Py_True : Py_False) < 0)
         goto error;
     long seen = 0;
-    char lower[64];
     Py_ssize_t i = eol + 2;
     while (i < n) {
         Py_ssize_t e = i;
@@ -907,21 +986,8 @@ static PyObject *py_parse_request(PyObject *self, PyObject *const *args, Py_ssiz
         while (colon < e && h[colon] != ':') colon++;
         if (colon == e || colon == i || h[i] == ' ' || h[i] == '\t' || h[colon - 1] == ' ' || h[colon - 1] == '\t')
             goto python; /* malformed: the Python parser says so */
-        Py_ssize_t nl = colon - i;
-        long bit = 0;
-        if (nl <= (Py_ssize_t)sizeof lower) {
-            for (Py_ssize_t k = 0; k < nl; k++) lower[k] = (char)Py_TOLOWER(h[i + k]);
-            PyObject *name = PyBytes_FromStringAndSize(lower, nl);
-            if (!name) goto error;
-            PyObject *b = PyDict_GetItemWithError(fields, name);
-            Py_DECREF(name);
-            if (!b) {
-                if (PyErr_Occurred()) goto error;
-            } else {
-                bit = PyLong_AsLong(b);
-                if (bit == -1 && PyErr_Occurred()) goto error;
-            }
-        } /* a longer name is none of ours */
+        long bit = field_bit(fields, h + i, colon - i);
+        if (bit < 0) goto error;
         if (bit) {
             Py_ssize_t a = colon + 1, z = e;
             while (a < z && (h[a] == ' ' || h[a] == '\t')) a++;
@@ -934,21 +1000,21 @@ static PyObject *py_parse_request(PyObject *self, PyObject *const *args, Py_ssiz
                 if (seen & H_HOST) goto python; /* duplicate */
                 break;
             case H_UPGRADE:
-                r = PyObject_SetAttr(req, s_upgrade, has_token(h + a, len, "websocket") ? Py_True : Py_False);
+                r = req_set(req, R_UPGRADE, has_token(h + a, len, "websocket") ? Py_True : Py_False);
                 break;
             case H_CONNECTION:
-                if (has_token(h + a, len, "upgrade")) r = PyObject_SetAttr(req, s_connection_upgrade, Py_True);
+                if (has_token(h + a, len, "upgrade")) r = req_set(req, R_CONNECTION_UPGRADE, Py_True);
                 break;
             case H_KEY:
                 if (seen & H_KEY) goto python; /* duplicate */
-                r = set_str(req, s_key, v, len);
+                r = set_field_str(req, R_KEY, v, len);
                 break;
-            case H_VERSION: r = set_str(req, s_version, v, len); break;
-            case H_COOKIE: r = join_str(req, s_cookie, "; ", v, len); break;
-            case H_AUTHORIZATION: r = set_str(req, s_authorization, v, len); break;
-            case H_ORIGIN: r = set_str(req, s_origin, v, len); break;
-            case H_PROTOCOL: r = join_str(req, s_protocols, ", ", v, len); break;
-            case H_LAST_EVENT_ID: r = set_str(req, s_last_event_id, v, len); break;
+            case H_VERSION: r = set_field_str(req, R_VERSION, v, len); break;
+            case H_COOKIE: r = join_field_str(req, R_COOKIE, "; ", v, len); break;
+            case H_AUTHORIZATION: r = set_field_str(req, R_AUTHORIZATION, v, len); break;
+            case H_ORIGIN: r = set_field_str(req, R_ORIGIN, v, len); break;
+            case H_PROTOCOL: r = join_field_str(req, R_PROTOCOLS, ", ", v, len); break;
+            case H_LAST_EVENT_ID: r = set_field_str(req, R_LAST_EVENT_ID, v, len); break;
             default: goto python; /* a bit this code does not know */
             }
             if (r < 0) goto error;
@@ -957,7 +1023,7 @@ static PyObject *py_parse_request(PyObject *self, PyObject *const *args, Py_ssiz
         i = e + 2;
     }
     PyObject *seen_obj = PyLong_FromLong(seen);
-    if (!seen_obj || PyObject_SetAttr(req, s_seen, seen_obj) < 0) {
+    if (!seen_obj || req_set(req, R_SEEN, seen_obj) < 0) {
         Py_XDECREF(seen_obj);
         goto error;
     }
