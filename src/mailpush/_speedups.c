@@ -247,11 +247,13 @@ static inline int same_text(PyObject *a, PyObject *b) {
 }
 
 static PyObject *py_fast_items(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 3 || !PyList_Check(args[0])) {
-        PyErr_SetString(PyExc_TypeError, "fast_items(decoded: list, all_events, empty)");
+    if ((nargs != 3 && nargs != 4) || !PyList_Check(args[0])) {
+        PyErr_SetString(PyExc_TypeError, "fast_items(decoded: list, all_events, empty[, no_state])");
         return NULL;
     }
-    PyObject *decoded = args[0], *all_events = args[1], *empty = args[2];
+    /* no_state: the struct's default state (a Raw of null, one object for
+     * every item without one), None without reading its bytes */
+    PyObject *decoded = args[0], *all_events = args[1], *empty = args[2], *no_state = nargs == 4 ? args[3] : NULL;
     Py_ssize_t n = PyList_GET_SIZE(decoded);
     PyObject *out = PyList_New(n);
     if (!out) return NULL;
@@ -280,11 +282,15 @@ static PyObject *py_fast_items(PyObject *self, PyObject *const *args, Py_ssize_t
             if (eq) goto slow;
         }
         if (!(state = item_field(it, off_it_state, s_state))) goto error;
-        first = raw_first(state);
-        if (first < 0) goto error;
-        if (first != '{' && first != '"') {
-            if (first != 'n') goto slow; /* neither a string nor an object */
+        if (state == no_state) {
             Py_SETREF(state, Py_NewRef(Py_None));
+        } else {
+            first = raw_first(state);
+            if (first < 0) goto error;
+            if (first != '{' && first != '"') {
+                if (first != 'n') goto slow; /* neither a string nor an object */
+                Py_SETREF(state, Py_NewRef(Py_None));
+            }
         }
         if (!(sub = item_field(it, off_it_sub, s_subscriber))) goto error;
         PyObject *t = PyTuple_New(4);
@@ -449,7 +455,10 @@ static PyObject *py_record_loop(PyObject *self, PyObject *const *args, Py_ssize_
             goto fail_item;
         }
         PyObject *entry = PyTuple_Pack(4, off, event, frame, now);
-        if (entry) untracked(entry);
+        /* an int, the name, the frame and the clock's float: no cycle, as
+         * untracked() would find (checked for the two that may vary) */
+        if (entry && PyUnicode_CheckExact(event) && PyBytes_CheckExact(frame) && PyFloat_CheckExact(now))
+            PyObject_GC_UnTrack(entry);
         if (!entry) {
             Py_DECREF(entries);
             goto fail_item;
@@ -489,7 +498,12 @@ static PyObject *py_record_loop(PyObject *self, PyObject *const *args, Py_ssize_
         Py_DECREF(off);
         Py_DECREF(frame);
         if (!o) goto fail;
-        PyList_SET_ITEM(out, i, untracked(o));
+        if ((PyObject *)Py_TYPE(data) == RawType && PyUnicode_CheckExact(sub) && PyUnicode_CheckExact(event) &&
+            PyUnicode_CheckExact(epoch) && PyBytes_CheckExact(frame))
+            PyObject_GC_UnTrack(o); /* as untracked() would: the common case's types, checked at once */
+        else
+            untracked(o);
+        PyList_SET_ITEM(out, i, o);
         continue;
     fail_item:
         Py_DECREF(stream);

@@ -105,6 +105,9 @@ class _Item(msgspec.Struct, gc=False):  # str and Raw fields only: no cycles to 
     state: msgspec.Raw = msgspec.Raw(b"null")  # (Raw cannot be in a union with None)
 
 
+# What an item without a state holds: the struct's one default object.
+_NO_STATE = dict(zip(reversed(_Item.__struct_fields__), reversed(_Item.__struct_defaults__)))["state"]
+
 # The fast path: one C call validates a whole batch and keeps each item's
 # data as the raw JSON it came in (it goes out again as it is).
 _decode_batch = msgspec.json.Decoder(list[_Item] | _Item).decode
@@ -142,7 +145,7 @@ if C is not None:
     _c_fast_items = C.fast_items
 
     def _fast_items(decoded: list[_Item]) -> list[Item] | None:
-        return _c_fast_items(decoded, ALL_EVENTS, _EMPTY)
+        return _c_fast_items(decoded, ALL_EVENTS, _EMPTY, _NO_STATE)
 
 else:
     _fast_items = _py_fast_items
