@@ -105,8 +105,9 @@ class _Item(msgspec.Struct, gc=False):  # str and Raw fields only: no cycles to 
     state: msgspec.Raw = msgspec.Raw(b"null")  # (Raw cannot be in a union with None)
 
 
-# What an item without a state holds: the struct's one default object.
-_NO_STATE = dict(zip(reversed(_Item.__struct_fields__), reversed(_Item.__struct_defaults__)))["state"]
+# What an item without a state holds: the struct's one default object (the
+# defaults are those of the last fields, hence the zip from the end).
+_NO_STATE = dict(zip(reversed(_Item.__struct_fields__), reversed(_Item.__struct_defaults__), strict=False))["state"]
 
 # The fast path: one C call validates a whole batch and keeps each item's
 # data as the raw JSON it came in (it goes out again as it is).
