@@ -112,7 +112,9 @@ def _valgrind() -> str:
 
 
 def _env(src: Path | None) -> dict[str, str]:
-    env = dict(os.environ)
+    # One hash seed: with a random one, dict probing (and so the count)
+    # changes by a percent or two from run to run.
+    env = dict(os.environ, PYTHONHASHSEED="0")
     if src is not None:
         env["PYTHONPATH"] = str(src)
     return env

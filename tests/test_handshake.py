@@ -250,6 +250,10 @@ def test_response_101() -> None:
     assert hs.response_101(KEY) == (
         b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n"
     )
+    assert hs.response_101(KEY, "mailpush.v1") == (
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n"
+        b"Sec-WebSocket-Protocol: mailpush.v1\r\n\r\n"
+    )
 
 
 def test_response_error_has_the_reason_as_body() -> None:

@@ -228,7 +228,7 @@ class Verifier:
         if exp <= now - self.leeway:
             raise AuthError("token expired", expired=True)
         for name in ("nbf", "iat"):
-            t = _number(claims, name)
+            t = _number(claims, name) if name in claims else None
             if t is not None and t > now + self.leeway:
                 raise AuthError(f"token not valid yet ({name} is in the future)")
         if claims.get("aud"):

@@ -11,7 +11,7 @@ HTTP status and a one-line reason (RFC 6455 §4.2.1, §4.2.2).
 
 from __future__ import annotations
 
-import base64
+import binascii
 import hashlib
 import re
 from http import HTTPStatus
@@ -268,19 +268,24 @@ def check_upgrade(req: Request) -> None:
 
 def accept_key(key: str) -> str:
     """The Sec-WebSocket-Accept value for a client key (§4.2.2 step 5.4)."""
-    return base64.b64encode(hashlib.sha1(key.encode("ascii") + _WS_GUID).digest()).decode("ascii")
+    return _accept_bytes(key).decode("ascii")
+
+
+def _accept_bytes(key: str) -> bytes:
+    """accept_key's value as ASCII bytes (base64.b64encode without its
+    Python wrapper)."""
+    return binascii.b2a_base64(hashlib.sha1(key.encode("ascii") + _WS_GUID).digest(), newline=False)
+
+
+_101 = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: "
 
 
 def response_101(key: str, protocol: str = "") -> bytes:
     """The 101 answer that completes the handshake, naming ``protocol``
     (one the client offered) if given."""
-    chosen = b"Sec-WebSocket-Protocol: " + protocol.encode("ascii") + b"\r\n" if protocol else b""
-    return (
-        b"HTTP/1.1 101 Switching Protocols\r\n"
-        b"Upgrade: websocket\r\n"
-        b"Connection: Upgrade\r\n"
-        b"Sec-WebSocket-Accept: " + accept_key(key).encode("ascii") + b"\r\n" + chosen + b"\r\n"
-    )
+    if not protocol:
+        return _101 + _accept_bytes(key) + b"\r\n\r\n"
+    return _101 + _accept_bytes(key) + b"\r\nSec-WebSocket-Protocol: " + protocol.encode("ascii") + b"\r\n\r\n"
 
 
 def response_text(
@@ -314,7 +319,9 @@ def query_param(query: str, name: str) -> str | None:
     prefix = name + "="
     for part in query.split("&"):
         if part.startswith(prefix):
-            return unquote(part[len(prefix) :].replace("+", " "))
+            value = part[len(prefix) :]
+            # a JWT needs no decoding: '%' and '+' are not in its alphabet
+            return unquote(value.replace("+", " ")) if "%" in value or "+" in value else value
     return None
 
 

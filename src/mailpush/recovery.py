@@ -281,6 +281,13 @@ class Recovery:
         self, conn: Subscription, position: Position, resume: _Resume | None, replay: Replay | None = None
     ) -> None:
         sub, stats = conn.subscriber, self.stats
+        if resume is None and replay is None:
+            # A fresh subscribe answered at once (the common case, see
+            # start): its ``subscribed`` and its subscriber's position.
+            conn.send(subscribed_frame(sub, conn.events, position.epoch, position.offset, None, conn.expires))
+            if self._track:
+                self._keep(sub, position)
+            return
         since = resume.since if resume is not None else None
         events: list | None = [] if replay is None else replay.events
         reason = "" if replay is None else replay.reason
@@ -307,9 +314,13 @@ class Recovery:
                 if offset is None or offset > position.offset:
                     conn.send(frame)
         if self._track:
-            known = self.positions.get(sub)
-            if known is None or known.epoch != position.epoch or known.offset < position.offset:
-                self.positions[sub] = Position(position.epoch, position.offset)
+            self._keep(sub, position)
+
+    def _keep(self, sub: str, position: Position) -> None:
+        """Remember where ``sub``'s tabs stand, unless it knows a later place."""
+        known = self.positions.get(sub)
+        if known is None or known.epoch != position.epoch or known.offset < position.offset:
+            self.positions[sub] = Position(position.epoch, position.offset)
 
     def left(self, subscriber: str) -> None:
         """The subscriber's last local tab left."""
