@@ -201,6 +201,13 @@ static Py_ssize_t slot_offset(PyObject *type, PyObject *name) {
 
 #define SLOT(obj, off) (*(PyObject **)((char *)(obj) + (off)))
 
+/* Remember ``type`` in *seen, and where it keeps each of the n attributes
+ * ``names`` (slot_offset: -1 for one that is not a plain slot). */
+static void learn_slots(PyObject **seen, PyObject *type, PyObject **const names[], Py_ssize_t *offsets, int n) {
+    Py_XSETREF(*seen, Py_NewRef(type));
+    for (int k = 0; k < n; k++) offsets[k] = slot_offset(type, *names[k]);
+}
+
 /* ---- items._fast_items ------------------------------------------------- */
 
 /* First byte of a Raw, or -1 (with an error set) */
@@ -217,15 +224,9 @@ static int raw_first(PyObject *raw) {
  * (then read by name). Read by name the first time, the offsets are
  * checked against it. */
 static PyObject *item_type;
-static Py_ssize_t off_it_sub = -1, off_it_event = -1, off_it_data = -1, off_it_state = -1;
-
-static void learn_item_type(PyObject *type) {
-    Py_XSETREF(item_type, Py_NewRef(type));
-    off_it_sub = slot_offset(type, s_subscriber);
-    off_it_event = slot_offset(type, s_event);
-    off_it_data = slot_offset(type, s_data);
-    off_it_state = slot_offset(type, s_state);
-}
+enum { IT_SUB, IT_EVENT, IT_DATA, IT_STATE, IT_COUNT };
+static PyObject **const item_names[IT_COUNT] = {&s_subscriber, &s_event, &s_data, &s_state};
+static Py_ssize_t off_it[IT_COUNT] = {-1, -1, -1, -1};
 
 /* A field of a decoded item (a new reference), from its slot when the
  * type's layout is known, else by name. */
@@ -264,16 +265,17 @@ static PyObject *py_fast_items(PyObject *self, PyObject *const *args, Py_ssize_t
     PyObject *prev_event = NULL;
     for (Py_ssize_t i = 0; i < n; i++) {
         PyObject *it = PyList_GET_ITEM(decoded, i);
-        if ((PyObject *)Py_TYPE(it) != item_type) learn_item_type((PyObject *)Py_TYPE(it));
+        if ((PyObject *)Py_TYPE(it) != item_type)
+            learn_slots(&item_type, (PyObject *)Py_TYPE(it), item_names, off_it, IT_COUNT);
         PyObject *sub = NULL, *event = NULL, *data = NULL, *state = NULL;
-        if (!(data = item_field(it, off_it_data, s_data))) goto error;
+        if (!(data = item_field(it, off_it[IT_DATA], s_data))) goto error;
         int first = raw_first(data);
         if (first < 0) goto error;
         if (first != '{') {
             if (first != 'n') goto slow; /* not an object */
             Py_SETREF(data, Py_NewRef(empty));
         }
-        if (!(event = item_field(it, off_it_event, s_event))) goto error;
+        if (!(event = item_field(it, off_it[IT_EVENT], s_event))) goto error;
         if (prev_event && (event == prev_event || same_text(event, prev_event))) {
             Py_SETREF(event, Py_NewRef(prev_event));
         } else {
@@ -281,7 +283,7 @@ static PyObject *py_fast_items(PyObject *self, PyObject *const *args, Py_ssize_t
             if (eq < 0) goto error;
             if (eq) goto slow;
         }
-        if (!(state = item_field(it, off_it_state, s_state))) goto error;
+        if (!(state = item_field(it, off_it[IT_STATE], s_state))) goto error;
         if (state == no_state) {
             Py_SETREF(state, Py_NewRef(Py_None));
         } else {
@@ -292,7 +294,7 @@ static PyObject *py_fast_items(PyObject *self, PyObject *const *args, Py_ssize_t
                 Py_SETREF(state, Py_NewRef(Py_None));
             }
         }
-        if (!(sub = item_field(it, off_it_sub, s_subscriber))) goto error;
+        if (!(sub = item_field(it, off_it[IT_SUB], s_subscriber))) goto error;
         PyObject *t = PyTuple_New(4);
         if (!t) goto error;
         prev_event = event;
@@ -335,14 +337,9 @@ static PyObject *py_fast_items(PyObject *self, PyObject *const *args, Py_ssize_t
  * its entries (collections.deque) with that class's append and popleft,
  * called without looking them up on every event. */
 static PyObject *stream_type_seen, *entries_type, *entries_append, *entries_popleft;
-static Py_ssize_t off_st_entries = -1, off_st_floor = -1, off_st_state = -1;
-
-static void learn_stream_type(PyObject *type) {
-    Py_XSETREF(stream_type_seen, Py_NewRef(type));
-    off_st_entries = slot_offset(type, s_entries);
-    off_st_floor = slot_offset(type, s_floor);
-    off_st_state = slot_offset(type, s_state);
-}
+enum { ST_ENTRIES, ST_FLOOR, ST_STATE, ST_COUNT };
+static PyObject **const stream_names[ST_COUNT] = {&s_entries, &s_floor, &s_state};
+static Py_ssize_t off_st[ST_COUNT] = {-1, -1, -1};
 
 /* Set a stream's attribute: its slot, or by name. 0, or -1 on error. */
 static inline int stream_set(PyObject *stream, Py_ssize_t off, PyObject *name, PyObject *value) {
@@ -385,7 +382,7 @@ static PyObject *py_record_loop(PyObject *self, PyObject *const *args, Py_ssize_
     Py_ssize_t held = PyLong_AsSsize_t(args[9]);
     PyObject *stream_type = args[10], *fallback = args[11];
     if (PyErr_Occurred()) return NULL;
-    if (stream_type != stream_type_seen) learn_stream_type(stream_type);
+    if (stream_type != stream_type_seen) learn_slots(&stream_type_seen, stream_type, stream_names, off_st, ST_COUNT);
     Py_ssize_t n = PyList_GET_SIZE(items);
     PyObject *out = PyList_New(n);
     if (!out) return NULL;
@@ -447,10 +444,11 @@ static PyObject *py_record_loop(PyObject *self, PyObject *const *args, Py_ssize_
             if (!stream) goto fail_item0;
             if (PyObject_SetItem(streams, sub, stream) < 0) goto fail_item;
         }
-        if (state != Py_None && stream_set(stream, off_st_state, s_state, state) < 0) goto fail_item;
+        if (state != Py_None && stream_set(stream, off_st[ST_STATE], s_state, state) < 0) goto fail_item;
         PyObject *entries;
-        if (off_st_entries >= 0 && (PyObject *)Py_TYPE(stream) == stream_type_seen && SLOT(stream, off_st_entries)) {
-            entries = Py_NewRef(SLOT(stream, off_st_entries));
+        if (off_st[ST_ENTRIES] >= 0 && (PyObject *)Py_TYPE(stream) == stream_type_seen &&
+            SLOT(stream, off_st[ST_ENTRIES])) {
+            entries = Py_NewRef(SLOT(stream, off_st[ST_ENTRIES]));
         } else if (!(entries = PyObject_GetAttr(stream, s_entries))) {
             goto fail_item;
         }
@@ -482,7 +480,7 @@ static PyObject *py_record_loop(PyObject *self, PyObject *const *args, Py_ssize_
                 goto fail_item;
             }
             int ok = PyTuple_Check(old) && PyTuple_GET_SIZE(old) > 0 &&
-                     stream_set(stream, off_st_floor, s_floor, PyTuple_GET_ITEM(old, 0)) == 0;
+                     stream_set(stream, off_st[ST_FLOOR], s_floor, PyTuple_GET_ITEM(old, 0)) == 0;
             Py_DECREF(old);
             if (!ok) {
                 if (!PyErr_Occurred()) PyErr_SetString(PyExc_TypeError, "record_loop: a bad history entry");
@@ -526,16 +524,15 @@ fail_out:
 /* The connection class whose sends are done here, and where it keeps what
  * send() reads; a class without these slots is sent to by its own send(). */
 static PyObject *conn_type;
-static Py_ssize_t off_sock = -1, off_events = -1, off_queue = -1, off_state = -1;
+enum { CN_SOCK, CN_EVENTS, CN_QUEUE, CN_STATE, CN_COUNT };
+static PyObject **const conn_names[CN_COUNT] = {&s_sock, &s_events, &s_queue, &s_state};
+static Py_ssize_t off_cn[CN_COUNT] = {-1, -1, -1, -1};
 static int conn_fast;
 
 static void learn_conn_type(PyObject *type) {
-    Py_XSETREF(conn_type, Py_NewRef(type));
-    off_sock = slot_offset(type, s_sock);
-    off_events = slot_offset(type, s_events);
-    off_queue = slot_offset(type, s_queue);
-    off_state = slot_offset(type, s_state);
-    conn_fast = PyType_Check(type) && off_sock >= 0 && off_events >= 0 && off_queue >= 0 && off_state >= 0;
+    learn_slots(&conn_type, type, conn_names, off_cn, CN_COUNT);
+    conn_fast = PyType_Check(type) && off_cn[CN_SOCK] >= 0 && off_cn[CN_EVENTS] >= 0 && off_cn[CN_QUEUE] >= 0 &&
+                off_cn[CN_STATE] >= 0;
 }
 
 /* A socket object's descriptor, read from the object where CPython keeps
@@ -568,7 +565,8 @@ static int sock_fd(PyObject *sock) {
  * (closed, or aborted on a socket error), -1 Python error. */
 static int conn_send(PyObject *conn, PyObject *frame) {
     if (conn_fast && Py_TYPE(conn) == (PyTypeObject *)conn_type) {
-        PyObject *state = SLOT(conn, off_state), *queue = SLOT(conn, off_queue), *sock = SLOT(conn, off_sock);
+        PyObject *state = SLOT(conn, off_cn[CN_STATE]), *queue = SLOT(conn, off_cn[CN_QUEUE]),
+                 *sock = SLOT(conn, off_cn[CN_SOCK]);
         if (state && queue == Py_None && sock && PyLong_CheckExact(state)) {
             int overflow;
             long st = PyLong_AsLongAndOverflow(state, &overflow);
@@ -706,7 +704,7 @@ static PyObject *py_deliver_run(PyObject *self, PyObject *const *args, Py_ssize_
             PyObject *conn = PyTuple_GET_ITEM(conns, k);
             PyObject *events;
             if (conn_fast && Py_TYPE(conn) == (PyTypeObject *)conn_type) {
-                events = Py_XNewRef(SLOT(conn, off_events));
+                events = Py_XNewRef(SLOT(conn, off_cn[CN_EVENTS]));
                 if (!events) PyErr_SetObject(PyExc_AttributeError, s_events);
             } else {
                 events = PyObject_GetAttr(conn, s_events);
@@ -832,7 +830,7 @@ static PyObject *req_type;
 enum { R_METHOD, R_PATH, R_QUERY, R_COOKIE, R_AUTHORIZATION, R_ORIGIN, R_PROTOCOLS, R_LAST_EVENT_ID, R_KEY, R_SEEN,
        R_UPGRADE, R_VERSION, R_CONNECTION_UPGRADE, R_HTTP10, R_COUNT };
 static Py_ssize_t req_off[R_COUNT];
-static PyObject **req_names[R_COUNT] = {&s_method, &s_path, &s_query, &s_cookie, &s_authorization, &s_origin,
+static PyObject **const req_names[R_COUNT] = {&s_method, &s_path, &s_query, &s_cookie, &s_authorization, &s_origin,
                                         &s_protocols, &s_last_event_id, &s_key, &s_seen, &s_upgrade, &s_version,
                                         &s_connection_upgrade, &s_http10};
 #define MAX_FIELDS 16
@@ -844,11 +842,6 @@ static struct {
     char name[MAX_FIELD_NAME];
     long bit;
 } field_table[MAX_FIELDS];
-
-static void learn_req_type(PyObject *type) {
-    Py_XSETREF(req_type, Py_NewRef(type));
-    for (int k = 0; k < R_COUNT; k++) req_off[k] = slot_offset(type, *req_names[k]);
-}
 
 static void learn_fields(PyObject *fields) {
     Py_XSETREF(fields_seen, Py_NewRef(fields));
@@ -971,7 +964,7 @@ static PyObject *py_parse_request(PyObject *self, PyObject *const *args, Py_ssiz
     if (vl != 8 || memcmp(h + sp2 + 1, "HTTP/1.", 7) || (h[sp2 + 8] != '1' && h[sp2 + 8] != '0')) Py_RETURN_NONE;
     int http10 = h[sp2 + 8] == '0';
 
-    if ((PyObject *)type != req_type) learn_req_type((PyObject *)type);
+    if ((PyObject *)type != req_type) learn_slots(&req_type, (PyObject *)type, req_names, req_off, R_COUNT);
     if (fields != fields_seen) learn_fields(fields);
     PyObject *req = type->tp_alloc(type, 0);
     if (!req) return NULL;
