@@ -19,6 +19,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 RUN = ROOT / "bench" / "run.py"
 
@@ -157,3 +159,35 @@ def _check_resource_control(out: Path) -> None:
     assert drain["codes"] == {"1012": TINY_N}, drain["codes"]
     assert sum(drain["hist"]) + drain["after_window"] == TINY_N
     assert drain["delays_with_reason"] == TINY_N and drain["client_open_after"] == 0, drain
+
+
+def _instructions():
+    """bench/instructions.py as a module."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import instructions
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    return instructions
+
+
+def test_the_instruction_counts_program_runs_without_valgrind() -> None:
+    """bench/instructions.py's fan-out program is the server's steps in one
+    process; it runs under callgrind there, and here alone at a tiny size,
+    so that a change to those steps' signatures breaks this test rather
+    than the bench (it asserts that every tab got each publish's event).
+    The count itself needs valgrind, which the suite does not install."""
+    instructions = _instructions()
+    subprocess.run([sys.executable, "-c", instructions._FANOUT, "20", "2", "3"], check=True, timeout=60)
+
+
+def test_the_instruction_total_is_read_from_callgrind_output(tmp_path: Path) -> None:
+    instructions = _instructions()
+    out = tmp_path / "callgrind.out"
+    out.write_text(
+        "version: 1\ncreator: callgrind-3.19.0\nevents: Ir\nfl=x\nfn=f\n1 5\nsummary: 123456\ntotals: 123456\n"
+    )
+    assert instructions._total_ir(out) == 123456
+    out.write_text("version: 1\nevents: Ir\n")
+    with pytest.raises(RuntimeError, match="no instruction total"):
+        instructions._total_ir(out)
