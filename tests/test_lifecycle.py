@@ -78,6 +78,27 @@ async def test_accept_waits_for_a_handshake_slot(start_server, autojump_clock):
         await c.stream.aclose()
 
 
+async def test_a_free_slot_is_not_taken_and_given_back_in_the_shared_mode(start_server, autojump_clock):
+    """--poller shared: the poller gives an accepted socket's slot back in
+    the same step, so while one is free the acceptor takes none (Trio's
+    bookkeeping for nothing); the task mode holds one per handshake. Either
+    way the socket upgrades, and nothing is left borrowed."""
+    server = await start_server(max_handshakes=4, handshake_timeout=3)
+    taken = []
+    acquire = server.handshakes.acquire_on_behalf_of_nowait
+
+    def counting(borrower):
+        taken.append(borrower)
+        acquire(borrower)
+
+    server.handshakes.acquire_on_behalf_of_nowait = counting
+    c = await AsyncRaw.connect(server.listen_address)
+    assert (await c.upgrade(token("f"))).startswith(b"HTTP/1.1 101")
+    assert len(taken) == (0 if server.config.poller == "shared" else 1)
+    assert server.handshakes.borrowed_tokens == 0
+    await c.stream.aclose()
+
+
 async def test_stalled_upgrades_hold_no_handshake_slot(start_server, autojump_clock):
     # Regression: a connection that sent half an upgrade request (or nothing)
     # kept its handshake slot until the deadline: a few hundred of them

@@ -92,10 +92,12 @@ class SharedPoller:
 
     # -- handing sockets in and taking them out -------------------------------
 
-    def add(self, sock: socket.socket, slot: object) -> None:
+    def add(self, sock: socket.socket, slot: object | None) -> None:
         """Take an accepted socket (counted in ``ctx.sockets`` already): it
-        waits in the set for its upgrade request, holding no slot."""
-        self.ctx.handshakes.release_on_behalf_of(slot)
+        waits in the set for its upgrade request, holding no slot (the
+        acceptor's, if it took one, is given back)."""
+        if slot is not None:
+            self.ctx.handshakes.release_on_behalf_of(slot)
         fd = sock.fileno()
         self.entries[fd] = _Handshake(sock, self.ctx.timers.handshake_deadline(sock))
         self.epoll.register(fd, _EVENTS)
