@@ -201,7 +201,11 @@ class Connection:
             and _c_one_frame is not None
             and (one := _c_one_frame(data, self.ctx.config.max_message_size)) is not None
         ):
-            messages = [one]  # one small whole frame, read in C as a fresh Decoder reads it
+            # one small whole frame, read in C as a fresh Decoder reads it
+            if one[0] == _TEXT and self.state == OPEN and not self.flags & F_ECHO:
+                self._on_packet(one[1])  # a packet (the subscribe): what the loop below would do
+                return
+            messages = [one]
         else:
             if dec is None:
                 dec = Decoder(self.ctx.config.max_message_size)
@@ -345,3 +349,4 @@ async def _writer(conn: Connection) -> None:
 
 
 _c_one_frame = C.one_frame if C is not None else None
+_TEXT = int(Opcode.TEXT)
