@@ -57,16 +57,13 @@ static PyObject *take_exception(void) {
 }
 
 /* What CPython's collector does to such a tuple the first time it looks
- * (_PyTuple_MaybeUntrack), done at once: a tuple of strings, bytes,
- * numbers, None and Raw values can be in no cycle, so the collections a
- * fan-out's tens of thousands of tuples set off need not walk them. */
+ * (_PyTuple_MaybeUntrack), done at once: a tuple whose elements are all of
+ * types the collector does not track (strings, bytes, numbers, None,
+ * msgspec's Raw) can be in no cycle, so the collections a fan-out's tens
+ * of thousands of tuples set off need not walk them. One flag per element. */
 static inline PyObject *untracked(PyObject *t) {
-    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(t); i++) {
-        PyObject *o = PyTuple_GET_ITEM(t, i);
-        if (!(o == Py_None || PyUnicode_CheckExact(o) || PyBytes_CheckExact(o) || PyLong_CheckExact(o) ||
-              PyFloat_CheckExact(o) || (PyObject *)Py_TYPE(o) == RawType))
-            return t;
-    }
+    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(t); i++)
+        if (PyType_IS_GC(Py_TYPE(PyTuple_GET_ITEM(t, i)))) return t;
     PyObject_GC_UnTrack(t);
     return t;
 }
@@ -208,6 +205,27 @@ static void learn_slots(PyObject **seen, PyObject *type, PyObject **const names[
     for (int k = 0; k < n; k++) offsets[k] = slot_offset(type, *names[k]);
 }
 
+/* obj.name (a new reference): from the slot at ``off`` (the caller has
+ * checked obj's type: -1 when it is not the learned one), or by name when
+ * there is none or it is unset (then the AttributeError is Python's). */
+static inline PyObject *get_field(PyObject *obj, Py_ssize_t off, PyObject *name) {
+    if (off >= 0) {
+        PyObject *v = SLOT(obj, off);
+        if (v) return Py_NewRef(v);
+    }
+    return PyObject_GetAttr(obj, name);
+}
+
+/* obj.name = value, in the slot at ``off`` (as get_field) or by name. 0,
+ * or -1 on error. */
+static inline int set_field(PyObject *obj, Py_ssize_t off, PyObject *name, PyObject *value) {
+    if (off >= 0) {
+        Py_XSETREF(SLOT(obj, off), Py_NewRef(value));
+        return 0;
+    }
+    return PyObject_SetAttr(obj, name, value);
+}
+
 /* ---- items._fast_items ------------------------------------------------- */
 
 /* First byte of a Raw, or -1 (with an error set) */
@@ -227,16 +245,6 @@ static PyObject *item_type;
 enum { IT_SUB, IT_EVENT, IT_DATA, IT_STATE, IT_COUNT };
 static PyObject **const item_names[IT_COUNT] = {&s_subscriber, &s_event, &s_data, &s_state};
 static Py_ssize_t off_it[IT_COUNT] = {-1, -1, -1, -1};
-
-/* A field of a decoded item (a new reference), from its slot when the
- * type's layout is known, else by name. */
-static inline PyObject *item_field(PyObject *it, Py_ssize_t off, PyObject *name) {
-    if (off >= 0 && (PyObject *)Py_TYPE(it) == item_type) {
-        PyObject *v = SLOT(it, off);
-        if (v) return Py_NewRef(v);
-    }
-    return PyObject_GetAttr(it, name);
-}
 
 /* a and b are str objects of the same text */
 static inline int same_text(PyObject *a, PyObject *b) {
@@ -268,14 +276,14 @@ static PyObject *py_fast_items(PyObject *self, PyObject *const *args, Py_ssize_t
         if ((PyObject *)Py_TYPE(it) != item_type)
             learn_slots(&item_type, (PyObject *)Py_TYPE(it), item_names, off_it, IT_COUNT);
         PyObject *sub = NULL, *event = NULL, *data = NULL, *state = NULL;
-        if (!(data = item_field(it, off_it[IT_DATA], s_data))) goto error;
+        if (!(data = get_field(it, off_it[IT_DATA], s_data))) goto error;
         int first = raw_first(data);
         if (first < 0) goto error;
         if (first != '{') {
             if (first != 'n') goto slow; /* not an object */
             Py_SETREF(data, Py_NewRef(empty));
         }
-        if (!(event = item_field(it, off_it[IT_EVENT], s_event))) goto error;
+        if (!(event = get_field(it, off_it[IT_EVENT], s_event))) goto error;
         if (prev_event && (event == prev_event || same_text(event, prev_event))) {
             Py_SETREF(event, Py_NewRef(prev_event));
         } else {
@@ -283,7 +291,7 @@ static PyObject *py_fast_items(PyObject *self, PyObject *const *args, Py_ssize_t
             if (eq < 0) goto error;
             if (eq) goto slow;
         }
-        if (!(state = item_field(it, off_it[IT_STATE], s_state))) goto error;
+        if (!(state = get_field(it, off_it[IT_STATE], s_state))) goto error;
         if (state == no_state) {
             Py_SETREF(state, Py_NewRef(Py_None));
         } else {
@@ -294,7 +302,7 @@ static PyObject *py_fast_items(PyObject *self, PyObject *const *args, Py_ssize_t
                 Py_SETREF(state, Py_NewRef(Py_None));
             }
         }
-        if (!(sub = item_field(it, off_it[IT_SUB], s_subscriber))) goto error;
+        if (!(sub = get_field(it, off_it[IT_SUB], s_subscriber))) goto error;
         PyObject *t = PyTuple_New(4);
         if (!t) goto error;
         prev_event = event;
@@ -324,14 +332,6 @@ static PyObject *py_fast_items(PyObject *self, PyObject *const *args, Py_ssize_t
 
 /* ---- history.record ---------------------------------------------------- */
 
-/* record_loop(items, streams, move_to_end, dropped, floor, size, top, now,
- *             epoch, held, stream_type, frame_fallback) -> (out, top, held)
- *
- * history.record's loop for a history that keeps events (size > 0): each
- * item gets the next offset and its frame, joins its subscriber's stream
- * (made, or moved to the end of ``streams``), the stream keeps at most
- * ``size`` entries. The caller writes top and held back and does the
- * bounds and expiry after it. */
 /* The stream class record_loop last met (history._Stream) and where it
  * keeps entries, floor and state (-1: read by name); and the class of
  * its entries (collections.deque) with that class's append and popleft,
@@ -341,18 +341,13 @@ enum { ST_ENTRIES, ST_FLOOR, ST_STATE, ST_COUNT };
 static PyObject **const stream_names[ST_COUNT] = {&s_entries, &s_floor, &s_state};
 static Py_ssize_t off_st[ST_COUNT] = {-1, -1, -1};
 
-/* Set a stream's attribute: its slot, or by name. 0, or -1 on error. */
-static inline int stream_set(PyObject *stream, Py_ssize_t off, PyObject *name, PyObject *value) {
-    if (off >= 0 && (PyObject *)Py_TYPE(stream) == stream_type_seen) {
-        Py_XSETREF(SLOT(stream, off), Py_NewRef(value));
-        return 0;
-    }
-    return PyObject_SetAttr(stream, name, value);
-}
+/* Where a stream keeps field k: -1 (by name) unless it is of the learned class. */
+#define STREAM_OFF(stream, k) ((PyObject *)Py_TYPE(stream) == stream_type_seen ? off_st[k] : -1)
 
-/* entries.<name>(*args) through the cached method of its class when it is
- * that class (a new reference, or NULL on error). */
-static inline PyObject *entries_call(PyObject *entries, PyObject *method, PyObject *name, PyObject *arg) {
+/* entries.append(arg), or entries.popleft() with arg NULL, through the
+ * cached method of its class when it is that class (a new reference, or
+ * NULL on error). */
+static inline PyObject *entries_call(PyObject *entries, PyObject *name, PyObject *arg) {
     if ((PyObject *)Py_TYPE(entries) != entries_type) {
         PyObject *type = (PyObject *)Py_TYPE(entries);
         PyObject *a = PyObject_GetAttr(type, s_append), *p = a ? PyObject_GetAttr(type, s_popleft) : NULL;
@@ -364,12 +359,19 @@ static inline PyObject *entries_call(PyObject *entries, PyObject *method, PyObje
         Py_XSETREF(entries_type, Py_NewRef(type));
         Py_XSETREF(entries_append, a);
         Py_XSETREF(entries_popleft, p);
-        method = name == s_append ? entries_append : entries_popleft;
     }
     PyObject *argv[2] = {entries, arg};
-    return PyObject_Vectorcall(method, argv, arg ? 2 : 1, NULL);
+    return PyObject_Vectorcall(name == s_append ? entries_append : entries_popleft, argv, arg ? 2 : 1, NULL);
 }
 
+/* record_loop(items, streams, move_to_end, dropped, floor, size, top, now,
+ *             epoch, held, stream_type, frame_fallback) -> (out, top, held)
+ *
+ * history.record's loop for a history that keeps events (size > 0): each
+ * item gets the next offset and its frame, joins its subscriber's stream
+ * (made, or moved to the end of ``streams``), the stream keeps at most
+ * ``size`` entries. The caller writes top and held back and does the
+ * bounds and expiry after it. */
 static PyObject *py_record_loop(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     if (nargs != 12 || !PyList_Check(args[0]) || !PyDict_Check(args[1])) {
         PyErr_SetString(PyExc_TypeError, "record_loop: bad arguments");
@@ -444,24 +446,16 @@ static PyObject *py_record_loop(PyObject *self, PyObject *const *args, Py_ssize_
             if (!stream) goto fail_item0;
             if (PyObject_SetItem(streams, sub, stream) < 0) goto fail_item;
         }
-        if (state != Py_None && stream_set(stream, off_st[ST_STATE], s_state, state) < 0) goto fail_item;
-        PyObject *entries;
-        if (off_st[ST_ENTRIES] >= 0 && (PyObject *)Py_TYPE(stream) == stream_type_seen &&
-            SLOT(stream, off_st[ST_ENTRIES])) {
-            entries = Py_NewRef(SLOT(stream, off_st[ST_ENTRIES]));
-        } else if (!(entries = PyObject_GetAttr(stream, s_entries))) {
-            goto fail_item;
-        }
+        if (state != Py_None && set_field(stream, STREAM_OFF(stream, ST_STATE), s_state, state) < 0) goto fail_item;
+        PyObject *entries = get_field(stream, STREAM_OFF(stream, ST_ENTRIES), s_entries);
+        if (!entries) goto fail_item;
         PyObject *entry = PyTuple_Pack(4, off, event, frame, now);
-        /* an int, the name, the frame and the clock's float: no cycle, as
-         * untracked() would find (checked for the two that may vary) */
-        if (entry && PyUnicode_CheckExact(event) && PyBytes_CheckExact(frame) && PyFloat_CheckExact(now))
-            PyObject_GC_UnTrack(entry);
+        if (entry) untracked(entry);
         if (!entry) {
             Py_DECREF(entries);
             goto fail_item;
         }
-        PyObject *r = entries_call(entries, entries_append, s_append, entry);
+        PyObject *r = entries_call(entries, s_append, entry);
         Py_DECREF(entry);
         if (!r) {
             Py_DECREF(entries);
@@ -474,13 +468,13 @@ static PyObject *py_record_loop(PyObject *self, PyObject *const *args, Py_ssize_
             goto fail_item;
         }
         if (len > size) {
-            PyObject *old = entries_call(entries, entries_popleft, s_popleft, NULL);
+            PyObject *old = entries_call(entries, s_popleft, NULL);
             if (!old) {
                 Py_DECREF(entries);
                 goto fail_item;
             }
             int ok = PyTuple_Check(old) && PyTuple_GET_SIZE(old) > 0 &&
-                     stream_set(stream, off_st[ST_FLOOR], s_floor, PyTuple_GET_ITEM(old, 0)) == 0;
+                     set_field(stream, STREAM_OFF(stream, ST_FLOOR), s_floor, PyTuple_GET_ITEM(old, 0)) == 0;
             Py_DECREF(old);
             if (!ok) {
                 if (!PyErr_Occurred()) PyErr_SetString(PyExc_TypeError, "record_loop: a bad history entry");
@@ -496,12 +490,7 @@ static PyObject *py_record_loop(PyObject *self, PyObject *const *args, Py_ssize_
         Py_DECREF(off);
         Py_DECREF(frame);
         if (!o) goto fail;
-        if ((PyObject *)Py_TYPE(data) == RawType && PyUnicode_CheckExact(sub) && PyUnicode_CheckExact(event) &&
-            PyUnicode_CheckExact(epoch) && PyBytes_CheckExact(frame))
-            PyObject_GC_UnTrack(o); /* as untracked() would: the common case's types, checked at once */
-        else
-            untracked(o);
-        PyList_SET_ITEM(out, i, o);
+        PyList_SET_ITEM(out, i, untracked(o));
         continue;
     fail_item:
         Py_DECREF(stream);
@@ -862,14 +851,9 @@ static void learn_fields(PyObject *fields) {
     }
 }
 
-/* Set a Request field: its slot, or by name. 0, or -1 on error. */
+/* Set a field of a Request parse_request made (of the learned class). */
 static inline int req_set(PyObject *req, int field, PyObject *value) {
-    Py_ssize_t off = req_off[field];
-    if (off >= 0 && (PyObject *)Py_TYPE(req) == req_type) {
-        Py_XSETREF(SLOT(req, off), Py_NewRef(value));
-        return 0;
-    }
-    return PyObject_SetAttr(req, *req_names[field], value);
+    return set_field(req, req_off[field], *req_names[field], value);
 }
 
 static int set_field_str(PyObject *req, int field, const char *p, Py_ssize_t n) {
@@ -882,7 +866,7 @@ static int set_field_str(PyObject *req, int field, const char *p, Py_ssize_t n) 
 
 /* Join a repeated header's value to what came before with ``sep``. */
 static int join_field_str(PyObject *req, int field, const char *sep, const char *p, Py_ssize_t n) {
-    PyObject *old = PyObject_GetAttr(req, *req_names[field]);
+    PyObject *old = get_field(req, req_off[field], *req_names[field]);
     if (!old) return -1;
     if (!PyUnicode_GET_LENGTH(old)) {
         Py_DECREF(old);

@@ -131,34 +131,39 @@ class Acceptor:
                     refuse_fd(fd, _RESPONSE_FULL)
                     continue
                 sock = socket_for(family, fd)
+                # --poller shared takes a slot only when none is free, to
+                # wait for one as the task mode does: otherwise the poller
+                # would give it back in the same step, with nothing in
+                # between, and taking it would change nothing (but ~100
+                # bytecodes of Trio's bookkeeping per upgrade).
                 slot: int | None = None
                 if self.handoff is None or not limiter.available_tokens:
-                    # --poller shared takes a slot only when none is free, to
-                    # wait for one as the task mode does: otherwise the poller
-                    # would give it back in the same step, with nothing in
-                    # between, and taking it would change nothing (but ~100
-                    # bytecodes of Trio's bookkeeping per upgrade).
                     self._seq += 1
                     slot = self._seq
                     try:
                         limiter.acquire_on_behalf_of_nowait(slot)
                     except trio.WouldBlock:
-                        # Every handshake slot is busy: the server is saturated.
-                        stats.accept_pauses += 1
-                        self.paused = True
-                        try:
-                            await self._wait_for_slot(listener, slot)
-                        except BaseException:
-                            sock.close()
-                            raise
-                        finally:
-                            self.paused = False
+                        await self._wait_saturated(listener, sock, slot)
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 ctx.sockets += 1
                 if self.handoff is not None:
                     self.handoff(sock, slot)
                 else:
                     nursery.start_soon(self.start, ctx, sock, slot, name=_CONNECTION_TASK)
+
+    async def _wait_saturated(self, listener: socket.socket, sock: socket.socket, slot: int) -> None:
+        """Every handshake slot is busy: the server is saturated
+        (:attr:`paused`) until ``slot`` is had for ``sock``, which is
+        closed if the wait is cancelled."""
+        self.ctx.stats.accept_pauses += 1
+        self.paused = True
+        try:
+            await self._wait_for_slot(listener, slot)
+        except BaseException:
+            sock.close()
+            raise
+        finally:
+            self.paused = False
 
     async def _wait_for_slot(self, listener: socket.socket, slot: int) -> None:
         """Wait for a handshake slot, shedding what cannot be served in time.
