@@ -22,49 +22,31 @@ import json
 import os
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from loadgen import LoadGen  # noqa: E402
-from servers import SECRET, SERVERS, Server, ServerSpec, cpu_delta  # noqa: E402
-
-GAP_S = 0.05  # between rounds, as the bench's fan-out
-OPEN_TIMEOUT_S = 120.0
-CLIENT_PROCS = 3
+from scenarios import PROFILES, Context  # noqa: E402
+from scenarios._fanout import fanout  # noqa: E402
+from servers import SERVERS, Server, ServerSpec  # noqa: E402
 
 
-def one(spec: ServerSpec, n: int, rounds: int, log: Path) -> dict:
-    """A fresh server, n subscribed connections, ``rounds`` publishes."""
-    with (
-        Server(spec, log) as srv,
-        LoadGen("127.0.0.1", srv.port, "/v1/ws", SECRET, procs=CLIENT_PROCS, subscribe=True) as lg,
-    ):
-        opened = lg.open(n, timeout=OPEN_TIMEOUT_S)
-        if opened["ok"] < n:
-            raise RuntimeError(f"only {opened['ok']:,}/{n:,} connections opened: {opened['errors']}")
-        subs = list(lg.subscribers)
-        time.sleep(0.5)
-        bodies = [srv.fanout_body(subs, k) for k in range(rounds)]
-        rates, user, system, frames = [], 0.0, 0.0, 0
-        for body in bodies:
-            per = lg.arm(False)
-            cpu0, t0 = srv.cpu_sample(), time.monotonic_ns()
-            status, answer = srv.trigger_fanout(body)
-            if status not in (200, 202):
-                raise RuntimeError(f"publish answered {status}: {answer[:200]!r}")
-            w = lg.wait_frames(per, timeout=30.0)
-            d = cpu_delta(cpu0, srv.cpu_sample())
-            if not w["last_ns"] or w["frames"] < n:
-                raise RuntimeError(f"{w['frames']:,}/{n:,} frames arrived")
-            rates.append(w["frames"] / ((w["last_ns"] - t0) / 1e9))
-            user += d["user_s"]
-            system += d["sys_s"]
-            frames += w["frames"]
-            time.sleep(GAP_S)
-    return {"rate": statistics.median(rates), "user_us": user / frames * 1e6, "sys_us": system / frames * 1e6}
+def one(spec: ServerSpec, n: int, rounds: int, out: Path) -> dict:
+    """The bench's own fan-out scenario (a fresh server, n subscribed
+    connections, ``rounds`` publishes): deliveries/s (median of the rounds)
+    and the server's user and system CPU per delivery (all rounds)."""
+    profile = dataclasses.replace(PROFILES["full"], fanout_n=n, fanout_rounds=rounds)
+    result = fanout(Context(profile, out, log=lambda _: None), spec)
+    if result["missing"]:
+        raise RuntimeError(f"{result['missing']:,} deliveries missing")
+    return {
+        "rate": result["rate_median"],
+        "user_us": result["server_user_us_per_delivery"],
+        "sys_us": result["server_sys_us_per_delivery"],
+    }
 
 
 def main() -> None:
@@ -84,13 +66,10 @@ def main() -> None:
     Server.cpus = {0}
     work = SERVERS[args.server]
     base = dataclasses.replace(work, name=f"{work.name}_base", env={**work.env, "PYTHONPATH": str(args.base.resolve())})
-    logs = Path(os.environ.get("TMPDIR", "/tmp"))
+    logs = Path(tempfile.mkdtemp(prefix="ab_fanout_"))  # the servers' logs
     pairs = []
     for k in range(args.pairs):
-        pair = {
-            label: one(spec, args.n, args.rounds, logs / f"ab_fanout_{label}.log")
-            for label, spec in (("base", base), ("work", work))
-        }
+        pair = {label: one(spec, args.n, args.rounds, logs) for label, spec in (("base", base), ("work", work))}
         pairs.append(pair)
         b, w = pair["base"], pair["work"]
         print(
@@ -101,8 +80,10 @@ def main() -> None:
     summary = {}
     for label in ("base", "work"):
         summary[label] = {key: statistics.median(p[label][key] for p in pairs) for key in ("rate", "user_us", "sys_us")}
+    # (CPU time ticks every 10 ms: a run too small to tick has no ratio)
     ratios = {
-        key: statistics.median(p["work"][key] / p["base"][key] for p in pairs) for key in ("rate", "user_us", "sys_us")
+        key: statistics.median([p["work"][key] / p["base"][key] for p in pairs if p["base"][key]] or [float("nan")])
+        for key in ("rate", "user_us", "sys_us")
     }
     print(
         f"medians: base {summary['base']['rate']:,.0f}/s user {summary['base']['user_us']:.2f} µs, "
