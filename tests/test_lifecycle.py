@@ -99,6 +99,27 @@ async def test_a_free_slot_is_not_taken_and_given_back_in_the_shared_mode(start_
     await c.stream.aclose()
 
 
+@pytest.mark.parametrize("on_listener", [True, False])
+async def test_every_accepted_socket_has_tcp_nodelay(start_server, monkeypatch, on_listener):
+    """Small frames go out at once (no Nagle delay behind an unacked one).
+    The server's listener has TCP_NODELAY from before listen(), and Linux
+    copies it to each connection; a listener without it (here: turned off)
+    makes the acceptor set it on each socket instead."""
+    monkeypatch.setattr(server_mod, "NODELAY_ON_LISTENER", on_listener)
+    server = await start_server()
+    assert server._listener.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == int(on_listener)
+    clients = []
+    for i in range(3):
+        c = await AsyncRaw.connect(server.listen_address)
+        assert (await c.upgrade(token(f"n{i}"))).startswith(b"HTTP/1.1 101")
+        clients.append(c)
+    socks = [conn.sock for conn in server.ctx.connections]
+    assert len(socks) == 3
+    assert all(s.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) for s in socks)
+    for c in clients:
+        await c.stream.aclose()
+
+
 async def test_stalled_upgrades_hold_no_handshake_slot(start_server, autojump_clock):
     # Regression: a connection that sent half an upgrade request (or nothing)
     # kept its handshake slot until the deadline: a few hundred of them

@@ -1,5 +1,6 @@
 """Accepting and refusing on bare descriptors (the avalanche's cheap path)."""
 
+import fcntl
 import os
 import select
 import socket
@@ -9,12 +10,20 @@ import pytest
 from mailpush import rawsock
 
 
-@pytest.fixture(params=["accept4", "fallback"])
+@pytest.fixture(params=["c", "accept4", "fallback"])
 def listener(request, monkeypatch):
+    # c: mailpush._speedups' accept4(); accept4: the same through ctypes
+    # (no extension); fallback: socket._accept() (no accept4 in the libc).
+    if request.param == "c":
+        if rawsock.C is None:
+            pytest.skip("the extension is not built or is turned off (MAILPUSH_SPEEDUPS=0)")
+        assert rawsock._c_accept is not None  # Linux: the fast path is the one tested
+    else:
+        monkeypatch.setattr(rawsock, "_c_accept", None)
     if request.param == "fallback":
         monkeypatch.setattr(rawsock, "_accept4", None)
-    else:
-        assert rawsock._accept4 is not None  # glibc has it: the fast path is the one tested
+    elif request.param == "accept4":
+        assert rawsock._accept4 is not None  # glibc has it
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     sock.listen(16)
@@ -55,9 +64,49 @@ def test_an_accepted_descriptor_becomes_a_nonblocking_socket(listener):
     assert sock.family == socket.AF_INET and sock.type == socket.SOCK_STREAM
     with pytest.raises(BlockingIOError):
         sock.recv(10)  # the descriptor itself is non-blocking, not just the object
+    assert fcntl.fcntl(sock.fileno(), fcntl.F_GETFD) & fcntl.FD_CLOEXEC  # not leaked into a child process
     client.sendall(b"hi")
+    assert sock.recv(10) == b"hi"
+    assert sock.send(b"ok") == 2 and client.recv(10) == b"ok"
     client.close()
     sock.close()
+    assert sock.fileno() == -1
+
+
+def test_accept_fd_takes_the_connections_in_order_then_says_none_is_left(listener):
+    clients = [socket.create_connection(listener.getsockname()) for _ in range(3)]
+    select.select([listener], [], [], 2)
+    fds = []
+    for c in clients:
+        c.sendall(str(len(fds)).encode())
+        fds.append(_accept_when_ready(listener))
+    assert len(set(fds)) == 3 and all(fd >= 0 for fd in fds)
+    for k, fd in enumerate(fds):
+        select.select([fd], [], [], 2)
+        assert os.read(fd, 10) == str(k).encode()
+        os.close(fd)
+    with pytest.raises(BlockingIOError):
+        rawsock.accept_fd(listener)
+    for c in clients:
+        c.close()
+
+
+def test_the_c_accept_refuses_a_descriptor_that_is_no_listener():
+    if rawsock._c_accept is None:
+        pytest.skip("the extension is not built or is turned off (MAILPUSH_SPEEDUPS=0)")
+    for bad in (-1, 2**31, 2**40):
+        with pytest.raises(OSError):
+            rawsock._c_accept(bad)
+    with pytest.raises(TypeError):
+        rawsock._c_accept("3")
+    r, w = os.pipe()
+    try:
+        with pytest.raises(OSError) as info:
+            rawsock._c_accept(r)
+        assert info.value.errno == __import__("errno").ENOTSOCK
+    finally:
+        os.close(r)
+        os.close(w)
 
 
 def _accept_when_ready(listener: socket.socket) -> int:

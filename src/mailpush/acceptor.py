@@ -16,6 +16,7 @@ from __future__ import annotations
 import errno
 import socket
 import struct
+import sys
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
@@ -111,6 +112,9 @@ class Acceptor:
         max_conns = ctx.config.max_connections
         stats = ctx.stats
         family = int(listener.family)
+        # Each socket needs TCP_NODELAY of its own unless it has it already
+        # from the listener (see _accepted_have_nodelay).
+        own_nodelay = not _accepted_have_nodelay(listener)
         while not ctx.draining:
             await trio.lowlevel.wait_readable(listener)
             # Before taking more: refuse what cannot be served in time.
@@ -144,7 +148,8 @@ class Acceptor:
                         limiter.acquire_on_behalf_of_nowait(slot)
                     except trio.WouldBlock:
                         await self._wait_saturated(listener, sock, slot)
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                if own_nodelay:
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 ctx.sockets += 1
                 if self.handoff is not None:
                     self.handoff(sock, slot)
@@ -204,6 +209,20 @@ class Acceptor:
             self._rate_at = now
             self._rate_upgrades = upgrades
         return self._rate or 0.0
+
+
+def _accepted_have_nodelay(listener: socket.socket) -> bool:
+    """The sockets ``listener`` accepts have TCP_NODELAY from the start:
+    Linux copies a listener's options to the connections it accepts, and
+    the server's listener has it from before ``listen()``
+    (``Server._bind``), so each upgrade is spared one system call. False
+    elsewhere, or for a listener without it: then each socket gets it."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        return bool(listener.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+    except OSError:
+        return False
 
 
 _TCP_INFO_SIZE = 104

@@ -63,6 +63,10 @@ __all__ = ["Server"]
 # drops SYNs and clients retry only after a second or more: for reconnect
 # avalanches raise net.core.somaxconn and net.ipv4.tcp_max_syn_backlog.
 LISTEN_BACKLOG = 65535
+# Small frames go out at once, never held back behind an unacked one
+# (Nagle): TCP_NODELAY on every connection, set on the listener (its
+# connections have it from there) or else on each (see Acceptor).
+NODELAY_ON_LISTENER = True
 # Readers woken per event-loop iteration at most (see _trio_compat): a
 # burst of 15,000 readable connections is handled 1,024 at a time.
 MAX_WAKEUPS = 1024
@@ -180,6 +184,10 @@ class Server:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if self.config.workers > 1:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if NODELAY_ON_LISTENER:
+            # Before listen(): every connection accepted has it from the
+            # start (on Linux; see acceptor._accepted_have_nodelay).
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         try:
             sock.bind((host, port))
         except OSError as e:
