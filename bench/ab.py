@@ -9,8 +9,11 @@ server, ``--pairs`` times, and reports every pair, each side's medians and
 the median of the pairwise ratios B/A:
 
 - **fanout**: one event to each of N subscribers (one publish of N items);
-  deliveries/s (median of the rounds) and the server's user and system CPU
-  per delivery (all rounds together);
+  deliveries/s (median of the rounds) and the server's CPU per delivery:
+  user and system (all rounds together) and the total (scheduler time,
+  median of the rounds);
+- **broadcast**: the same, every connection one subscriber's tab, one
+  publish item per round (mailpush sends one frame to every tab);
 - **upgrade**: N connections opened as fast as the server takes them
   (upgrade, token check, subscribe and its answer), ``--repeats`` times on
   the same server; upgrades/s and the server's CPU per upgrade: user and
@@ -43,7 +46,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from scenarios import PROFILES, Context  # noqa: E402
-from scenarios._fanout import fanout  # noqa: E402
+from scenarios._fanout import broadcast, fanout  # noqa: E402
 from scenarios._upgrade import upgrade  # noqa: E402
 from servers import SERVERS, Server, ServerSpec  # noqa: E402
 
@@ -52,7 +55,14 @@ KEYS = {
     "fanout": (
         ("rate", "rate_median", "{:,.0f}/s"),
         ("user_us", "server_user_us_per_delivery", "user {:.2f}"),
-        ("sys_us", "server_sys_us_per_delivery", "sys {:.2f} µs"),
+        ("sys_us", "server_sys_us_per_delivery", "sys {:.2f}"),
+        ("cpu_us", "server_cpu_us_per_delivery", "total {:.2f} µs"),
+    ),
+    "broadcast": (
+        ("rate", "rate_median", "{:,.0f}/s"),
+        ("user_us", "server_user_us_per_delivery", "user {:.2f}"),
+        ("sys_us", "server_sys_us_per_delivery", "sys {:.2f}"),
+        ("cpu_us", "server_cpu_us_per_delivery", "total {:.2f} µs"),
     ),
     "upgrade": (
         ("rate", "rate_median", "{:,.0f}/s"),
@@ -64,11 +74,16 @@ KEYS = {
 
 
 def one(scenario: str, spec: ServerSpec, n: int, rounds: int, out: Path) -> dict:
-    """The bench's own scenario on a fresh server: ``rounds`` publishes of
-    ``n`` items (fanout) or ``rounds`` times ``n`` connections (upgrade)."""
-    if scenario == "fanout":
-        profile = dataclasses.replace(PROFILES["full"], fanout_n=n, fanout_rounds=rounds)
-        result = fanout(Context(profile, out, log=lambda _: None), spec)
+    """The bench's own scenario on a fresh server: ``rounds`` publishes to
+    ``n`` connections (fanout, broadcast) or ``rounds`` times ``n``
+    connections opened (upgrade)."""
+    if scenario in ("fanout", "broadcast"):
+        if scenario == "fanout":
+            profile = dataclasses.replace(PROFILES["full"], fanout_n=n, fanout_rounds=rounds)
+            result = fanout(Context(profile, out, log=lambda _: None), spec)
+        else:
+            profile = dataclasses.replace(PROFILES["full"], broadcast_n=n, broadcast_rounds=rounds)
+            result = broadcast(Context(profile, out, log=lambda _: None), spec)
         if result["missing"]:
             raise RuntimeError(f"{spec.name}: {result['missing']:,} deliveries missing")
     else:
@@ -91,8 +106,8 @@ def main() -> None:
     ap.add_argument("--scenario", choices=sorted(KEYS), default="fanout")
     ap.add_argument("--server", default="mailpush_shared", help="side B, the work tree: mailpush or mailpush_shared")
     ap.add_argument("--pairs", type=int, default=6)
-    ap.add_argument("--rounds", type=int, help="publishes (fanout, default 15) or repeats (upgrade, default 3)")
-    ap.add_argument("--n", type=int, default=9000, help="subscribers (fanout) or connections (upgrade)")
+    ap.add_argument("--rounds", type=int, help="publishes (fanout, broadcast: default 15) or repeats (upgrade: 3)")
+    ap.add_argument("--n", type=int, default=9000, help="connections")
     ap.add_argument("--out", type=Path, help="write the results here as JSON")
     args = ap.parse_args()
     if args.server not in ("mailpush", "mailpush_shared"):
@@ -110,7 +125,7 @@ def main() -> None:
         if a.unavailable():
             sys.exit(f"--against {args.against}: {a.unavailable()}")
         labels = (args.against, args.server)
-    rounds = args.rounds or (15 if args.scenario == "fanout" else 3)
+    rounds = args.rounds or (3 if args.scenario == "upgrade" else 15)
     os.sched_setaffinity(0, {1})  # the load generator's core; the servers are pinned to CPU 0
     Server.cpus = {0}
     logs = Path(tempfile.mkdtemp(prefix="ab_"))  # the servers' logs

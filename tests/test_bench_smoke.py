@@ -191,3 +191,25 @@ def test_the_instruction_total_is_read_from_callgrind_output(tmp_path: Path) -> 
     out.write_text("version: 1\nevents: Ir\n")
     with pytest.raises(RuntimeError, match="no instruction total"):
         instructions._total_ir(out)
+
+
+@pytest.mark.parametrize("scenario", ["upgrade", "fanout", "broadcast"])
+def test_the_a_b_program_runs_each_scenario_in_pairs(tmp_path: Path, scenario: str) -> None:
+    """bench/ab.py at a tiny size against the floor (always there): one
+    pair, every connection served, each side's numbers and the pairwise
+    ratios written (a scenario whose results change shape breaks here)."""
+    out = tmp_path / "ab.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "ab.py"), "--against", "floor", "--scenario", scenario,
+         "--n", str(TINY_N), "--rounds", "2", "--pairs", "1", "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=TIMEOUT_S,
+    )
+    assert proc.returncode == 0, f"ab.py failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    data = json.loads(out.read_text())
+    assert data["scenario"] == scenario and data["sides"] == {"A": "floor", "B": "mailpush_shared"}
+    (pair,) = data["pairs"]
+    for side in ("floor", "mailpush_shared"):
+        assert set(pair[side]) == {"rate", "user_us", "sys_us", "cpu_us"}
+        assert pair[side]["rate"] > 0 and pair[side]["cpu_us"] > 0
+    assert data["pairwise_ratio_median"]["rate"] > 0
+    assert "pairwise mailpush_shared/floor" in proc.stdout
