@@ -34,8 +34,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 SOURCE = ROOT / "src" / "mailpush" / "_speedups.c"
 # The tests that run every C function: their twins' differential tests, the
-# delivery scenario on real sockets, the leak tests, and the dispatcher's and
-# the recovery's suites (each run with the C loop and the Python loop).
+# delivery scenario on real sockets, the leak tests, the dispatcher's and
+# the recovery's suites (each run with the C loop and the Python loop), and
+# the accept on bare descriptors (the C accept4 beside the ctypes one).
 TESTS = [
     "tests/test_speedups.py",
     "tests/test_dispatch.py",
@@ -44,6 +45,7 @@ TESTS = [
     "tests/test_frames.py",
     "tests/test_history.py",
     "tests/test_properties.py",
+    "tests/test_rawsock.py",
 ]
 FLAGS = ["-shared", "-fPIC", "-O1", "-g", "-fno-omit-frame-pointer", "-fno-sanitize-recover=all"]
 ENV = {
