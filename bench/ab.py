@@ -37,6 +37,7 @@ import dataclasses
 import json
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -94,6 +95,14 @@ def one(scenario: str, spec: ServerSpec, n: int, rounds: int, out: Path) -> dict
     return {key: result[src] for key, src, _ in KEYS[scenario]}
 
 
+def _commit() -> str:
+    """The work tree's commit (``+`` when it has uncommitted changes)."""
+    def git(*a: str) -> str:
+        return subprocess.run(["git", *a], cwd=HERE.parent, capture_output=True, text=True).stdout.strip()
+
+    return git("rev-parse", "--short", "HEAD") + ("+" if git("status", "--porcelain", "--", "src") else "")
+
+
 def _line(scenario: str, r: dict) -> str:
     return " ".join(fmt.format(r[key]) for key, _, fmt in KEYS[scenario])
 
@@ -149,7 +158,7 @@ def main() -> None:
         args.out.write_text(json.dumps({
             "scenario": args.scenario, "sides": {"A": labels[0], "B": labels[1]},
             "base": str(args.base) if args.base else None, "server": args.server,
-            "n": args.n, "rounds": rounds, "pairs": pairs, "medians": summary,
+            "mailpush_commit": _commit(), "n": args.n, "rounds": rounds, "pairs": pairs, "medians": summary,
             "pairwise_ratio_median": ratios,
             "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         }, indent=2) + "\n")

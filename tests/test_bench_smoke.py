@@ -207,6 +207,7 @@ def test_the_a_b_program_runs_each_scenario_in_pairs(tmp_path: Path, scenario: s
     assert proc.returncode == 0, f"ab.py failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
     data = json.loads(out.read_text())
     assert data["scenario"] == scenario and data["sides"] == {"A": "floor", "B": "mailpush_shared"}
+    assert data["mailpush_commit"]  # which code was measured
     (pair,) = data["pairs"]
     for side in ("floor", "mailpush_shared"):
         assert set(pair[side]) == {"rate", "user_us", "sys_us", "cpu_us"}
