@@ -214,3 +214,39 @@ def test_the_a_b_program_runs_each_scenario_in_pairs(tmp_path: Path, scenario: s
         assert pair[side]["rate"] > 0 and pair[side]["cpu_us"] > 0
     assert data["pairwise_ratio_median"]["rate"] > 0
     assert "pairwise mailpush_shared/floor" in proc.stdout
+
+
+def test_the_perf_report_is_read_into_user_and_kernel_shares() -> None:
+    """bench/perf_profile.py's reading of ``perf report --sort dso,sym``
+    (perf itself is not installed by the suite): shares of the samples,
+    user and kernel apart, and each share of the CPU per operation."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import perf_profile
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    report = """# Samples: 40K of event 'cpu-clock'
+#
+# Overhead  Shared Object          Symbol
+# ........  .....................  ..........
+#
+    60.00%  [kernel.kallsyms]      [k] tcp_sendmsg_locked
+    15.00%  [kernel.kallsyms]      [k] do_syscall_64
+    10.00%  libpython3.11.so.1.0   [.] unicodekeys_lookup_unicode
+     5.00%  _speedups.cpython-311-x86_64-linux-gnu.so  [.] py_deliver_run
+     5.00%  libpython3.11.so.1.0   [.] _PyObject_Malloc
+     5.00%  libc.so.6              [.] __send
+
+
+# (cmdline : perf report)
+"""
+    rows = perf_profile.parse_report(report)
+    assert [(r["pct"], r["kernel"], r["sym"]) for r in rows][:3] == [
+        (60.0, True, "tcp_sendmsg_locked"), (15.0, True, "do_syscall_64"), (10.0, False, "unicodekeys_lookup_unicode")]
+    s = perf_profile.summarise(rows, cpu_us=20.0, top=2)
+    assert s["user_pct"] == 25.0 and s["kernel_pct"] == 75.0
+    assert s["user_us"] == 5.0 and s["kernel_us"] == 15.0
+    assert [f["sym"] for f in s["user_functions"]] == ["unicodekeys_lookup_unicode", "py_deliver_run"]
+    assert s["user_functions"][0]["of_user_pct"] == 40.0 and s["user_functions"][0]["us"] == 2.0
+    assert s["user_objects"][0] == {"dso": "libpython3.11.so.1.0", "pct": 15.0, "us": 3.0}
+    assert perf_profile.summarise(rows, cpu_us=None, top=1)["user_us"] is None
